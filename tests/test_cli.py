@@ -1,0 +1,65 @@
+"The `grace` console script, run as a user would (a subprocess), and the README's promises."
+import hashlib, json, re, shutil, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+GRACE = shutil.which("grace", path=str(Path(sys.executable).parent)) or "grace"
+
+
+def run(*args, cwd=None):
+    return subprocess.run([GRACE, *args], capture_output=True, text=True, cwd=cwd)
+
+
+def tree_digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_profiles_lists_settings():
+    out = run("profiles")
+    assert out.returncode == 0, out.stderr
+    assert [l.split()[0] for l in out.stdout.splitlines()] == ["shapes", "flickr30k", "coco"]
+
+
+def test_data_shapes_is_byte_identical_per_seed(tmp_path):
+    sizes = ["--n-train", "8", "--n-val", "2", "--n-test", "4"]
+    for name, seed in [("a", "5"), ("b", "5"), ("c", "6")]:
+        out = run("data", "shapes", "--out", str(tmp_path/name), "--seed", seed, *sizes)
+        assert out.returncode == 0, out.stderr
+        assert Path(out.stdout.strip().splitlines()[-1]).name == "dataset_shapes.json"
+    a, b, c = (tree_digest(tmp_path/n) for n in "abc")
+    assert a == b
+    assert a != c
+    data = json.loads((tmp_path/"a"/"dataset_shapes.json").read_text())
+    assert [sum(i["split"] == s for i in data["images"]) for s in ("train", "val", "test")] == [8, 2, 4]
+
+
+def test_reproduce_writes_summary(tmp_path):
+    out = run("reproduce", "--profile", "shapes", "--out", str(tmp_path/"run"),
+              "--n-train", "30", "--n-val", "2", "--n-test", "10", "--seed", "1")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((tmp_path/"run"/"summary.json").read_text())
+    kinds = [r["identifier"] for r in summary["identifiers"]]
+    assert kinds == ["numeric", "string", "semantic", "structured", "atomic"]
+    atomic = summary["identifiers"][-1]
+    assert (atomic["images"], atomic["mean_tokens"], atomic["trie_identifiers"]) == (42, 1.0, 10)
+    for kind in kinds: assert kind in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["reproduce", "--profile", "nope"], "valid profiles: shapes, flickr30k, coco"),
+    (["reproduce", "--profile", "flickr30k", "--out", "RUN"], "dataset_flickr30k.json"),
+])
+def test_user_errors_are_one_line(tmp_path, args, message):
+    out = run(*[a.replace("RUN", str(tmp_path/"r")) for a in args])
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_readme_states_exactly_the_two_commands(repo_root):
+    readme = (repo_root/"README.md").read_text()
+    commands = re.findall(r"^make (\w+)", readme, re.M)
+    assert commands == ["demo", "test"]
+    ci = (repo_root/".ci"/"run").read_text()
+    assert [l for l in ci.splitlines() if l and not l.startswith("#") and not l.startswith(("set ", "cd "))] == ["exec make test"]
