@@ -150,6 +150,9 @@ def test_other_errors():
     with pytest.raises(TrieError, match="missing key_base"): TensorTrie.from_state_dict({k: v for k, v in trie.state_dict().items() if k != "key_base"})
     bad = trie.state_dict() | {"edge_keys": trie.edge_keys[:-1]}
     with pytest.raises(TrieError, match="inconsistent"): TensorTrie.from_state_dict(bad)
+    wide = TensorTrie.build([[i, 99] for i in range(50)])
+    with pytest.raises(TrieError, match="use allowed_pairs"): wide.allowed_tokens(torch.zeros(4, dtype=torch.long), max_entries=100)
+    assert len(wide.allowed_pairs(torch.zeros(4, dtype=torch.long))[0]) == 200
     with pytest.raises(TrieError, match="duplicate identifier \\[3, 4\\]"): PrefixTrie([[3, 4], [3, 4]])
     with pytest.raises(TrieError, match="negative"): PrefixTrie([[3, -4]])
 
