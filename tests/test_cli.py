@@ -63,3 +63,14 @@ def test_readme_states_exactly_the_two_commands(repo_root):
     assert commands == ["demo", "test"]
     ci = (repo_root/".ci"/"run").read_text()
     assert [l for l in ci.splitlines() if l and not l.startswith("#") and not l.startswith(("set ", "cd "))] == ["exec make test"]
+
+
+def test_readme_is_generated_from_index(repo_root):
+    "README.md is `make readme`'s output: every prose paragraph of nbs/index.ipynb appears in it."
+    readme = " ".join((repo_root/"README.md").read_text().split())
+    cells = json.loads((repo_root/"nbs"/"index.ipynb").read_text())["cells"]
+    prose = [" ".join("".join(c["source"]).split()) for c in cells if c["cell_type"] == "markdown"]
+    for block in prose[1:]:  # the title cell becomes the README's heading
+        for paragraph in block.split("## "):
+            first_sentence = paragraph.split(". ")[0].strip()
+            assert first_sentence in readme, f"README.md is stale (run `make readme`): missing {first_sentence[:60]!r}"
