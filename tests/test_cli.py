@@ -74,3 +74,14 @@ def test_readme_is_generated_from_index(repo_root):
         for paragraph in block.split("## "):
             first_sentence = paragraph.split(". ")[0].strip()
             assert first_sentence in readme, f"README.md is stale (run `make readme`): missing {first_sentence[:60]!r}"
+
+
+def test_reproduce_is_repeatable_with_the_same_seed(tmp_path):
+    args = ["--n-train", "40", "--n-val", "2", "--n-test", "12"]
+    for name, seed in [("a", "3"), ("b", "3"), ("c", "4")]:
+        out = run("reproduce", "--out", str(tmp_path/name), "--seed", seed, *args)
+        assert out.returncode == 0, out.stderr
+    a, b, c = (tree_digest(tmp_path/n/"identifiers") for n in "abc")
+    assert len(a) == 5 and a == b
+    assert a["numeric.json"] != c["numeric.json"]
+    assert tree_digest(tmp_path/"a"/"data") == tree_digest(tmp_path/"b"/"data")
