@@ -50,6 +50,8 @@ def test_reproduce_writes_summary(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["reproduce", "--profile", "nope"], "valid profiles: shapes, flickr30k, coco"),
     (["reproduce", "--profile", "flickr30k", "--out", "RUN"], "dataset_flickr30k.json"),
+    (["reproduce", "--out", "RUN", "--n-train", "4", "--n-val", "0", "--n-test", "0"], "at least one test image"),
+    (["data", "shapes", "--out", "RUN", "--n-train", "-5"], "n_train must be a non-negative integer"),
 ])
 def test_user_errors_are_one_line(tmp_path, args, message):
     out = run(*[a.replace("RUN", str(tmp_path/"r")) for a in args])
