@@ -51,6 +51,7 @@ pytest:
 ## bench: the speed/memory benchmarks (not part of `make test`)
 bench: install
 	$(BIN)/python benchmarks/trie.py
+	$(BIN)/python benchmarks/decode.py
 
 ## readme: regenerate README.md from nbs/index.ipynb offline (nbdev-readme needs Quarto)
 readme: install

@@ -35,16 +35,34 @@ def test_data_shapes_is_byte_identical_per_seed(tmp_path):
     assert [sum(i["split"] == s for i in data["images"]) for s in ("train", "val", "test")] == [8, 2, 4]
 
 
-def test_reproduce_writes_summary(tmp_path):
+TINY = ["--train-steps", "3", "--clip-steps", "3"]
+
+
+def test_reproduce_writes_metrics_table_and_models(tmp_path):
     out = run("reproduce", "--profile", "shapes", "--out", str(tmp_path/"run"),
-              "--n-train", "30", "--n-val", "2", "--n-test", "10", "--seed", "1")
+              "--n-train", "30", "--n-val", "2", "--n-test", "10", "--seed", "1", *TINY)
     assert out.returncode == 0, out.stderr
-    summary = json.loads((tmp_path/"run"/"summary.json").read_text())
-    kinds = [r["identifier"] for r in summary["identifiers"]]
+    metrics = json.loads((tmp_path/"run"/"metrics.json").read_text())
+    assert metrics["profile"] == "shapes" and metrics["seed"] == 1
+    assert metrics["dataset"]["test"] == {"images": 10, "captions": 50}
+    assert [(r["method"], r["identifier"], r["variant"]) for r in metrics["runs"]] == [
+        ("clip", None, "trained from scratch"), ("grace", "atomic", "full"), ("grace", "structured", "full")]
+    for r in metrics["runs"]:
+        assert all(0.0 <= r[k] <= 100.0 for k in ("R@1", "R@5", "R@10")) and r["R@1"] <= r["R@5"] <= r["R@10"]
+        assert r["n_queries"] == 50 and r["train_seconds"] > 0 and r["eval_seconds"] > 0
+    kinds = [r["identifier"] for r in metrics["identifiers"]]
     assert kinds == ["numeric", "string", "semantic", "structured", "atomic"]
-    atomic = summary["identifiers"][-1]
+    atomic = metrics["identifiers"][-1]
     assert (atomic["images"], atomic["mean_tokens"], atomic["trie_identifiers"]) == (42, 1.0, 10)
-    for kind in kinds: assert kind in out.stdout
+    table = (tmp_path/"run"/"table1.md").read_text()
+    assert "| GRACE | atomic | full |" in table and "68.4" in table and "58.4" in table
+    assert "R@1" in out.stdout and "grace" in out.stdout
+    for kind in ("atomic", "structured"):
+        assert (tmp_path/"run"/f"grace-{kind}"/"model"/"model.safetensors").is_file()
+    found = run("retrieve", "--model", str(tmp_path/"run"/"grace-structured"/"model"), "--k", "3", "a big red circle")
+    assert found.returncode == 0, found.stderr
+    lines = [l for l in found.stdout.splitlines() if l.strip().startswith(("1.", "2.", "3."))]
+    assert len(lines) == 3 and all(l.endswith(".png") and "C_" in l for l in lines)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -52,6 +70,8 @@ def test_reproduce_writes_summary(tmp_path):
     (["reproduce", "--profile", "flickr30k", "--out", "RUN"], "dataset_flickr30k.json"),
     (["reproduce", "--out", "RUN", "--n-train", "4", "--n-val", "0", "--n-test", "0"], "at least one test image"),
     (["data", "shapes", "--out", "RUN", "--n-train", "-5"], "n_train must be a non-negative integer"),
+    (["retrieve", "--model", "RUN", "a red circle"], "does not exist"),
+    (["reproduce", "--out", "RUN", "--identifiers", "atomik"], "cannot train 'atomik' identifiers"),
 ])
 def test_user_errors_are_one_line(tmp_path, args, message):
     out = run(*[a.replace("RUN", str(tmp_path/"r")) for a in args])
@@ -79,7 +99,7 @@ def test_readme_is_generated_from_index(repo_root):
 
 
 def test_reproduce_is_repeatable_with_the_same_seed(tmp_path):
-    args = ["--n-train", "40", "--n-val", "2", "--n-test", "12"]
+    args = ["--n-train", "40", "--n-val", "2", "--n-test", "12", "--identifiers", "atomic", *TINY]
     for name, seed in [("a", "3"), ("b", "3"), ("c", "4")]:
         out = run("reproduce", "--out", str(tmp_path/name), "--seed", seed, *args)
         assert out.returncode == 0, out.stderr
@@ -87,3 +107,8 @@ def test_reproduce_is_repeatable_with_the_same_seed(tmp_path):
     assert len(a) == 5 and a == b
     assert a["numeric.json"] != c["numeric.json"]
     assert tree_digest(tmp_path/"a"/"data") == tree_digest(tmp_path/"b"/"data")
+    runs = [json.loads((tmp_path/n/"metrics.json").read_text())["runs"] for n in "ab"]
+    recall = lambda rs: [(r["method"], r["R@1"], r["R@5"], r["R@10"]) for r in rs]
+    assert recall(runs[0]) == recall(runs[1])
+    weights = [tree_digest(tmp_path/n/"grace-atomic"/"model") for n in "ab"]  # config.json names each run's own files
+    for name in ("model.safetensors", "trie.safetensors", "identifiers.json"): assert weights[0][name] == weights[1][name]
