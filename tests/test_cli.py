@@ -35,7 +35,7 @@ def test_data_shapes_is_byte_identical_per_seed(tmp_path):
     assert [sum(i["split"] == s for i in data["images"]) for s in ("train", "val", "test")] == [8, 2, 4]
 
 
-TINY = ["--train-steps", "3", "--clip-steps", "3"]
+TINY = ["--train-steps", "3", "--clip-steps", "3", "--caption-steps", "3"]
 
 
 def test_reproduce_writes_metrics_table_and_models(tmp_path):
@@ -46,7 +46,9 @@ def test_reproduce_writes_metrics_table_and_models(tmp_path):
     assert metrics["profile"] == "shapes" and metrics["seed"] == 1
     assert metrics["dataset"]["test"] == {"images": 10, "captions": 50}
     assert [(r["method"], r["identifier"], r["variant"]) for r in metrics["runs"]] == [
-        ("clip", None, "trained from scratch"), ("grace", "atomic", "full"), ("grace", "structured", "full")]
+        ("clip", None, "trained from scratch"), ("grace", "atomic", "full, clip init"), ("grace", "structured", "full")]
+    assert all(r["pseudo_queries"] > 0 for r in metrics["runs"][1:])  # the captioner's pseudo-queries were trained on
+    assert metrics["captioner"]["train_steps"] == 3 and "quality" in metrics["captioner"]
     for r in metrics["runs"]:
         assert all(0.0 <= r[k] <= 100.0 for k in ("R@1", "R@5", "R@10")) and r["R@1"] <= r["R@5"] <= r["R@10"]
         assert r["n_queries"] == 50 and r["train_seconds"] > 0 and r["eval_seconds"] > 0
@@ -55,7 +57,7 @@ def test_reproduce_writes_metrics_table_and_models(tmp_path):
     atomic = metrics["identifiers"][-1]
     assert (atomic["images"], atomic["mean_tokens"], atomic["trie_identifiers"]) == (42, 1.0, 10)
     table = (tmp_path/"run"/"table1.md").read_text()
-    assert "| GRACE | atomic | full |" in table and "68.4" in table and "58.4" in table
+    assert "| GRACE | atomic | full, clip init |" in table and "68.4" in table and "58.4" in table
     assert "R@1" in out.stdout and "grace" in out.stdout
     for kind in ("atomic", "structured"):
         assert (tmp_path/"run"/f"grace-{kind}"/"model"/"model.safetensors").is_file()
@@ -112,3 +114,13 @@ def test_reproduce_is_repeatable_with_the_same_seed(tmp_path):
     assert recall(runs[0]) == recall(runs[1])
     weights = [tree_digest(tmp_path/n/"grace-atomic"/"model") for n in "ab"]  # config.json names each run's own files
     for name in ("model.safetensors", "trie.safetensors", "identifiers.json"): assert weights[0][name] == weights[1][name]
+
+
+def test_reproduce_beam_sweep_flag(tmp_path):
+    out = run("reproduce", "--out", str(tmp_path/"run"), "--n-train", "20", "--n-val", "0", "--n-test", "6",
+              "--identifiers", "structured", "--beams", *TINY)
+    assert out.returncode == 0, out.stderr
+    sweep = json.loads((tmp_path/"run"/"metrics.json").read_text())["beam_sweep"]
+    assert [r["beams"] for r in sweep] == [1, 5, 10, 20, 50] and {r["identifier"] for r in sweep} == {"structured"}
+    assert sweep[0]["R@1"] == sweep[0]["R@10"]  # one beam, one identifier
+    assert (tmp_path/"run"/"fig6_beams.png").stat().st_size > 10_000 and "Figure 6" in out.stdout
