@@ -49,9 +49,9 @@ def _check_image_ids(image_ids:Iterable, # image ids, in the order the builder s
     return ids
 
 # %% ../nbs/02_identifiers.ipynb #65ca0d38
-KINDS = ("numeric", "string", "semantic", "structured", "atomic")
-_UNIQUE_KINDS = ("numeric", "string", "structured", "atomic")
-_NEW_TOKEN_KINDS = ("structured", "atomic")
+KINDS = ("numeric", "string", "semantic", "structured", "atomic", "vq")
+_UNIQUE_KINDS = ("numeric", "string", "structured", "atomic", "vq")
+_NEW_TOKEN_KINDS = ("structured", "atomic", "vq")
 
 # %% ../nbs/02_identifiers.ipynb #73285712
 class IdentifierMap:
@@ -282,10 +282,11 @@ def build_identifiers(kind:str, # one of `KINDS`
                       image_ids:Iterable[int], # images in a stable order
                       *,
                       captions:dict|None=None, # image id -> caption; semantic only
-                      embeddings:np.ndarray|None=None, # N x d image embeddings; structured only
+                      embeddings:np.ndarray|None=None, # N x d image embeddings; structured and vq only
                       k:int=30, # clusters per level; structured only
                       c:int=30, # max images in a leaf cluster; structured only
-                      seed:int=42, # shuffle (numeric, string) or k-means (structured) seed
+                      codebook_size:int=256, # codes per residual-quantization level; vq only
+                      seed:int=42, # shuffle (numeric, string) or k-means (structured, vq) seed
                      ) -> IdentifierMap:
     "Build the identifier map of `kind` for `image_ids`."
     ids = _check_image_ids(image_ids)
@@ -299,6 +300,10 @@ def build_identifiers(kind:str, # one of `KINDS`
     if kind == "structured":
         if embeddings is None: raise IdentifierError("structured identifiers need `embeddings` (N x d, one row per image id)")
         return structured_identifiers(ids, embeddings, k=k, c=c, seed=seed)
+    if kind == "vq":
+        if embeddings is None: raise IdentifierError("vq identifiers need `embeddings` (N x d, one row per image id)")
+        from grace_nb.vq import vq_identifiers  # grace_nb.vq builds on this module: imported here, not at the top
+        return vq_identifiers(ids, embeddings, codebook_size=codebook_size, seed=seed)
     raise IdentifierError(f"unknown identifier kind {kind!r}; valid kinds: {', '.join(KINDS)}")
 
 # %% ../nbs/02_identifiers.ipynb #0cc3d73e

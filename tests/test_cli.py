@@ -53,8 +53,8 @@ def test_reproduce_writes_metrics_table_and_models(tmp_path):
         assert all(0.0 <= r[k] <= 100.0 for k in ("R@1", "R@5", "R@10")) and r["R@1"] <= r["R@5"] <= r["R@10"]
         assert r["n_queries"] == 50 and r["train_seconds"] > 0 and r["eval_seconds"] > 0
     kinds = [r["identifier"] for r in metrics["identifiers"]]
-    assert kinds == ["numeric", "string", "semantic", "structured", "atomic"]
-    atomic = metrics["identifiers"][-1]
+    assert kinds == ["numeric", "string", "semantic", "structured", "atomic", "vq"]
+    atomic = next(r for r in metrics["identifiers"] if r["identifier"] == "atomic")
     assert (atomic["images"], atomic["mean_tokens"], atomic["trie_identifiers"]) == (42, 1.0, 10)
     table = (tmp_path/"run"/"table1.md").read_text()
     assert "| GRACE | atomic | full, clip init |" in table and "68.4" in table and "58.4" in table
@@ -106,7 +106,7 @@ def test_reproduce_is_repeatable_with_the_same_seed(tmp_path):
         out = run("reproduce", "--out", str(tmp_path/name), "--seed", seed, *args)
         assert out.returncode == 0, out.stderr
     a, b, c = (tree_digest(tmp_path/n/"identifiers") for n in "abc")
-    assert len(a) == 5 and a == b
+    assert len(a) == 6 and a == b
     assert a["numeric.json"] != c["numeric.json"]
     assert tree_digest(tmp_path/"a"/"data") == tree_digest(tmp_path/"b"/"data")
     runs = [json.loads((tmp_path/n/"metrics.json").read_text())["runs"] for n in "ab"]

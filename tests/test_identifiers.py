@@ -158,7 +158,8 @@ def test_empty_direct_builders():
 def test_dispatcher_names_missing_input():
     with pytest.raises(IdentifierError, match="captions"): build_identifiers("semantic", [1])
     with pytest.raises(IdentifierError, match="embeddings"): build_identifiers("structured", [1])
-    with pytest.raises(IdentifierError, match="valid kinds"): build_identifiers("vq", [1])
+    with pytest.raises(IdentifierError, match="embeddings"): build_identifiers("vq", [1])
+    with pytest.raises(IdentifierError, match="valid kinds"): build_identifiers("visual", [1])
     assert isinstance(build_identifiers("atomic", [1]), IdentifierMap)
 
 

@@ -1,0 +1,206 @@
+"""The documentation website (`make docs` -> _docs/), checked in a real browser.
+
+The site is (re)built by docs/build.py (incremental: a no-op when nothing changed), served from _docs/ on localhost
+and driven with headless Chromium through selenium. Chromium and chromedriver are Debian packages that
+.ci/setup-browser installs (`make test` runs it); without them these tests fail under CI=true and skip elsewhere.
+A screenshot of the home page is left in tests/artifacts/home.png.
+"""
+import functools, http.server, importlib.util, json, os, shutil, subprocess, sys, threading
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.error import HTTPError
+from urllib.parse import urljoin, urlsplit
+from urllib.request import Request, urlopen
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT/"_docs"
+ARTIFACTS = ROOT/"tests"/"artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+_spec = importlib.util.spec_from_file_location("docs_build", ROOT/"docs"/"build.py")
+docs_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(docs_build)
+
+
+def _no_browser(reason: str):
+    "Fail under CI (the browser test is part of `make test`), skip on a developer's machine"
+    message = f"{reason}; run .ci/setup-browser (it installs Debian's chromium and chromium-driver)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"): pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def site() -> Path:
+    "_docs/, brought up to date with the notebooks by docs/build.py"
+    if os.environ.get("DOCS_NO_BUILD") != "1":
+        run = subprocess.run([sys.executable, str(ROOT/"docs"/"build.py")], cwd=ROOT, capture_output=True, text=True)
+        if run.returncode: pytest.fail(f"docs/build.py failed:\n{(run.stdout + run.stderr)[-4000:]}")
+    assert (DOCS/"index.html").exists(), "no _docs/index.html: run `make docs`"
+    return DOCS
+
+
+@pytest.fixture(scope="session")
+def base_url(site):
+    "The site served by Python's http.server on a free localhost port"
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args): pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    "Headless Chromium (Debian's) through chromedriver, with the console log recorded"
+    if not (CHROMIUM and CHROMEDRIVER): _no_browser("chromium or chromedriver is not installed")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError: _no_browser("selenium is not installed (`make install` installs the dev extra)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1280,1000", "--disable-extensions"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def _open(browser, url: str) -> list[str]:
+    "Load `url` and wait for it; returns the page's SEVERE console messages"
+    browser.get_log("browser")   # drop what earlier pages left
+    browser.get(url)
+    from selenium.webdriver.support.ui import WebDriverWait
+    WebDriverWait(browser, 20).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    return [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def _sidebar(browser) -> list[str]:
+    "The page links of the sidebar (furo's navigation tree), in order"
+    from selenium.webdriver.common.by import By
+    return [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, ".sidebar-tree a.reference")]
+
+
+def _page(url: str) -> str: return Path(urlsplit(url).path).name
+
+
+def test_every_notebook_is_a_page_in_order(browser, base_url):
+    "The sidebar lists every numbered notebook of nbs/, in numeric order; the home page is index.ipynb"
+    _open(browser, base_url)
+    expected = [docs_build.page_name(p, {}) + ".html" for p in docs_build.source_notebooks() if p.stem != "index"]
+    assert [_page(url) for url in _sidebar(browser)] == expected
+    assert browser.find_element("css selector", "article h1").text.startswith("grace_nb")
+
+
+def _image_outputs(page: str) -> int:
+    "How many image outputs the page's notebook has (docs/build.py's Sphinx source of the page)"
+    source = docs_build.SRC/(Path(page).stem + ".ipynb")
+    if not source.exists(): return 0
+    cells = json.loads(source.read_text())["cells"]
+    return sum(any(k.startswith("image/") for k in out.get("data", {})) for c in cells for out in c.get("outputs", []))
+
+
+def test_pages_load_without_console_errors_and_show_their_figures(browser, base_url):
+    """Each page loads with no SEVERE console message; every image on it has loaded (natural width > 0), one per
+    image output of its notebook; where a page has math, MathJax (served from the site) has typeset it"""
+    from selenium.webdriver.support.ui import WebDriverWait
+    _open(browser, base_url)
+    pages = [base_url] + _sidebar(browser) + [urljoin(base_url, "search.html"), urljoin(base_url, "genindex.html")]
+    problems, figures = {}, {}
+    for url in pages:
+        errors, page = _open(browser, url), _page(url) or "index.html"
+        broken = browser.execute_script(
+            "return [...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
+        shown = browser.execute_script("return document.querySelectorAll('.cell_output img').length")
+        figures[page] = shown
+        if shown != _image_outputs(page): errors.append(f"{shown} output images shown, notebook has {_image_outputs(page)}")
+        if browser.execute_script("return document.querySelectorAll('.math').length"):
+            try: WebDriverWait(browser, 15).until(lambda d: d.execute_script("return document.querySelectorAll('mjx-container').length"))
+            except Exception: errors.append("math not typeset by MathJax")
+        if errors or broken: problems[page] = errors + [f"image not shown: {src}" for src in broken]
+    assert not problems, problems
+    assert figures.get("data.html", 0) >= 1, figures   # 01_data's example images
+
+
+class _Links(HTMLParser):
+    "The href targets and element ids of one HTML page"
+    def __init__(self):
+        super().__init__(); self.hrefs, self.ids = [], set()
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if attrs.get("id"): self.ids.add(attrs["id"])
+        if tag == "a" and attrs.get("href"): self.hrefs.append((attrs["href"], "internal" in (attrs.get("class") or "")))
+
+
+def _parse(text: str) -> _Links:
+    parser = _Links(); parser.feed(text); return parser
+
+
+def _status(url: str) -> int:
+    "HTTP status of a HEAD request to `url`"
+    try:
+        with urlopen(Request(url, method="HEAD")) as response: return response.status
+    except HTTPError as error: return error.code
+
+
+def test_sidebar_and_page_links_resolve(browser, base_url, site):
+    """Every sidebar link and every site-internal link of every page answers HTTP 200; the #anchors of the site's
+    own links (navigation, tables of contents, notebook-to-notebook links) exist. nbdev's symbol links (`train_grace`
+    in prose) are checked for the page only: nbdev links private names and methods that have no show_doc entry."""
+    _open(browser, base_url)
+    for url in _sidebar(browser): assert _status(url) == 200, url
+    pages = {p.name: _parse(p.read_text()) for p in site.glob("*.html")}
+    bad = []
+    for name, links in pages.items():
+        for href, sphinx_link in links.hrefs:
+            parts = urlsplit(href)
+            if parts.scheme or parts.netloc or href.startswith(("mailto:", "javascript:")): continue
+            target = urljoin(urljoin(base_url, name), href)
+            path = urlsplit(target).path.lstrip("/") or "index.html"
+            status = _status(target.split("#")[0])
+            if status != 200: bad.append(f"{name}: {href} -> HTTP {status}")
+            elif sphinx_link and parts.fragment and path in pages and parts.fragment not in pages[path].ids:
+                bad.append(f"{name}: {href} -> no #{parts.fragment} on {path}")
+    assert not bad, "\n".join(bad[:30])
+
+
+@pytest.mark.parametrize("page,name", [("training.html", "train_grace"), ("inference.html", "beam_search")])
+def test_api_name_documented_on_its_page(browser, base_url, page, name):
+    "show_doc output is on the page: the entry (anchor as nbdev links it), its signature and its docstring"
+    from selenium.webdriver.common.by import By
+    _open(browser, urljoin(base_url, page))
+    entry = browser.find_element(By.ID, name)
+    assert name in entry.find_element(By.XPATH, "./..").text
+    block = entry.find_element(By.XPATH, "./ancestor::div[contains(@class, 'cell_output')]")
+    assert f"def {name}(" in block.text and block.find_elements(By.TAG_NAME, "em"), block.text[:500]
+
+
+@pytest.mark.parametrize("query,page", [("train_grace", "training.html"), ("beam_search", "inference.html")])
+def test_search_finds_api_name(browser, base_url, query, page):
+    "The site's search page (Sphinx's client-side index) returns the page documenting `query`"
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    errors = _open(browser, urljoin(base_url, f"search.html?q={query}"))
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#search-results ul.search li"))
+    hits = [_page(a.get_attribute("href")) for a in browser.find_elements(By.CSS_SELECTOR, "#search-results ul.search li a")]
+    assert page in hits, hits
+    assert not errors, errors
+
+
+def test_home_page_screenshot(browser, base_url):
+    "A screenshot of the home page is kept as a test artefact (tests/artifacts/home.png)"
+    _open(browser, base_url)
+    browser.execute_script("localStorage.clear()")   # forget the search highlights of the tests above
+    _open(browser, base_url)
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS/"home.png"
+    shot.unlink(missing_ok=True)
+    assert browser.save_screenshot(str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
