@@ -321,6 +321,15 @@ def _rank(found:list[tuple[list[int], float]], images:dict[tuple, list[int]], en
                   sum(seq[-1] != end_token for seq, _ in found))
 
 # %% ../nbs/07_inference.ipynb #48b2b6c9
+def _check_lengths(lengths:list[int], start:int, queries:list[str], max_new_tokens:int, limit:int|None):
+    "InferenceError naming the first query whose prompt plus identifier would not fit the language model's context."
+    if not limit: return
+    for i, n in enumerate(lengths):
+        if n + max_new_tokens > limit:
+            raise InferenceError(f"query {start + i} is too long: {n} prompt tokens + {max_new_tokens} identifier tokens exceed "
+                                 f"the language model's {limit} ({queries[start + i][:60]!r}...)")
+
+# %% ../nbs/07_inference.ipynb #fd9648fa
 def retrieve(flamingo:Flamingo, # the trained model bundle (tokenizer grown with identifier tokens)
              queries:list[str], # text queries
              token_ids:dict[int, list[int]], # retrieval corpus: image id -> identifier token ids + <|endofchunk|>
@@ -347,12 +356,15 @@ def retrieve(flamingo:Flamingo, # the trained model bundle (tokenizer grown with
     search = dict(trie=trie if constrained else None, eos_token_id=eoc, num_beams=num_beams, num_return=num_return,
                   max_new_tokens=max(map(len, images)) if max_new_tokens is None else max_new_tokens, length_penalty=length_penalty,
                   keep_unfinished=True)
+    config = model.lang_encoder.config
+    limit = getattr(config, "max_seq_len", None) or getattr(config, "max_position_embeddings", None)
     decoder, was_training, ranked = FlamingoDecoder(model, tokenizer.pad_token_id), model.training, []
     model.eval()
     try:
         for start in tqdm(range(0, len(queries), batch_size), desc="retrieve", disable=not progress):
             prompts = [prompt_template.format(query=q) for q in queries[start:start + batch_size]]
             batch = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt").to(device)
+            _check_lengths(batch.attention_mask.sum(1).tolist(), start, queries, search["max_new_tokens"], limit)
             found = beam_search(decoder, batch.input_ids, batch.attention_mask, **search)
             ranked += [_rank(f, images, eoc) for f in found]
     finally: model.train(was_training)

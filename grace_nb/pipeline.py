@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .core import GraceError, load_json, load_profile, save_json, seed_everything, Profile
+from .core import GraceError, Profile, load_json, load_profile, pick_device, pick_dtype, save_json, seed_everything
 from .data import KarpathyDataset, load_karpathy, write_shapes_corpus
 from .identifiers import (IdentifierMap, add_identifier_tokens, build_identifiers, identifier_token_ids,
                                   token_stats, train_bpe_tokenizer)
 from .trie import TensorTrie
 from .backbone import Preset, grow_vocabulary, load_flamingo, openflamingo_preset, write_tiny_preset
 from .clip import ClipRun, evaluate_clip, image_embedding_table, load_clip, save_clip, train_clip
-from .training import (PROMPT_TEXTS, FeatureCache, TrainConfig, cache_features, memorize_examples,
+from .training import (PROMPT_TEXTS, FeatureCache, TrainConfig, cache_features, feature_source, memorize_examples,
                                retrieve_examples, train_grace)
 from .evaluation import (PAPER_TABLE1, evaluate_grace, findings, findings_markdown, grace_recall, load_grace_model,
                                  save_grace_model, table1_markdown)
@@ -390,7 +390,9 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
     tokenizer = train_bpe_tokenizer([c for r in dataset.split("train") for c in r.captions] + list(PROMPT_TEXTS))
     preset = backbone_stage(prof, out, tokenizer, clip_run, seed)
     memorized = [r for r in dataset.records if r.split in ("train", "test")]
-    features = cache_features(load_flamingo(preset), dataset, memorized, progress=verbose)
+    # ram (tutorial scale): every memorized image encoded once; batch (paper scale): encoded per training batch
+    features = feature_source(load_flamingo(preset), dataset, memorized, prof.feature_cache, progress=verbose, device="auto",
+                              dtype=pick_dtype(pick_device(prof.device), prof.precision))
     need_captions = int(prof.pseudo_queries) > 0 or any(p["kind"] == "semantic" for p in plan)
     generated, caption_report = (captioner_stage(prof, preset, dataset, features, out, seed, steps=caption_steps,
                                                  resume=resume, progress=verbose) if need_captions else (None, None))
