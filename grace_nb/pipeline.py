@@ -29,7 +29,8 @@ from .experiments import (beam_sweep, caption_quality, generate_captions, genera
 
 # %% auto #0
 __all__ = ['PAPER_TABLE2', 'prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_report', 'backbone_stage',
-           'captioner_stage', 'grace_stage', 'evaluate_stage', 'table2_markdown', 'efficiency_stage', 'reproduce']
+           'captioner_stage', 'grace_stage', 'evaluate_stage', 'table2_markdown', 'efficiency_stage', 'free_stage',
+           'sweep_stage', 'reproduce']
 
 # %% ../nbs/13_pipeline.ipynb #def70bd5
 def prepare_corpus(profile:Profile, # the experiment profile
@@ -333,6 +334,28 @@ def efficiency_stage(profile:Profile, # model_preset picks the backbone's size; 
     return dict(summary=summary, rows=run.rows, settings=run.settings)
 
 # %% ../nbs/13_pipeline.ipynb #4ce3796f
+def _cached(path:Path, resume:bool, make):
+    "`make()`'s JSON value, saved to `path`; with `resume`, the saved value when there is one."
+    if resume and path.is_file(): return load_json(path)
+    value = make()
+    save_json(value, path)
+    return value
+
+def free_stage(row:dict, # a GRACE run's metrics row (its `model` folder)
+               profile:Profile, dataset:KarpathyDataset, resume:bool=False, progress:bool=True) -> dict:
+    "Table 2's 'w/o constrained generation' row of a trained model (saved as free.json beside it)."
+    return _cached(Path(row["model"]).parent/"free.json", resume,
+                   lambda: evaluate_stage(row["model"], profile, dataset, constrained=False, progress=progress))
+
+def sweep_stage(row:dict, # a GRACE run's metrics row (its `model` folder)
+                profile:Profile, dataset:KarpathyDataset, resume:bool=False, progress:bool=True) -> list[dict]:
+    "Figure 6's rows of a trained model at the profile's beam_sizes (saved as beams_<sizes>.json beside it)."
+    sizes = _ints(profile.beam_sizes)
+    return _cached(Path(row["model"]).parent/f"beams_{'-'.join(map(str, sizes))}.json", resume,
+                   lambda: beam_sweep(load_grace_model(row["model"]), dataset.queries("test"), beams=sizes,
+                                      batch_size=profile.eval_batch_size, length_penalty=profile.length_penalty, progress=progress))
+
+# %% ../nbs/13_pipeline.ipynb #a7981c49
 def _ints(value) -> list[int]: return [int(v) for v in str(value).split()]
 
 def _markdown_rows(rows:list[dict]) -> str:
@@ -417,13 +440,11 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
     written = [out/"metrics.json", out/"table1.md"]
     main_models = [r for r in rows if r["table"] == 1 and not (r["identifier"] == "atomic" and r["atomic_init"] != prof.atomic_init)]
     if ablations:
-        free = [evaluate_stage(r["model"], prof, dataset, constrained=False, progress=verbose) for r in main_models]
+        free = [free_stage(r, prof, dataset, resume=resume, progress=verbose) for r in main_models]
         metrics["table2"] = _table2_rows(main_models, [r for r in rows if r["table"] == 2], free)
         written.append(out/"table2.md")
     if beams:
-        metrics["beam_sweep"] = [row for r in main_models for row in beam_sweep(
-            load_grace_model(r["model"]), dataset.queries("test"), beams=_ints(prof.beam_sizes), batch_size=prof.eval_batch_size,
-            length_penalty=prof.length_penalty, progress=verbose)]
+        metrics["beam_sweep"] = [row for r in main_models for row in sweep_stage(r, prof, dataset, resume=resume, progress=verbose)]
         plot_beam_sweep(metrics["beam_sweep"], out/"fig6_beams.png", title=f"Figure 6 at tutorial scale ({prof.name}, seed {seed})")
         written += [out/"beams.md", out/"fig6_beams.png"]
     if efficiency:
