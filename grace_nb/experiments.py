@@ -188,7 +188,7 @@ def beam_sweep(model:GraceModel, # a trained model
                                  batch_size=batch_size, length_penalty=length_penalty, progress=False)
         seconds = time.perf_counter() - start
         metrics = grace_recall(results, [i for _, i in queries], ks)
-        rows.append(dict(identifier=model.kind, beams=width, **{f"R@{k}": metrics[f"R@{k}"] for k in ks},
+        rows.append(dict(identifier=model.kind, beams=width, **{f"R@{k}": round(metrics[f"R@{k}"], 2) for k in ks},
                          ms_per_query=round(1000 * seconds / len(queries), 2)))
     return rows
 
