@@ -190,7 +190,7 @@ def openflamingo_preset(profile:Profile, # a profile with model_preset, checkpoi
                                     f"download it on a machine with internet and put it there. grace_nb never downloads.")
         if _is_torchscript(paths["clip_path"]):
             raise BackboneError(f"profile [{profile.name}]: {paths['clip_path']} (clip_path) is a TorchScript archive, which is "
-                                f"not loaded (it would need pickle); use {_SOURCES['clip_path']}")
+                                f"not loaded (reading it would unpickle arbitrary objects); use {_SOURCES['clip_path']}")
     return Preset(profile.model_preset, Path("/"), clip_model, str(paths["clip_path"]), str(paths["lm_path"]),
                   str(paths["lm_path"]), every, decoder_layers_attr_name=layers, flamingo_checkpoint=str(checkpoint),
                   trust_remote_code=True)
