@@ -317,6 +317,15 @@ def flat_index(corpus:np.ndarray, # [N, D] unit float32 image embeddings
     return index
 
 # %% ../nbs/10_efficiency.ipynb #7aa8e9eb
+def _median_ms_per_query(run, batches:list, n_queries:int, repeats:int) -> float:
+    "Milliseconds per query of `run` over `batches` (median of `repeats` passes, after a warm-up call)."
+    run(batches[0]); passes = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for batch in batches: run(batch)
+        passes.append(time.perf_counter() - start)
+    return statistics.median(passes) * 1e3 / n_queries
+
 def time_search(search, # callable: [q, D] float32 queries -> [q, k] ids
                 queries:np.ndarray, # [Q, D]
                 batch_size:int, # queries per call
@@ -324,12 +333,7 @@ def time_search(search, # callable: [q, D] float32 queries -> [q, k] ids
                ) -> float:
     "Milliseconds per query of `search` over `queries` in batches (median of `repeats` passes, after a warm-up)."
     batches = [np.ascontiguousarray(queries[i:i + batch_size]) for i in range(0, len(queries), batch_size)]
-    search(batches[0]); passes = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for batch in batches: search(batch)
-        passes.append(time.perf_counter() - start)
-    return statistics.median(passes) * 1e3 / len(queries)
+    return _median_ms_per_query(search, batches, len(queries), repeats)
 
 # %% ../nbs/10_efficiency.ipynb #d6a43fd5
 def ivf_index(corpus:np.ndarray, # [N, D] unit float32 image embeddings
@@ -403,13 +407,7 @@ def time_clip_text(model:nn.Module, # from `clip_text_tower`
     device = next(model.parameters()).device
     batches = [clip_tokenizer(queries[i:i + batch_size]).to(device) for i in range(0, len(queries), batch_size)]
     def encode(batch): _ = model.encode_text(batch, normalize=True); _sync(device)
-    with torch.no_grad():
-        encode(batches[0]); passes = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for batch in batches: encode(batch)
-            passes.append(time.perf_counter() - start)
-    return statistics.median(passes) * 1e3 / len(queries)
+    with torch.no_grad(): return _median_ms_per_query(encode, batches, len(queries), repeats)
 
 # %% ../nbs/10_efficiency.ipynb #c95d7cf7
 @dataclass
