@@ -239,6 +239,22 @@ def _check_preset_files(preset:Preset, tokenizer_path:Path) -> None:
     weights = preset.resolve(preset.clip_weights)
     if weights is not None and not weights.exists(): raise BackboneError(f"preset {name!r}: missing CLIP weights {weights}")
 
+def _load_flamingo_checkpoint(model:nn.Module, checkpoint:Path) -> None:
+    "Load an OpenFlamingo-style state dict (.pt or .safetensors); embedding rows of a smaller vocabulary fill the first rows."
+    if checkpoint.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(checkpoint))
+    else: state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # refuses anything but tensors and containers
+    if not isinstance(state, dict) or not any(str(k).startswith("perceiver.") for k in state):
+        raise BackboneError(f"{checkpoint} holds no Perceiver weights: not an OpenFlamingo checkpoint")
+    own = model.state_dict()
+    for key, value in list(state.items()):  # a grown tokenizer made the embeddings longer than the checkpoint's
+        mine = own.get(key)
+        if mine is not None and mine.shape != value.shape and mine.shape[1:] == value.shape[1:] and len(value) < len(mine):
+            with torch.no_grad(): mine[:len(value)] = value
+            del state[key]
+    model.load_state_dict(state, strict=False)  # it holds the trained parts only (Perceiver, cross-attention, LM)
+
 def load_flamingo(preset:Preset|str|Path, # a Preset, or a preset folder
                   tokenizer_path:str|Path|None=None, # override the preset's tokenizer (e.g. a grown one)
                   device:str|torch.device="cpu",
@@ -268,12 +284,7 @@ def load_flamingo(preset:Preset|str|Path, # a Preset, or a preset folder
     if preset.gate_init is not None:
         for block in model.lang_encoder.gated_cross_attn_layers:
             if block is not None: block.attn_gate.data.fill_(preset.gate_init); block.ff_gate.data.fill_(preset.gate_init)
-    if preset.flamingo_checkpoint:  # a plain state dict; weights_only refuses anything but tensors and containers
-        checkpoint = preset.resolve(preset.flamingo_checkpoint)
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not any(str(k).startswith("perceiver.") for k in state):
-            raise BackboneError(f"{checkpoint} holds no Perceiver weights: not an OpenFlamingo checkpoint")
-        model.load_state_dict(state, strict=False)  # it holds the trained parts only (Perceiver, cross-attention, embeddings)
+    if preset.flamingo_checkpoint: _load_flamingo_checkpoint(model, preset.resolve(preset.flamingo_checkpoint))
     return Flamingo(set_trainable(model).to(device), image_processor, tokenizer, preset)
 
 # %% ../nbs/04_backbone.ipynb #7f8701d2
@@ -297,7 +308,7 @@ def _cache_kwarg(lang_encoder:nn.Module) -> str:
 def flamingo_forward(model:nn.Module, # open_flamingo.Flamingo
                      input_ids:torch.Tensor, # [B, T] token ids (rows with an image hold an <image> token)
                      attention_mask:torch.Tensor|None=None, # [B, T] (past + new tokens when a cache is given)
-                     features:torch.Tensor|None=None, # [B, tokens, vis_dim] from `vision_features`, or None (text only)
+                     features:torch.Tensor|None=None, # [B, tokens, vis_dim] (or [B, n_images, tokens, vis_dim]), or None (text only)
                      labels:torch.Tensor|None=None, # [B, T], -100 where no loss is taken
                      cache=None, # a transformers Cache from an earlier call (decoding)
                      use_cache:bool=False, # return the updated cache
@@ -311,7 +322,9 @@ def flamingo_forward(model:nn.Module, # open_flamingo.Flamingo
         vis_x = torch.zeros(1, 1, getattr(latents, "ds_shape", latents.shape)[0], model.vis_dim, dtype=latents.dtype,
                             device=input_ids.device)
     else:
-        vis_x = model.perceiver(features[:, None, None])  # [B, T_img=1, F=1, tokens, d] -> [B, 1, latents, d]
+        # [B, tokens, d]: one image per row; [B, n_images, tokens, d]: interleaved images, each <image> token in order
+        media = features[:, None, None] if features.ndim == 3 else features[:, :, None]
+        vis_x = model.perceiver(media)  # [B, T_img, F=1, tokens, d] -> [B, T_img, latents, d]
     for layer in lang._get_decoder_layers():
         layer.condition_vis_x(vis_x)
         # with cached media, open_flamingo keeps these locations and lets every new token attend to image 1

@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     shapes = data.add_parser("shapes", help="write the synthetic shapes corpus (PNGs + dataset_shapes.json)")
     shapes.add_argument("--out", required=True, type=Path, help="output folder")
+    pre = sub.add_parser("pretrain", help="build (or find in the cache) a tiny profile's pretrained Flamingo preset")
+    pre.add_argument("--profile", default="shapes", help="a tiny profile in settings.ini (default: shapes)")
     rep = sub.add_parser("reproduce", help="run the main job of a profile")
     rep.add_argument("--profile", default="shapes", help="profile name in settings.ini (default: shapes)")
     rep.add_argument("--out", type=Path, default=None, help="run folder (default: runs/PROFILE)")
@@ -34,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--clip-steps", type=int, default=None, help="CLIP training steps, tutorial scale (default: the profile's)")
     rep.add_argument("--identifiers", nargs="+", default=None, help="identifier types to train (default: the profile's)")
     rep.add_argument("--caption-steps", type=int, default=None, help="captioner training steps (default: the profile's)")
+    for q in (pre, rep):
+        q.add_argument("--pretrain-images", type=int, default=None, help="pretraining pool images (default: the profile's)")
+        q.add_argument("--pretrain-steps", type=int, default=None, help="Flamingo pretraining steps (default: the profile's)")
+        q.add_argument("--pretrain-clip-steps", type=int, default=None, help="pool CLIP steps (default: the profile's)")
     rep.add_argument("--resume", action="store_true",
                      help="reuse the saved CLIP and captions, skip finished GRACE runs, continue unfinished ones from checkpoints")
     exp = rep.add_argument_group("experiments (each adds to the main job's runs)")
@@ -51,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/14_cli.ipynb #7b9386d3
+def _pretrain_overrides(args) -> dict:
+    "PretrainConfig fields given on the command line."
+    given = dict(images=args.pretrain_images, steps=args.pretrain_steps, clip_steps=args.pretrain_clip_steps)
+    return {k: v for k, v in given.items() if v is not None}
+
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `grace` command."
     args = _parser().parse_args(argv)
@@ -63,12 +74,17 @@ def main(argv:list[str]|None=None) -> int:
             if args.image_size is not None: prof = prof.replace(image_size=args.image_size)
             dataset = prepare_corpus(prof, args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
             print(dataset.json_path)
+        elif args.command == "pretrain":
+            from grace_nb.pipeline import pretrain_stage
+            preset = pretrain_stage(load_profile(args.profile), overrides=_pretrain_overrides(args))
+            print(preset.root)
         elif args.command == "reproduce":
             from grace_nb.pipeline import reproduce
             reproduce(args.profile, args.out or Path("runs")/args.profile, seed=args.seed, n_train=args.n_train,
                       n_val=args.n_val, n_test=args.n_test, train_steps=args.train_steps, clip_steps=args.clip_steps,
                       identifiers=args.identifiers, resume=args.resume, caption_steps=args.caption_steps, table1=args.table1,
-                      ablations=args.ablations, beams=args.beams, efficiency=args.efficiency, run_all=args.all)
+                      ablations=args.ablations, beams=args.beams, efficiency=args.efficiency, run_all=args.all,
+                      pretrain=_pretrain_overrides(args))
         elif args.command == "retrieve": _retrieve(args)
     except GraceError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,23 +14,24 @@ import torch
 from tqdm.auto import tqdm
 
 from .core import GraceError, Profile, load_json, load_profile, pick_device, pick_dtype, save_json, seed_everything
-from .data import KarpathyDataset, load_karpathy, write_shapes_corpus
+from .data import KarpathyDataset, load_karpathy, sample_scenes, write_shapes_corpus
 from .identifiers import (IdentifierMap, add_identifier_tokens, build_identifiers, identifier_token_ids,
                                   token_stats, train_bpe_tokenizer)
 from .trie import TensorTrie
 from .backbone import Preset, grow_vocabulary, load_flamingo, openflamingo_preset, write_tiny_preset
 from .clip import ClipRun, evaluate_clip, image_embedding_table, load_clip, save_clip, train_clip
+from .pretraining import PretrainConfig, pretrained_preset, scratch_preset
 from .training import (PROMPT_TEXTS, FeatureCache, TrainConfig, cache_features, feature_source, memorize_examples,
                                retrieve_examples, train_grace)
 from .evaluation import (PAPER_TABLE1, evaluate_grace, findings, findings_markdown, grace_recall, load_grace_model,
                                  save_grace_model, table1_markdown)
-from .experiments import (beam_sweep, caption_quality, generate_captions, generation_outcomes, plot_beam_sweep,
-                                  pseudo_queries, semantic_captions, train_captioner)
+from .experiments import (CAPTION_PROMPT, beam_sweep, caption_quality, generate_captions, generation_outcomes,
+                                  plot_beam_sweep, pseudo_queries, semantic_captions, train_captioner)
 
 # %% auto #0
-__all__ = ['PAPER_TABLE2', 'prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_report', 'backbone_stage',
-           'captioner_stage', 'grace_stage', 'evaluate_stage', 'table2_markdown', 'efficiency_stage', 'free_stage',
-           'sweep_stage', 'reproduce']
+__all__ = ['PAPER_TABLE2', 'prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_report', 'pretrain_stage',
+           'backbone_stage', 'captioner_stage', 'grace_stage', 'evaluate_stage', 'table2_markdown', 'efficiency_stage',
+           'free_stage', 'sweep_stage', 'reproduce']
 
 # %% ../nbs/13_pipeline.ipynb #def70bd5
 def prepare_corpus(profile:Profile, # the experiment profile
@@ -125,16 +126,33 @@ def identifier_report(identifier_maps:dict[str, IdentifierMap], # kind -> identi
     return rows, tries
 
 # %% ../nbs/13_pipeline.ipynb #df3b14b5
-def backbone_stage(profile:Profile, # model_preset: tiny or an OpenFlamingo preset
-                   out:Path, # run folder (tiny preset: out/preset)
-                   tokenizer, # the run's tokenizer (tiny preset)
-                   clip_run:ClipRun, # the run's CLIP (tiny preset: its config; its weights are out/clip/clip.safetensors)
-                   seed:int, # initialises the tiny language model
+def pretrain_stage(profile:Profile, # a tiny profile: pretrain_* keys, lm_* sizes, image_size, clip_*
+                   corpus_seed:int|None=None, # the run's corpus seed (its scenes are kept out of the pool)
+                   corpus_images:int|None=None, # the run's corpus size (default: the profile's n_train + n_val + n_test)
+                   overrides:dict|None=None, # PretrainConfig fields to change (small test runs)
+                   progress:bool=True,
                   ) -> Preset:
-    "Write the tiny preset with the run's CLIP and tokenizer, or check the OpenFlamingo files of a paper profile."
-    if profile.model_preset != "tiny": return openflamingo_preset(profile)
-    return write_tiny_preset(Path(out)/"preset", tokenizer, clip_config=clip_run.config,
-                             clip_weights=Path(out)/"clip"/"clip.safetensors", seed=seed)
+    "The profile's pretrained tiny preset, from the cache or built now (`grace pretrain`)."
+    if profile.model_preset != "tiny":
+        raise GraceError(f"profile [{profile.name}] starts from {profile.model_preset}; the tutorial pretraining is for tiny profiles")
+    config = PretrainConfig.from_profile(profile, **(overrides or {}))
+    n = corpus_images or sum(int(profile[k]) for k in ("n_train", "n_val", "n_test"))
+    exclude = sample_scenes(n, profile.seed if corpus_seed is None else corpus_seed) if profile.corpus == "shapes" else []
+    lm = {k: profile[f"lm_{k}"] for k in ("d_model", "n_layers", "n_heads") if profile.get(f"lm_{k}") is not None}
+    return pretrained_preset(config, exclude, tokenizer_texts=list(PROMPT_TEXTS) + [CAPTION_PROMPT], lm=lm,
+                             image_size=profile.image_size, clip=dict(batch_size=profile.clip_batch_size, lr=profile.clip_lr),
+                             progress=progress)
+
+def backbone_stage(profile:Profile, # model_preset: tiny or an OpenFlamingo preset
+                   out:Path, # run folder (the from-scratch twin goes to out/preset-scratch)
+                   corpus_seed:int|None=None, corpus_images:int|None=None, overrides:dict|None=None, # as `pretrain_stage`
+                   progress:bool=True,
+                  ) -> dict[str, Preset]:
+    "The run's starting points: {'pretrained': ...} and, at tutorial scale, its from-scratch twin {'scratch': ...}."
+    if profile.model_preset != "tiny": return {"pretrained": openflamingo_preset(profile)}
+    pretrained = pretrain_stage(profile, corpus_seed, corpus_images, overrides, progress)
+    return {"pretrained": pretrained, "scratch": scratch_preset(pretrained, Path(out)/"preset-scratch")}
+
 
 # %% ../nbs/13_pipeline.ipynb #fc5ef098
 def captioner_stage(profile:Profile, # caption_steps, pseudo_queries and the training settings
@@ -189,7 +207,7 @@ def grace_stage(kind:str, # identifier type to train
                 variant:str="full", # the row's label
                 name:str|None=None, # run folder name (default: the identifier type)
                ) -> dict:
-    "Train GRACE with one identifier type, save it, and evaluate it on the test captions; returns its metrics row."
+    "Train GRACE with one identifier type from `preset`, save it, and evaluate it on the test captions; returns its metrics row."
     run_dir = Path(out)/f"grace-{name or kind}"
     if resume and (run_dir/"row.json").is_file(): return load_json(run_dir/"row.json")
     flamingo = load_flamingo(preset, seed=seed)
@@ -211,7 +229,8 @@ def grace_stage(kind:str, # identifier type to train
     row = evaluate_stage(folder, profile, dataset, progress=progress)
     row = row | dict(variant=variant, train_steps=config.train_steps, train_seconds=result.train_seconds,
                      final_loss=result.history[-1]["loss"] if result.history else None, memorize=memorize,
-                     pseudo_queries=len(extra_queries or []), atomic_init=init if kind == "atomic" else None)
+                     pseudo_queries=len(extra_queries or []), atomic_init=init if kind == "atomic" else None,
+                     backbone=preset.name)
     save_json(row, run_dir/"row.json")
     return row
 
@@ -243,11 +262,14 @@ def _run_plan(kinds:list[str], # the main job's identifier types
               profile:Profile, # identifier_types, atomic_init, pseudo_queries
               table1:bool=False, ablations:bool=False, # which experiments
              ) -> list[dict]:
-    "The GRACE runs to train: kind, name, variant, memorize, pseudo-queries, atomic_init; main-job runs first."
+    "The GRACE runs to train: kind, name, variant, memorize, pseudo-queries, atomic_init, backbone; main-job runs first."
     pseudo = int(profile.pseudo_queries) > 0
     main_label = lambda kind: f"full, {profile.atomic_init} init" if kind == "atomic" else "full"
     plan = [dict(kind=k, name=k, variant=main_label(k), memorize=True, pseudo=pseudo, init=None, table=1) for k in kinds]
     trained = list(kinds)
+    if table1 and profile.model_preset == "tiny":  # what pretraining buys: the main job's types from random weights
+        plan += [dict(kind=k, name=f"{k}-scratch", variant=f"{main_label(k)}, from scratch", memorize=True, pseudo=pseudo,
+                      init=None, table=1, backbone="scratch") for k in kinds]
     if table1:
         extra = [k for k in str(profile.identifier_types).split() if k not in kinds]
         plan += [dict(kind=k, name=k, variant=main_label(k), memorize=True, pseudo=pseudo, init=None, table=1) for k in extra]
@@ -261,7 +283,7 @@ def _run_plan(kinds:list[str], # the main job's identifier types
                       init=None, table=2) for k in trained]
         if pseudo: plan += [dict(kind=k, name=f"{k}-no-pseudo", variant="w/o pseudo-queries", memorize=True, pseudo=False,
                                  init=None, table=2) for k in kinds]
-    return plan
+    return [p if "backbone" in p else p | {"backbone": "pretrained"} for p in plan]
 
 # %% ../nbs/13_pipeline.ipynb #ac55bea9
 PAPER_TABLE2 = {  # Flickr30K, Li et al. 2024, Table 2 (the full rows are Table 1's)
@@ -393,6 +415,7 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
               run_all:bool=False, # every experiment, and findings.md
               efficiency_sizes:list[int]|None=None, # corpus sizes of Figure 4 (default: the profile's efficiency_sizes)
               caption_steps:int|None=None, # overrides the profile's caption_steps
+              pretrain:dict|None=None, # PretrainConfig fields to override (tiny profiles), e.g. {"steps": 10}
              ) -> dict:
     "The main job (and the paper's experiments on request): writes metrics.json, table1.md and the experiments' files."
     start, prof = time.perf_counter(), load_profile(profile)
@@ -410,11 +433,11 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
         if not dataset.split(split): raise GraceError(f"the main job needs at least one {split} image; {dataset.summary()}")
     clip_run, clip_row = clip_stage(prof, dataset, out, seed, steps=clip_steps, resume=resume, progress=verbose)
     clip_table = image_embedding_table(clip_run, dataset, progress=verbose)
-    tokenizer = train_bpe_tokenizer([c for r in dataset.split("train") for c in r.captions] + list(PROMPT_TEXTS))
-    preset = backbone_stage(prof, out, tokenizer, clip_run, seed)
+    presets = backbone_stage(prof, out, corpus_seed=seed, corpus_images=len(dataset), overrides=pretrain, progress=verbose)
+    preset, base = presets["pretrained"], load_flamingo(presets["pretrained"])
     memorized = [r for r in dataset.records if r.split in ("train", "test")]
     # ram (tutorial scale): every memorized image encoded once; batch (paper scale): encoded per training batch
-    features = feature_source(load_flamingo(preset), dataset, memorized, prof.feature_cache, progress=verbose, device="auto",
+    features = feature_source(base, dataset, memorized, prof.feature_cache, progress=verbose, device="auto",
                               dtype=pick_dtype(pick_device(prof.device), prof.precision))
     need_captions = int(prof.pseudo_queries) > 0 or any(p["kind"] == "semantic" for p in plan)
     generated, caption_report = (captioner_stage(prof, preset, dataset, features, out, seed, steps=caption_steps,
@@ -424,9 +447,9 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
                                             captions=captions, seed=seed, progress=verbose)
     for kind, imap in identifier_maps.items(): imap.save(out/"identifiers"/f"{kind}.json")
     test_ids = [r.image_id for r in dataset.split("test")]
-    id_rows, _ = identifier_report(identifier_maps, copy.deepcopy(tokenizer), test_ids)
+    id_rows, _ = identifier_report(identifier_maps, copy.deepcopy(base.tokenizer), test_ids)
     pseudo = pseudo_queries(generated) if generated and int(prof.pseudo_queries) > 0 else None
-    rows = [grace_stage(p["kind"], prof, preset, dataset, identifier_maps[p["kind"]], features, out, seed, clip_table,
+    rows = [grace_stage(p["kind"], prof, presets[p["backbone"]], dataset, identifier_maps[p["kind"]], features, out, seed, clip_table,
                         train_steps=train_steps, resume=resume, progress=verbose, extra_queries=pseudo if p["pseudo"] else None,
                         memorize=p["memorize"], atomic_init=p["init"], variant=p["variant"], name=p["name"]) | {"table": p["table"]}
             for p in plan]
@@ -438,7 +461,8 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
                                        if "semantic" in identifier_maps else None,
                    captioner=caption_report, structured_embeddings=f"CLIP image embeddings ({clip_row['variant']})")
     written = [out/"metrics.json", out/"table1.md"]
-    main_models = [r for r in rows if r["table"] == 1 and not (r["identifier"] == "atomic" and r["atomic_init"] != prof.atomic_init)]
+    main_models = [r for r in rows if r["table"] == 1 and r["backbone"] == preset.name
+                   and not (r["identifier"] == "atomic" and r["atomic_init"] != prof.atomic_init)]
     if ablations:
         free = [free_stage(r, prof, dataset, resume=resume, progress=verbose) for r in main_models]
         metrics["table2"] = _table2_rows(main_models, [r for r in rows if r["table"] == 2], free)

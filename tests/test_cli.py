@@ -35,7 +35,8 @@ def test_data_shapes_is_byte_identical_per_seed(tmp_path):
     assert [sum(i["split"] == s for i in data["images"]) for s in ("train", "val", "test")] == [8, 2, 4]
 
 
-TINY = ["--train-steps", "3", "--clip-steps", "3", "--caption-steps", "3"]
+TINY = ["--train-steps", "3", "--clip-steps", "3", "--caption-steps", "3",
+        "--pretrain-images", "40", "--pretrain-steps", "3", "--pretrain-clip-steps", "3"]  # a tiny pretraining pool (cached)
 
 
 def test_reproduce_writes_metrics_table_and_models(tmp_path):

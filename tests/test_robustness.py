@@ -280,7 +280,8 @@ def _small_settings(folder: Path) -> Path:
 def test_sigkilled_training_resumes_to_the_same_weights_and_metrics(tmp_path):
     env = os.environ | {"GRACE_SETTINGS": str(_small_settings(tmp_path)), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     args = ["reproduce", "--profile", "shapes", "--n-train", "30", "--n-val", "2", "--n-test", "20", "--seed", "5",
-            "--train-steps", "30", "--clip-steps", "3", "--identifiers", "atomic"]
+            "--train-steps", "30", "--clip-steps", "3", "--identifiers", "atomic",
+            "--pretrain-images", "40", "--pretrain-steps", "3", "--pretrain-clip-steps", "3"]
     whole = subprocess.run([GRACE, *args, "--out", str(tmp_path/"whole")], env=env, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-2000:]
 
