@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 
 from .core import GraceError
-from .data import (BACKGROUND_WORDS, COLOR_WORDS, POSITION_WORDS, SHAPE_WORDS, SIZE_WORDS, KarpathyDataset)
+from .data import POSITION_WORDS, KarpathyDataset, caption_attributes, scene_graph_attributes
 from .backbone import Flamingo
 from .training import (Example, FeatureCache, TrainConfig, TrainResult, memorize_examples, retrieve_examples,
                                train_grace)
@@ -29,8 +29,7 @@ from .evaluation import GraceModel, load_grace_model
 __all__ = ['COUNT_NAMES', 'POSITION_NAMES', 'PROMPTS', 'FORMS', 'PROMPT_TEXTS_BEYOND', 'ATTRIBUTE_KINDS', 'NOT_TUNED_NOTE',
            'BeyondError', 'Question', 'scene_questions', 'dataset_questions', 'prompt_ids', 'instruction_examples',
            'instruction_tune', 'generate_texts', 'answer_questions', 'describe_images', 'qa_accuracy',
-           'majority_answers', 'described_attributes', 'scene_graph_attributes', 'attribute_scores', 'GraceApp',
-           'grace_app']
+           'majority_answers', 'attribute_scores', 'GraceApp', 'grace_app']
 
 # %% ../nbs/12_beyond_retrieval.ipynb #85f14051
 class BeyondError(GraceError, ValueError):
@@ -225,41 +224,6 @@ def majority_answers(train_questions:Sequence[Question], # the training question
     return [pick(by_text[x.question]) if x.question in by_text else pick(by_kind[x.kind]) if x.kind in by_kind else ""
             for x in questions]
 
-# %% ../nbs/12_beyond_retrieval.ipynb #c9430884
-def _phrase_table(words:dict) -> list[tuple[str, object]]:
-    "(phrase, canonical value) pairs, longest phrase first (so 'light blue' is read before 'blue')."
-    return sorted(((p, name) for name, ps in words.items() for p in ps), key=lambda pv: -len(pv[0]))
-
-_READERS = [("background", re.compile(r"\b(" + "|".join(re.escape(p) for p, _ in _phrase_table(BACKGROUND_WORDS)) + r") background\b"),
-             dict(_phrase_table(BACKGROUND_WORDS))),
-            ("position", None, dict(_phrase_table(POSITION_WORDS))),
-            ("count", re.compile(r"\b(one shape|two shapes|three shapes|a single|there is only|and nothing else)\b"),
-             {"one shape": 1, "two shapes": 2, "three shapes": 3, "a single": 1, "there is only": 1, "and nothing else": 1}),
-            ("shape", None, dict(_phrase_table(SHAPE_WORDS))),
-            ("color", None, dict(_phrase_table(COLOR_WORDS))),
-            ("size", None, dict(_phrase_table(SIZE_WORDS)))]
-
-def described_attributes(text:str, # a description or caption
-                        ) -> set[tuple[str, object]]:
-    "The (kind, value) attributes a shapes description names; each matched phrase is consumed once."
-    text, found = " " + " ".join(re.findall(r"[a-z]+", text.lower())) + " ", set()
-    for kind, pattern, values in _READERS:
-        if pattern is not None:
-            for m in pattern.finditer(text): found.add((kind, values[m.group(1)]))
-            text = pattern.sub(" ", text)
-            continue
-        for phrase, value in values.items():
-            for form in (phrase + "s", phrase):  # plural shapes ("two stars")
-                if f" {form} " in text: found.add((kind, value)); text = text.replace(f" {form} ", " ")
-    return found
-
-def scene_graph_attributes(scene:dict, # a shapes scene graph
-                          ) -> set[tuple[str, object]]:
-    "Every attribute of a scene, in `described_attributes`' terms."
-    objs = scene["objects"]
-    return ({("shape", o["shape"]) for o in objs} | {("color", o["color"]) for o in objs} | {("size", o["size"]) for o in objs}
-            | {("position", (o["row"], o["col"])) for o in objs} | {("background", scene["background"]), ("count", len(objs))})
-
 # %% ../nbs/12_beyond_retrieval.ipynb #f172a3f2
 ATTRIBUTE_KINDS = ("color", "shape", "size", "position", "background", "count")
 
@@ -271,7 +235,7 @@ def attribute_scores(descriptions:dict[int, str], # image id -> description
     for image_id, text in descriptions.items():
         scene = dataset.by_id(image_id).scene
         if scene is None: raise BeyondError(f"image {image_id} has no scene graph: attribute scores need the shapes corpus")
-        said, true = described_attributes(text), scene_graph_attributes(scene)
+        said, true = caption_attributes(text), scene_graph_attributes(scene)
         for kind, _ in said: named[kind] += 1
         for kind, _ in said & true: right[kind] += 1
         for kind, _ in true: truth[kind] += 1

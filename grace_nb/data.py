@@ -24,8 +24,8 @@ from .core import GraceError, load_json, save_json
 # %% auto #0
 __all__ = ['KARPATHY_SPLITS', 'SHAPE_WORDS', 'COLORS', 'COLOR_WORDS', 'SIZE_WORDS', 'BACKGROUNDS', 'BACKGROUND_WORDS',
            'POSITION_WORDS', 'CAPTION_TEMPLATES', 'SHAPES_JSON', 'DataError', 'to_rgb', 'read_rgb', 'sample_scene',
-           'draw_scene', 'caption_scene', 'sample_scenes', 'write_shapes_corpus', 'ImageRecord', 'KarpathyDataset',
-           'load_karpathy', 'show_records']
+           'draw_scene', 'caption_scene', 'caption_attributes', 'scene_graph_attributes', 'sample_scenes',
+           'write_shapes_corpus', 'ImageRecord', 'KarpathyDataset', 'load_karpathy', 'show_records']
 
 # %% ../nbs/01_data.ipynb #02fb33fb
 class DataError(GraceError, ValueError):
@@ -201,6 +201,44 @@ def caption_scene(scene:dict, # a scene as made by `sample_scene`
         if caption not in captions: captions.append(caption)
         if len(captions) == n_captions: return captions
     raise DataError(f"could not write {n_captions} distinct captions for scene {scene}")
+
+# %% ../nbs/01_data.ipynb #a1d0c002
+def _phrase_table(words:dict) -> list[tuple[str, object]]:
+    "(phrase, canonical value) pairs, longest phrase first (so 'light blue' is read before 'blue')."
+    return sorted(((p, name) for name, ps in words.items() for p in ps), key=lambda pv: -len(pv[0]))
+
+_COUNT_PHRASES = {"one shape": 1, "two shapes": 2, "three shapes": 3, "a single": 1, "there is only": 1, "and nothing else": 1}
+_READERS = [  # (kind, pattern or None, phrase -> value), in reading order
+    ("background", re.compile(r"\b(" + "|".join(re.escape(p) for p, _ in _phrase_table(BACKGROUND_WORDS)) + r") background\b"),
+     dict(_phrase_table(BACKGROUND_WORDS))),
+    ("position", None, dict(_phrase_table(POSITION_WORDS))),
+    ("count", re.compile(r"\b(" + "|".join(_COUNT_PHRASES) + r")\b"), _COUNT_PHRASES),
+    ("shape", None, dict(_phrase_table(SHAPE_WORDS))),
+    ("color", None, dict(_phrase_table(COLOR_WORDS))),
+    ("size", None, dict(_phrase_table(SIZE_WORDS)))]
+
+# %% ../nbs/01_data.ipynb #a1d0c003
+def caption_attributes(text:str, # a caption or a generated description
+                      ) -> set[tuple[str, object]]:
+    "The (kind, value) attributes a shapes caption names; each matched phrase is consumed once."
+    text, found = " " + " ".join(re.findall(r"[a-z]+", text.lower())) + " ", set()
+    for kind, pattern, values in _READERS:
+        if pattern is not None:
+            for m in pattern.finditer(text): found.add((kind, values[m.group(1)]))
+            text = pattern.sub(" ", text)
+            continue
+        for phrase, value in values.items():
+            for form in (phrase + "s", phrase):  # plural shapes ("two stars")
+                if f" {form} " in text: found.add((kind, value)); text = text.replace(f" {form} ", " ")
+    return found
+
+# %% ../nbs/01_data.ipynb #a1d0c007
+def scene_graph_attributes(scene:dict, # a shapes scene graph (`ImageRecord.scene`)
+                          ) -> set[tuple[str, object]]:
+    "Every attribute of a scene, in `caption_attributes`' terms."
+    objs = scene["objects"]
+    return ({("shape", o["shape"]) for o in objs} | {("color", o["color"]) for o in objs} | {("size", o["size"]) for o in objs}
+            | {("position", (o["row"], o["col"])) for o in objs} | {("background", scene["background"]), ("count", len(objs))})
 
 # %% ../nbs/01_data.ipynb #3425f3d9
 def sample_scenes(n:int, # how many scenes

@@ -6,25 +6,30 @@ Docs: https://grace-nb.github.io/grace_nb/evaluation.html.md"""
 
 # %% ../nbs/08_evaluation.ipynb #5ea64534
 from __future__ import annotations
-import shutil, time
+import random, shutil, statistics, time
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from .core import GraceError, atomic_write, load_json, save_json
+from .data import KarpathyDataset, caption_attributes, scene_graph_attributes
 from .identifiers import IdentifierMap, identifier_token_ids
 from .trie import TensorTrie
 from .backbone import Flamingo, Preset, load_flamingo
 from .clip import recall_at_k
-from .training import MEMORIZE_PROMPT, RETRIEVE_PROMPT, _load_weights, _trainable_state
-from .inference import Ranked, corpus_trie, retrieve
+from .training import MEMORIZE_PROMPT, RETRIEVE_PROMPT, FeatureCache, _load_weights, _trainable_state
+from .inference import FlamingoDecoder, Ranked, beam_search, corpus_trie, retrieve
 
 # %% auto #0
 __all__ = ['MODEL_FILES', 'PAPER_TABLE1', 'FINDINGS', 'EvaluationError', 'ranked_images', 'grace_recall', 'GraceModel',
-           'save_grace_model', 'load_grace_model', 'evaluate_grace', 'table1_markdown', 'findings', 'findings_markdown']
+           'save_grace_model', 'load_grace_model', 'evaluate_grace', 'consistent_counts', 'ambiguity_ceiling',
+           'collapse_report', 'memorize_rankings', 'memorization_accuracy', 'split_memorization', 'table1_markdown',
+           'findings', 'findings_markdown']
 
 # %% ../nbs/08_evaluation.ipynb #8e01c2f3
 class EvaluationError(GraceError, ValueError):
@@ -159,6 +164,106 @@ def evaluate_grace(model:GraceModel, # a trained model
     metrics = grace_recall(results, [i for _, i in queries], ks)
     return metrics | {"eval_seconds": round(time.perf_counter() - start, 2)}
 
+# %% ../nbs/08_evaluation.ipynb #d1a90003
+def consistent_counts(dataset:KarpathyDataset, # a shapes corpus (records carry scene graphs)
+                      split:str="test", # whose captions are the queries and whose images they choose from
+                     ) -> list[int]:
+    "For each query of `split`, how many of the split's images fit its caption (the gold image always counts)."
+    records = dataset.split(split)
+    if missing := [r.image_id for r in records if r.scene is None]:
+        raise EvaluationError(f"image {missing[0]} has no scene graph ({len(missing)} of {len(records)} in split {split!r} "
+                              "have none): the ambiguity ceiling needs the shapes corpus")
+    if not records: raise EvaluationError(f"split {split!r} has no images")
+    having, everyone = defaultdict(set), {r.image_id for r in records}  # attribute -> images that have it
+    for r in records:
+        for attribute in scene_graph_attributes(r.scene): having[attribute].add(r.image_id)
+    return [len(set.intersection(everyone, *(having[a] for a in caption_attributes(caption))) | {gold})
+            for caption, gold in dataset.queries(split)]
+
+# %% ../nbs/08_evaluation.ipynb #d1a90007
+def ambiguity_ceiling(dataset:KarpathyDataset, # a shapes corpus (records carry scene graphs)
+                      split:str="test", # queries and the images they choose from
+                      ks:tuple=(1, 5, 10), # cut-offs
+                     ) -> dict:
+    "The best expected Recall@K (percent) of any ranking that orders the images fitting a caption at random, and how many fit."
+    counts = consistent_counts(dataset, split)
+    if not counts: raise EvaluationError(f"split {split!r} has no queries")
+    recall = {f"R@{k}": 100 * sum(min(1, k / n) for n in counts) / len(counts) for k in ks}
+    return recall | {"n_queries": len(counts), "median_consistent": statistics.median(counts),
+                     "mean_consistent": round(statistics.fmean(counts), 2)}
+
+# %% ../nbs/08_evaluation.ipynb #d1a90013
+def collapse_report(results:Sequence[Ranked], # one per query, from `retrieve`
+                    threshold:float=0.5, # collapsed when more than this share of the queries get the same top-1
+                   ) -> dict:
+    "Distinct top-1 identifiers over the queries, the most common one's share (percent), and whether that is a collapse."
+    if not results: raise EvaluationError("no results to check for collapse")
+    top1 = Counter(tuple(r.identifiers[0]) if r.identifiers else None for r in results)
+    share = 100 * top1.most_common(1)[0][1] / len(results)
+    return {"distinct_top1": len(top1), "top1_share": round(share, 2), "collapsed": share > 100 * threshold,
+            "n_queries": len(results)}
+
+# %% ../nbs/08_evaluation.ipynb #d1a90017
+@torch.no_grad()
+def memorize_rankings(model:GraceModel, # a trained model; its identifier map covers the images
+                      features:FeatureCache, # vision features of the images (`features(ids)` -> [B, tokens, vis_dim])
+                      image_ids:Sequence[int], # the images shown, one memorize prompt each
+                      corpus_ids:Sequence[int]|None=None, # images whose identifiers the trie allows (default: image_ids)
+                      batch_size:int=32, num_beams:int=10, length_penalty:float=1.0, progress:bool=False,
+                     ) -> dict[int, list[tuple[list[int], float]]]:
+    "Per image, up to 10 identifiers (token ids with the end token, score) generated from the memorize prompt and the image, best first."
+    image_ids = list(dict.fromkeys(int(i) for i in image_ids))
+    corpus_ids = image_ids if corpus_ids is None else list(dict.fromkeys(int(i) for i in corpus_ids))
+    if not image_ids: raise EvaluationError("no images to check memorization on")
+    if outside := [i for i in image_ids if i not in set(corpus_ids)]: raise EvaluationError(f"image {outside[0]} is not in corpus_ids")
+    tok, net = model.flamingo.tokenizer, model.flamingo.model
+    eoc, device = tok.convert_tokens_to_ids("<|endofchunk|>"), next(net.parameters()).device
+    token_ids = identifier_token_ids(model.identifier_map.subset(corpus_ids), tok)
+    search = dict(trie=corpus_trie(token_ids, eoc, device), eos_token_id=eoc, num_beams=num_beams, num_return=min(10, num_beams),
+                  max_new_tokens=max(map(len, token_ids.values())), length_penalty=length_penalty)
+    prompt = torch.tensor(tok(MEMORIZE_PROMPT, add_special_tokens=False).input_ids, device=device)
+    decoder, was_training, found = FlamingoDecoder(net, tok.pad_token_id), net.training, {}
+    net.eval()
+    try:
+        for start in tqdm(range(0, len(image_ids), batch_size), desc="memorization", leave=False, disable=not progress):
+            part = image_ids[start:start + batch_size]
+            ids = prompt.expand(len(part), -1)
+            found.update(zip(part, beam_search(decoder, ids, torch.ones_like(ids), features=features(part).to(device), **search)))
+    finally: net.train(was_training)
+    return found
+
+# %% ../nbs/08_evaluation.ipynb #d1a90021
+def memorization_accuracy(model:GraceModel, # a trained model; its identifier map covers the images
+                          features:FeatureCache, # vision features of the images
+                          image_ids:Sequence[int], # the images to check; the trie spans them (or `corpus_ids`)
+                          batch_size:int=32, num_beams:int=10, length_penalty:float=1.0, progress:bool=False,
+                          corpus_ids:Sequence[int]|None=None, # images whose identifiers the trie allows (default: image_ids)
+                         ) -> dict:
+    "Percent of images whose own identifier the model generates first (top1) or among its first ten (top10) from the image."
+    found = memorize_rankings(model, features, image_ids, corpus_ids, batch_size, num_beams, length_penalty, progress)
+    own = identifier_token_ids(model.identifier_map.subset(found), model.flamingo.tokenizer)
+    ranks = [[seq for seq, _ in found[i]].index(own[i]) if any(seq == own[i] for seq, _ in found[i]) else None for i in found]
+    pct = lambda hits: round(100 * hits / len(ranks), 2)
+    return {"top1": pct(sum(r == 0 for r in ranks)), "top10": pct(sum(r is not None and r < 10 for r in ranks)),
+            "n_images": len(ranks)}
+
+# %% ../nbs/08_evaluation.ipynb #d1a90024
+def split_memorization(model:GraceModel, # a trained model
+                       features:FeatureCache, # vision features of the memorized images
+                       dataset:KarpathyDataset, # the corpus the model memorized
+                       splits:Sequence[str]=("train", "test"), # one result per split
+                       sample:int|None=None, # images checked per split, drawn at random (None: all)
+                       seed:int=0, # of the sample
+                       batch_size:int=32, num_beams:int=10, progress:bool=False,
+                      ) -> dict:
+    "`memorization_accuracy` per split over its memorized images, the trie spanning every listed split's memorized images."
+    memorized = {s: [r.image_id for r in dataset.split(s) if r.image_id in model.identifier_map] for s in splits}
+    if empty := [s for s, ids in memorized.items() if not ids]: raise EvaluationError(f"split {empty[0]!r} has no memorized images")
+    corpus, rng = [i for ids in memorized.values() for i in ids], random.Random(seed)
+    shown = {s: sorted(rng.sample(ids, min(sample, len(ids)))) if sample else ids for s, ids in memorized.items()}
+    return {s: memorization_accuracy(model, features, ids, batch_size, num_beams, progress=progress, corpus_ids=corpus)
+            for s, ids in shown.items()}
+
 # %% ../nbs/08_evaluation.ipynb #c64f0d05
 PAPER_TABLE1 = {  # Flickr30K (1K test images), Li et al. 2024, Table 1
     ("clip", None): (58.4, 81.5, 88.1), ("grace", "numeric"): (22.5, 28.9, 29.4), ("grace", "string"): (30.5, 39.0, 40.4),
@@ -167,66 +272,104 @@ PAPER_TABLE1 = {  # Flickr30K (1K test images), Li et al. 2024, Table 1
     ("grace", "vq"): (50.4, 73.2, 76.9),  # Table 3 (image-tokenization identifiers, Flickr30K)
 }
 
+# %% ../nbs/08_evaluation.ipynb #d1a90026
+def _memorized_cell(run:dict) -> str:
+    mem = run.get("memorization") or {}
+    return " / ".join(f"{mem[s]['top1']:.1f}" if s in mem else "–" for s in ("train", "test")) if mem else "–"
+
+def _collapse_cell(run:dict) -> str:
+    c = run.get("collapse")
+    return "–" if not c else f"**collapsed** (top-1 share {c['top1_share']:.1f}%)" if c.get("collapsed") else "no"
+
+def _ceiling_row(ceiling:dict, diagnostics:bool) -> str:
+    recall = " | ".join(f"{ceiling[k]:.1f}" if k in ceiling else "–" for k in ("R@1", "R@5", "R@10"))
+    return f"| best achievable | – | ceiling (scene graphs) | {recall} | {ceiling.get('n_queries', '–')} | – | – | – |" + (" – | – |" if diagnostics else "")
+
+# %% ../nbs/08_evaluation.ipynb #d1a90027
 def table1_markdown(runs:Sequence[dict], # metrics rows: method, identifier, variant, R@1, R@5, R@10, n_queries, ...
                     title:str="", # a line above the table (scale, seed)
+                    ceiling:dict|None=None, # `ambiguity_ceiling` of the test split: printed as the first row
                    ) -> str:
-    "A markdown table of the runs with the paper's Flickr30K numbers beside them."
+    "A markdown table of the runs with the paper's Flickr30K numbers beside them (and the ceiling, memorization, collapse)."
+    diagnostics = any("memorization" in run or "collapse" in run for run in runs)
     lines = ([title, ""] if title else []) + [
-        "| method | identifier | variant | R@1 | R@5 | R@10 | queries | paper R@1 | paper R@5 | paper R@10 |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        "| method | identifier | variant | R@1 | R@5 | R@10 | queries | paper R@1 | paper R@5 | paper R@10 |"
+        + (" memorized train/test (top-1 %) | collapsed |" if diagnostics else ""),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---|" if diagnostics else "")]
+    if ceiling: lines.append(_ceiling_row(ceiling, diagnostics))
     for run in runs:
         paper = PAPER_TABLE1.get((run["method"], run.get("identifier")), ("–",) * 3)
         ours = [f"{run[k]:.1f}" for k in ("R@1", "R@5", "R@10")]
         lines.append(f"| {run['method'].upper() if run['method'] == 'clip' else 'GRACE'} | {run.get('identifier') or '–'} | "
-                     f"{run.get('variant', 'full')} | {' | '.join(ours)} | {run['n_queries']} | {' | '.join(map(str, paper))} |")
+                     f"{run.get('variant', 'full')} | {' | '.join(ours)} | {run['n_queries']} | {' | '.join(map(str, paper))} |"
+                     + (f" {_memorized_cell(run)} | {_collapse_cell(run)} |" if diagnostics else ""))
     return "\n".join(lines)
 
 # %% ../nbs/08_evaluation.ipynb #e35131c0
 def _verdict(hits:int, total:int) -> str:
     return "not measured" if total == 0 else "reproduced" if hits == total else "partly" if hits else "not reproduced"
 
+def _collapsed(row:dict) -> bool: return bool((row.get("collapse") or {}).get("collapsed"))
+def _mark(row:dict) -> str: return " (collapsed)" if _collapsed(row) else ""
+
+def _judged(comparisons:list[tuple[bool, list[dict]]], # (does the paper's claim hold, the rows it rests on)
+           ) -> str:
+    "The verdict over comparisons; one resting on a collapsed row never counts as a success."
+    if comparisons and all(any(map(_collapsed, rows)) for _, rows in comparisons): return "not measured (collapsed)"
+    return _verdict(sum(holds and not any(map(_collapsed, rows)) for holds, rows in comparisons), len(comparisons))
+
 def _rows_by(metrics:dict, table:str, variant:str) -> dict:
     return {r["identifier"]: r for r in metrics.get(table) or [] if r.get("method", "grace") == "grace" and r["variant"] == variant}
 
+def _from_scratch(row:dict) -> bool: return str(row.get("backbone") or "").endswith("-scratch")
+
 def _full_rows(metrics:dict) -> dict:
-    "Identifier type -> its Table 1 row (atomic: the profile's init; the other init under 'atomic (other init)')."
+    "Identifier type -> its Table 1 row (atomic: the profile's init; the other init under 'atomic (other init)'); not from scratch."
     rows = {}
     for r in metrics.get("runs", []):
-        if r["method"] != "grace": continue
+        if r["method"] != "grace" or _from_scratch(r): continue  # the from-scratch ablation is not the paper's model
         key = r["identifier"] if r["identifier"] not in rows else f"{r['identifier']} (other init)"
         rows[key] = r
     return rows
 
+# %% ../nbs/08_evaluation.ipynb #d1a90030
 def _finding_constrained(m):
+    "Free generation is the same model decoded without the trie: its collapse is an outcome, so only the full row must not collapse."
     full, free = {r["identifier"]: r for r in m.get("table2") or [] if r["variant"].startswith("full")}, _rows_by(m, "table2", "w/o constrained generation")
-    pairs = [(k, full[k]["R@1"], free[k]["R@1"]) for k in free if k in full]
-    return _verdict(sum(f > u for _, f, u in pairs), len(pairs)), "; ".join(f"{k} {f:.1f} → {u:.1f}" for k, f, u in pairs)
+    pairs = [(k, full[k], free[k]) for k in free if k in full]
+    return (_judged([(f["R@1"] > u["R@1"], [f]) for _, f, u in pairs]),
+            "; ".join(f"{k} {f['R@1']:.1f}{_mark(f)} → {u['R@1']:.1f}{_mark(u)}" for k, f, u in pairs))
 
 def _finding_memorize(m):
     full, nomem = {r["identifier"]: r for r in m.get("table2") or [] if r["variant"].startswith("full")}, _rows_by(m, "table2", "w/o learning to memorize")
-    pairs = [(k, full[k]["R@1"], nomem[k]["R@1"]) for k in nomem if k in full]
-    lower = sum(f > w for _, f, w in pairs)
-    little = sum(f > w and (f - w) <= f / 3 for _, f, w in pairs)
-    verdict = "not measured" if not pairs else "reproduced" if little == len(pairs) else "partly" if lower else "not reproduced"
-    return verdict, "; ".join(f"{k} {f:.1f} → {w:.1f}" for k, f, w in pairs)
+    pairs = [(k, full[k], nomem[k]) for k in nomem if k in full]
+    clean = [(f["R@1"], w["R@1"]) for _, f, w in pairs if not (_collapsed(f) or _collapsed(w))]
+    lower, little = sum(f > w for f, w in clean), sum(f > w and (f - w) <= f / 3 for f, w in clean)
+    verdict = ("not measured" if not pairs else "not measured (collapsed)" if not clean else
+               "reproduced" if little == len(pairs) else "partly" if lower else "not reproduced")
+    return verdict, "; ".join(f"{k} {f['R@1']:.1f}{_mark(f)} → {w['R@1']:.1f}{_mark(w)}" for k, f, w in pairs)
 
+# %% ../nbs/08_evaluation.ipynb #d1a90031
 def _finding_order(m):
     full = _full_rows(m)
     if not all(k in full for k in ("structured", "string", "numeric")): return "not measured", ""
-    holds = [full["structured"][k] > full["string"][k] > full["numeric"][k] for k in ("R@1", "R@10")]
-    return _verdict(sum(holds), 2), "; ".join(f"{k}: structured {full['structured'][k]:.1f}, string {full['string'][k]:.1f}, "
-                                              f"numeric {full['numeric'][k]:.1f}" for k in ("R@1", "R@10"))
+    rows = [full["structured"], full["string"], full["numeric"]]
+    holds = [(rows[0][k] > rows[1][k] > rows[2][k], rows) for k in ("R@1", "R@10")]
+    return _judged(holds), "; ".join(f"{k}: " + ", ".join(f"{name} {r[k]:.1f}{_mark(r)}" for name, r in
+                                                          zip(("structured", "string", "numeric"), rows)) for k in ("R@1", "R@10"))
 
 def _finding_atomic(m):
     clip = next((r for r in m.get("runs", []) if r["method"] == "clip"), None)
-    atomic = {r.get("atomic_init"): r for r in m.get("runs", []) if r["method"] == "grace" and r["identifier"] == "atomic"}
+    atomic = {r.get("atomic_init"): r for r in m.get("runs", [])
+              if r["method"] == "grace" and r["identifier"] == "atomic" and not _from_scratch(r)}
     if clip is None or not atomic: return "not measured", ""
-    beats = {init: all(r[k] >= clip[k] for k in ("R@1", "R@10")) for init, r in atomic.items()}
-    verdict = ("reproduced" if beats.get("random") else "partly" if any(beats.values()) else
-               "not reproduced" if "random" in atomic else "not measured")
+    beats = {init: all(r[k] >= clip[k] for k in ("R@1", "R@10")) and not _collapsed(r) for init, r in atomic.items()}
+    verdict = ("not measured (collapsed)" if all(map(_collapsed, atomic.values())) else "reproduced" if beats.get("random") else
+               "partly" if any(beats.values()) else "not reproduced" if "random" in atomic else "not measured")
     return verdict, f"CLIP {clip['R@1']:.1f} / {clip['R@10']:.1f}; " + "; ".join(
-        f"atomic ({init} init) {r['R@1']:.1f} / {r['R@10']:.1f}" for init, r in atomic.items()) + " (R@1 / R@10)"
+        f"atomic ({init} init) {r['R@1']:.1f} / {r['R@10']:.1f}{_mark(r)}" for init, r in atomic.items()) + " (R@1 / R@10)"
 
+# %% ../nbs/08_evaluation.ipynb #d1a90032
 def _finding_latency(m):
     s = (m.get("efficiency") or {}).get("summary")
     if not s: return "not measured", ""
@@ -243,6 +386,7 @@ def _finding_beams(m):
     return _verdict(sum(g10 > g1 for _, g1, g10, _, _ in gains), len(gains)), "; ".join(
         f"{k} beam {a}→{b}: R@1 {g1:+.1f}, R@10 {g10:+.1f}" for k, g1, g10, a, b in gains)
 
+# %% ../nbs/08_evaluation.ipynb #d1a90033
 FINDINGS = [  # (finding, the paper's evidence, check)
     ("Constrained generation is essential", "Table 2: R@1 22.5→7.7 (numeric) … 37.4→10.2 (structured)", _finding_constrained),
     ("Learning to memorize helps a little", "Table 2: R@1 −0.9 to −4.4 points without it", _finding_memorize),

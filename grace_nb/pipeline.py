@@ -23,15 +23,15 @@ from .clip import ClipRun, evaluate_clip, image_embedding_table, load_clip, save
 from .pretraining import PretrainConfig, pretrained_preset, scratch_preset
 from .training import (PROMPT_TEXTS, FeatureCache, TrainConfig, cache_features, feature_source, memorize_examples,
                                retrieve_examples, train_grace)
-from .evaluation import (PAPER_TABLE1, evaluate_grace, findings, findings_markdown, grace_recall, load_grace_model,
-                                 save_grace_model, table1_markdown)
+from .evaluation import (PAPER_TABLE1, ambiguity_ceiling, collapse_report, evaluate_grace, findings, findings_markdown,
+                                 grace_recall, load_grace_model, save_grace_model, split_memorization, table1_markdown)
 from .experiments import (CAPTION_PROMPT, beam_sweep, caption_quality, generate_captions, generation_outcomes,
                                   plot_beam_sweep, pseudo_queries, semantic_captions, train_captioner)
 
 # %% auto #0
-__all__ = ['PAPER_TABLE2', 'prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_report', 'pretrain_stage',
-           'backbone_stage', 'captioner_stage', 'grace_stage', 'evaluate_stage', 'table2_markdown', 'efficiency_stage',
-           'free_stage', 'sweep_stage', 'reproduce']
+__all__ = ['PAPER_BUDGET', 'PAPER_TABLE2', 'prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_report',
+           'pretrain_stage', 'backbone_stage', 'captioner_stage', 'training_budget', 'grace_stage', 'evaluate_stage',
+           'table2_markdown', 'efficiency_stage', 'free_stage', 'sweep_stage', 'reproduce']
 
 # %% ../nbs/13_pipeline.ipynb #def70bd5
 def prepare_corpus(profile:Profile, # the experiment profile
@@ -189,6 +189,17 @@ def captioner_stage(profile:Profile, # caption_steps, pseudo_queries and the tra
     return generated, report
 
 # %% ../nbs/13_pipeline.ipynb #6d9e42c6
+PAPER_BUDGET = dict(  # Flickr30K (Li et al. 2024, Sec. 4.1; reference code: 15,625 steps x 4 GPUs x (16 + 48) examples)
+    memorize_examples=1_000_000, retrieve_examples=3_000_000, memorized_images=30_000, retrieve_queries=150_000)
+
+def training_budget(config:TrainConfig, memorized_images:int, retrieve_queries:int) -> dict:
+    "Memorize passes per image and retrieve epochs of a run, with the paper's beside them."
+    passes = lambda examples, n: round(examples / n, 2) if n else None
+    return dict(memorize_passes=passes(config.train_steps * config.memorize_batch_size, memorized_images),
+                retrieve_epochs=passes(config.train_steps * config.retrieve_batch_size, retrieve_queries),
+                paper_memorize_passes=passes(PAPER_BUDGET["memorize_examples"], PAPER_BUDGET["memorized_images"]),
+                paper_retrieve_epochs=passes(PAPER_BUDGET["retrieve_examples"], PAPER_BUDGET["retrieve_queries"]))
+
 def grace_stage(kind:str, # identifier type to train
                 profile:Profile, # training, inference and atomic_init settings
                 preset:Preset, # the run's backbone
@@ -227,6 +238,10 @@ def grace_stage(kind:str, # identifier type to train
                               extra=dict(train=config.__dict__, atomic_init=init, memorize=memorize, variant=variant,
                                          pseudo_queries=len(extra_queries or []), history=result.history))
     row = evaluate_stage(folder, profile, dataset, progress=progress)
+    # does the model write each image's own identifier from the memorize prompt? (train and test separately)
+    row["memorization"] = split_memorization(load_grace_model(folder), features, dataset, sample=profile.memorization_sample,
+                                             seed=seed, batch_size=profile.eval_batch_size, num_beams=profile.num_beams)
+    row["budget"] = training_budget(config, len(mem_examples), len(ret_examples))
     row = row | dict(variant=variant, train_steps=config.train_steps, train_seconds=result.train_seconds,
                      final_loss=result.history[-1]["loss"] if result.history else None, memorize=memorize,
                      pseudo_queries=len(extra_queries or []), atomic_init=init if kind == "atomic" else None,
@@ -252,7 +267,7 @@ def evaluate_stage(folder:str|Path, # a saved GRACE model folder
     metrics = grace_recall(results, [i for _, i in queries])
     row = dict(method="grace", identifier=model.kind, variant="full" if constrained else "w/o constrained generation",
                **{k: round(metrics[k], 2) for k in ("R@1", "R@5", "R@10")}, n_queries=metrics["n_queries"],
-               eval_seconds=seconds, invalid_rate=metrics["invalid_rate"], model=str(folder))
+               eval_seconds=seconds, invalid_rate=metrics["invalid_rate"], model=str(folder), collapse=collapse_report(results))
     return row if constrained else row | {"outcomes": generation_outcomes(model, results)}
 
 # %% ../nbs/13_pipeline.ipynb #4ae71733
@@ -394,6 +409,12 @@ def _table2_rows(full:list[dict], trained:list[dict], free:list[dict]) -> list[d
     return [row for f in full for row in [f] + sorted((r for r in ablated if r["identifier"] == f["identifier"]),
                                                       key=lambda r: _ABLATION_ORDER.index(r["variant"]))]
 
+def _diagnostics(row:dict) -> dict:
+    "Memorized train / test (top-1 %) and the collapse flag of a row, for the terminal table."
+    mem, collapse = row.get("memorization") or {}, row.get("collapse") or {}
+    return {"memorized": " / ".join(str(mem[s]["top1"]) for s in ("train", "test") if s in mem) or None,
+            "collapsed": collapse.get("collapsed")}
+
 def _title(prof:Profile, seed:int, metrics:dict, n_queries:int, table:str) -> str:
     counts = ", ".join(f"{split} {c['images']}" for split, c in metrics["dataset"].items() if split != "total")
     return (f"Profile `{prof.name}`, seed {seed}, corpus {counts} images. Ours: text-to-image Recall@K (%) over "
@@ -454,7 +475,9 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
                         memorize=p["memorize"], atomic_init=p["init"], variant=p["variant"], name=p["name"]) | {"table": p["table"]}
             for p in plan]
     runs = [clip_row] + [r for r in rows if r["table"] == 1]
-    metrics = dict(profile=prof.name, seed=seed, dataset=dataset.summary(), runs=runs, identifiers=id_rows,
+    # the best R@K any ranking can reach when captions fit several images (shapes scene graphs only)
+    ceiling = ambiguity_ceiling(dataset) if all(r.scene is not None for r in dataset.split("test")) else None
+    metrics = dict(profile=prof.name, seed=seed, dataset=dataset.summary(), ceiling=ceiling, runs=runs, identifiers=id_rows,
                    semantic_captions=("gold first caption for train/val images, the captioner's best caption for test images"
                                       if captions else "not built from generated captions (no captioner in this run)"),
                    semantic_collisions=identifier_maps["semantic"].subset(test_ids).collision_summary()
@@ -480,13 +503,13 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     save_json(metrics, out/"metrics.json")
     n = clip_row["n_queries"]
-    (out/"table1.md").write_text(table1_markdown(runs, _title(prof, seed, metrics, n, "Table 1")) + "\n")
+    (out/"table1.md").write_text(table1_markdown(runs, _title(prof, seed, metrics, n, "Table 1"), ceiling=ceiling) + "\n")
     if ablations: (out/"table2.md").write_text(table2_markdown(metrics["table2"], _title(prof, seed, metrics, n, "Table 2")) + "\n")
     if beams: (out/"beams.md").write_text(_markdown_rows(metrics["beam_sweep"]) + "\n")
     if run_all: (out/"findings.md").write_text(findings_markdown(metrics["findings"]) + "\n")
     if verbose:
         shown = [{k: r.get(k) for k in ("method", "identifier", "variant", "R@1", "R@5", "R@10", "n_queries", "train_seconds",
-                                        "eval_seconds")} for r in runs]
+                                        "eval_seconds")} | _diagnostics(r) for r in runs]
         print(f"\n{_title(prof, seed, metrics, n, 'Table 1')} {metrics['seconds']} s in all.\n{_format_table(shown)}")
         if ablations: print("\nTable 2\n" + _format_table([{k: r.get(k) for k in ("identifier", "variant", "R@1", "R@5", "R@10", "invalid_rate")}
                                                           for r in metrics["table2"]]))

@@ -7,10 +7,10 @@ import torch
 
 from grace_nb.backbone import grow_vocabulary, load_flamingo, tiny_lm_config, write_tiny_preset
 from grace_nb.beyond import (FORMS, NOT_TUNED_NOTE, BeyondError, Question, answer_questions, attribute_scores,
-                             dataset_questions, describe_images, described_attributes, grace_app, instruction_examples,
-                             instruction_tune, majority_answers, prompt_ids, qa_accuracy, scene_graph_attributes,
-                             scene_questions)
-from grace_nb.data import POSITION_WORDS, caption_scene, load_karpathy, sample_scene, write_shapes_corpus
+                             dataset_questions, describe_images, grace_app, instruction_examples, instruction_tune,
+                             majority_answers, prompt_ids, qa_accuracy, scene_questions)
+from grace_nb.data import (POSITION_WORDS, caption_attributes, caption_scene, load_karpathy, sample_scene,
+                           scene_graph_attributes, write_shapes_corpus)
 from grace_nb.evaluation import load_grace_model, save_grace_model
 from grace_nb.identifiers import build_identifiers, identifier_token_ids, train_bpe_tokenizer
 from grace_nb.training import PROMPT_TEXTS, TrainConfig, cache_features
@@ -47,7 +47,7 @@ def test_gold_captions_are_read_without_false_attributes():
     for i, scene in enumerate(_scenes(300, seed=1)):
         truth = scene_graph_attributes(scene)
         for caption in caption_scene(scene, np.random.default_rng(i), 5):
-            said = described_attributes(caption)
+            said = caption_attributes(caption)
             assert said <= truth, (caption, said - truth)
             assert any(k == "shape" for k, _ in said), caption  # every caption names a shape
 

@@ -353,3 +353,34 @@ def test_larger_corpus_with_same_seed_starts_with_the_same_images(corpus, tmp_pa
     for i in range(5):
         name = f"images/shapes_{i:06d}.png"
         assert (small.parent / name).read_bytes() == (corpus.parent / name).read_bytes()
+
+
+# --- reading captions back -----------------------------------------------------------------------------------------
+
+def test_every_caption_fits_its_own_scene_graph(tmp_path):
+    "The gold image is always consistent with its caption: the caption's attributes are a subset of its scene graph's."
+    from grace_nb.data import caption_attributes, scene_graph_attributes
+    ds = load_karpathy(write_shapes_corpus(tmp_path, n_train=200, n_val=10, n_test=100, seed=42, progress=False), progress=False)
+    kinds = set()
+    for record in ds.records:
+        truth = scene_graph_attributes(record.scene)
+        for caption in record.captions:
+            said = caption_attributes(caption)
+            assert said <= truth, (caption, said - truth)
+            assert any(kind == "shape" for kind, _ in said), caption  # every caption names a shape
+            kinds |= {kind for kind, _ in said}
+    assert kinds == {"color", "shape", "size", "position", "background", "count"}  # every reader is exercised
+
+
+def test_caption_attributes_reads_synonyms_plurals_and_relations():
+    from grace_nb.data import caption_attributes, scene_graph_attributes
+    assert caption_attributes("Two shapes: a big violet disc in the upper left corner and a little red plus sign") == {
+        ("count", 2), ("size", "large"), ("color", "purple"), ("shape", "circle"), ("position", (0, 0)),
+        ("size", "small"), ("color", "red"), ("shape", "cross")}
+    assert caption_attributes("two stars against a pale blue background") == {("shape", "star"), ("background", "light blue")}
+    assert caption_attributes("a blue star to the left of a pink heart") == {  # a relation is not a position
+        ("color", "blue"), ("shape", "star"), ("color", "pink"), ("shape", "heart")}
+    assert caption_attributes("a dog on a sofa") == set()
+    scene = {"background": "cream", "objects": [{"shape": "ring", "color": "green", "size": "small", "row": 2, "col": 1}]}
+    assert scene_graph_attributes(scene) == {("shape", "ring"), ("color", "green"), ("size", "small"), ("position", (2, 1)),
+                                             ("background", "cream"), ("count", 1)}
