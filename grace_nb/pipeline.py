@@ -7,6 +7,7 @@ Docs: https://grace-nb.github.io/grace_nb/pipeline.html.md"""
 # %% ../nbs/13_pipeline.ipynb #cd7976c8
 from __future__ import annotations
 import copy, time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,8 @@ from .trie import TensorTrie
 from .backbone import Preset, grow_vocabulary, load_flamingo, openflamingo_preset, write_tiny_preset
 from .clip import ClipRun, evaluate_clip, image_embedding_table, load_clip, save_clip, train_clip
 from .pretraining import PretrainConfig, pretrained_preset, scratch_preset
-from .training import (PROMPT_TEXTS, FeatureCache, TrainConfig, cache_features, feature_source, memorize_examples,
-                               retrieve_examples, train_grace)
+from .training import (PROMPT_TEXTS, FeatureCache, TrainConfig, _load_weights, cache_features, feature_source,
+                               memorize_examples, retrieve_examples, train_grace)
 from .evaluation import (PAPER_TABLE1, ambiguity_ceiling, collapse_report, evaluate_grace, findings, findings_markdown,
                                  grace_recall, load_grace_model, save_grace_model, split_memorization, table1_markdown)
 from .experiments import (CAPTION_PROMPT, beam_sweep, caption_quality, generate_captions, generation_outcomes,
@@ -31,7 +32,8 @@ from .experiments import (CAPTION_PROMPT, beam_sweep, caption_quality, generate_
 # %% auto #0
 __all__ = ['PAPER_BUDGET', 'PAPER_TABLE2', 'prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_report',
            'pretrain_stage', 'backbone_stage', 'captioner_stage', 'training_budget', 'grace_stage', 'evaluate_stage',
-           'table2_markdown', 'efficiency_stage', 'free_stage', 'sweep_stage', 'reproduce']
+           'training_curve', 'table2_markdown', 'validation_view', 'budget_stage', 'nearest_cosine',
+           'vision_distinctness', 'plot_budget', 'efficiency_stage', 'free_stage', 'sweep_stage', 'reproduce']
 
 # %% ../nbs/13_pipeline.ipynb #def70bd5
 def prepare_corpus(profile:Profile, # the experiment profile
@@ -270,6 +272,25 @@ def evaluate_stage(folder:str|Path, # a saved GRACE model folder
                eval_seconds=seconds, invalid_rate=metrics["invalid_rate"], model=str(folder), collapse=collapse_report(results))
     return row if constrained else row | {"outcomes": generation_outcomes(model, results)}
 
+# %% ../nbs/13_pipeline.ipynb #cd1ddf27
+def training_curve(run_dir:str|Path, # a GRACE run folder: checkpoints/ and model/
+                   profile:Profile, dataset:KarpathyDataset, features:FeatureCache, # as for `grace_stage`
+                   sample:int|None=100, # images per split for memorization (None: all)
+                   progress:bool=False,
+                  ) -> list[dict]:
+    "Test R@K, memorization (train / test) and the collapse flag after each saved checkpoint of one run."
+    model, rows = load_grace_model(Path(run_dir)/"model"), []
+    queries = dataset.queries("test")
+    for ckpt in sorted(Path(run_dir).glob("checkpoints/step_*"), key=lambda p: int(p.name.split("_")[1])):
+        _load_weights(model.flamingo.model, ckpt/"model.safetensors")
+        results = model.retrieve([q for q, _ in queries], num_beams=profile.num_beams, num_return=profile.num_return,
+                                 batch_size=profile.eval_batch_size, length_penalty=profile.length_penalty, progress=progress)
+        recall, mem = grace_recall(results, [i for _, i in queries]), split_memorization(model, features, dataset, sample=sample)
+        rows.append(dict(step=int(ckpt.name.split("_")[1]), **{k: round(recall[k], 2) for k in ("R@1", "R@10")},
+                         memorized_train=mem["train"]["top1"], memorized_test=mem["test"]["top1"],
+                         collapsed=collapse_report(results)["collapsed"]))
+    return rows
+
 # %% ../nbs/13_pipeline.ipynb #4ae71733
 def _other_init(init:str) -> str: return "random" if init == "clip" else "clip"
 
@@ -323,6 +344,76 @@ def table2_markdown(rows:list[dict], # the full rows and the ablation rows of a 
             lines.append(f"| {kind} | {r['variant']} | {r['R@1']:.1f} | {r['R@5']:.1f} | {r['R@10']:.1f} | "
                          f"{' / '.join(map(str, paper)) if paper else '–'} | {where} |")
     return "\n".join(lines)
+
+# %% ../nbs/13_pipeline.ipynb #75f3264b
+def validation_view(dataset:KarpathyDataset, # the corpus
+                   ) -> KarpathyDataset:
+    "The corpus with its validation images as the retrieval corpus (split 'test') and without its test images."
+    if not dataset.split("val"): raise GraceError(f"choosing settings on validation needs validation images; {dataset.summary()}")
+    records = [r if r.split == "train" else replace(r, split="test") for r in dataset.records if r.split in ("train", "val")]
+    return KarpathyDataset(records, f"{dataset.name}, validation as retrieval corpus", dataset.json_path, dataset.skipped)
+
+# %% ../nbs/13_pipeline.ipynb #2d6114ea
+def budget_stage(profile:Profile, # budget_steps, budget_identifiers and the training settings
+                 preset:Preset, dataset:KarpathyDataset, # the run's backbone and corpus (its val split is used)
+                 identifier_maps:dict[str, IdentifierMap], # identifiers of the whole corpus
+                 features:FeatureCache, # vision features of the train and val images
+                 out:Path, seed:int, clip_table:dict|None=None, # run folder (out/budget/), data order, atomic clip init
+                 budgets:list[int]|None=None, kinds:list[str]|None=None, # default: the profile's
+                 resume:bool=False, progress:bool=True,
+                ) -> list[dict]:
+    "Validation R@K, memorization (train / val) and collapse of each identifier type after each step budget."
+    view, rows = validation_view(dataset), []
+    for kind in kinds or str(profile.budget_identifiers).split():
+        for steps in sorted(budgets or _ints(profile.budget_steps)):
+            row = grace_stage(kind, profile, preset, view, identifier_maps[kind], features, Path(out)/"budget", seed, clip_table,
+                              train_steps=steps, resume=resume, progress=progress, variant=f"{steps} steps", name=f"{kind}-{steps}")
+            mem = row["memorization"]
+            rows.append(dict(identifier=kind, steps=steps, **{k: row[k] for k in ("R@1", "R@5", "R@10")},
+                             memorized_train=mem["train"]["top1"], memorized_val=mem["test"]["top1"],
+                             collapsed=row["collapse"]["collapsed"], memorize_passes=row["budget"]["memorize_passes"],
+                             retrieve_epochs=row["budget"]["retrieve_epochs"]))
+    return rows
+
+# %% ../nbs/13_pipeline.ipynb #d003e3e0
+def nearest_cosine(vectors:torch.Tensor, # [N, D], one row per image
+                  ) -> dict:
+    "Each row's cosine similarity to its nearest other row, after centring: median, 90th percentile, share above 0.95."
+    x = torch.nn.functional.normalize(vectors.float() - vectors.float().mean(0), dim=1)
+    sim = x @ x.T
+    sim.fill_diagonal_(-2.0)
+    nearest = sim.max(1).values
+    return dict(median=round(nearest.median().item(), 3), p90=round(nearest.quantile(0.9).item(), 3),
+                share_above_095=round((nearest > 0.95).float().mean().item(), 3), n_images=len(vectors))
+
+@torch.no_grad()
+def vision_distinctness(flamingo, # a Flamingo (its Perceiver)
+                        features:FeatureCache, # frozen patch features of the images
+                       ) -> dict:
+    "`nearest_cosine` of the patch features (flattened) and of the Perceiver latents (what cross-attention reads)."
+    patches = features.features
+    latents = torch.cat([flamingo.model.perceiver(patches[i:i + 256, None, None].to(flamingo.model.perceiver.latents))
+                         for i in range(0, len(patches), 256)])
+    return dict(patch_features=nearest_cosine(patches.flatten(1)), perceiver_latents=nearest_cosine(latents.flatten(1)))
+
+# %% ../nbs/13_pipeline.ipynb #4045d469
+def plot_budget(rows:list[dict], # `budget_stage` rows
+                path:str|Path|None=None, title:str="Training budget (validation split)"):
+    "R@1 / R@10 and memorization accuracy (train, val) against training steps, one colour per identifier type."
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharex=True)
+    for i, kind in enumerate(dict.fromkeys(r["identifier"] for r in rows)):
+        mine, color = sorted((r for r in rows if r["identifier"] == kind), key=lambda r: r["steps"]), f"C{i}"
+        steps = [r["steps"] for r in mine]
+        for ax, (solid, dashed) in zip(axes, (("R@1", "R@10"), ("memorized_train", "memorized_val"))):
+            ax.plot(steps, [r[solid] for r in mine], marker="o", color=color, label=kind)
+            ax.plot(steps, [r[dashed] for r in mine], marker="o", color=color, linestyle="--")
+    axes[0].set(xscale="log", xlabel="optimizer steps", ylabel="%", title="R@1 (solid), R@10 (dashed)")
+    axes[1].set(xscale="log", xlabel="optimizer steps", ylabel="%", title="memorized, top-1: train (solid), val (dashed)")
+    for ax in axes: ax.grid(alpha=0.3); ax.set_xticks(sorted({r["steps"] for r in rows}), [str(s) for s in sorted({r["steps"] for r in rows})])
+    axes[0].legend(fontsize=8); fig.suptitle(title, fontsize=10); fig.tight_layout()
+    if path is not None: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=120)
+    return fig
 
 # %% ../nbs/13_pipeline.ipynb #763bcdee
 def _format_table(rows:list[dict]) -> str:
@@ -437,10 +528,11 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
               efficiency_sizes:list[int]|None=None, # corpus sizes of Figure 4 (default: the profile's efficiency_sizes)
               caption_steps:int|None=None, # overrides the profile's caption_steps
               pretrain:dict|None=None, # PretrainConfig fields to override (tiny profiles), e.g. {"steps": 10}
+              budget:bool=False, # R@K and memorization against training steps, on the validation split
              ) -> dict:
     "The main job (and the paper's experiments on request): writes metrics.json, table1.md and the experiments' files."
     start, prof = time.perf_counter(), load_profile(profile)
-    if run_all: table1 = ablations = beams = efficiency = True
+    if run_all: table1 = ablations = beams = efficiency = budget = True
     seed = prof.seed if seed is None else seed
     seed_everything(seed)
     kinds = str(prof.train_identifiers).split() if identifiers is None else list(identifiers)
@@ -494,10 +586,19 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
         metrics["beam_sweep"] = [row for r in main_models for row in sweep_stage(r, prof, dataset, resume=resume, progress=verbose)]
         plot_beam_sweep(metrics["beam_sweep"], out/"fig6_beams.png", title=f"Figure 6 at tutorial scale ({prof.name}, seed {seed})")
         written += [out/"beams.md", out/"fig6_beams.png"]
+    if budget:
+        val_features = feature_source(base, dataset, [r for r in dataset.records if r.split in ("train", "val")], prof.feature_cache,
+                                      progress=verbose, device="auto", dtype=pick_dtype(pick_device(prof.device), prof.precision))
+        metrics["budget"] = budget_stage(prof, preset, dataset, identifier_maps, val_features, out, seed, clip_table,
+                                         resume=resume, progress=verbose)
+        metrics["vision_distinctness"] = {name: vision_distinctness(load_flamingo(p), features) for name, p in presets.items()}
+        plot_budget(metrics["budget"], out/"fig_budget.png", title=f"Training budget on the validation split ({prof.name}, seed {seed})")
+        written += [out/"budget.md", out/"fig_budget.png"]
     if efficiency:
         metrics["efficiency"] = efficiency_stage(prof, out, sizes=efficiency_sizes, resume=resume, progress=verbose)
         written += [out/"efficiency.md", out/"fig4_efficiency.png"]
-    if run_all:
+    if run_all:  # memorization and R@K through the checkpoints of the first main-job run (the training notebook's curve)
+        metrics["training_curve"] = dict(run=f"grace-{kinds[0]}", rows=training_curve(out/f"grace-{kinds[0]}", prof, dataset, features))
         metrics["findings"] = findings(metrics)
         written.append(out/"findings.md")
     metrics["seconds"] = round(time.perf_counter() - start, 1)
@@ -506,6 +607,7 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
     (out/"table1.md").write_text(table1_markdown(runs, _title(prof, seed, metrics, n, "Table 1"), ceiling=ceiling) + "\n")
     if ablations: (out/"table2.md").write_text(table2_markdown(metrics["table2"], _title(prof, seed, metrics, n, "Table 2")) + "\n")
     if beams: (out/"beams.md").write_text(_markdown_rows(metrics["beam_sweep"]) + "\n")
+    if budget: (out/"budget.md").write_text(_markdown_rows(metrics["budget"]) + "\n")
     if run_all: (out/"findings.md").write_text(findings_markdown(metrics["findings"]) + "\n")
     if verbose:
         shown = [{k: r.get(k) for k in ("method", "identifier", "variant", "R@1", "R@5", "R@10", "n_queries", "train_seconds",
@@ -514,6 +616,7 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
         if ablations: print("\nTable 2\n" + _format_table([{k: r.get(k) for k in ("identifier", "variant", "R@1", "R@5", "R@10", "invalid_rate")}
                                                           for r in metrics["table2"]]))
         if beams: print("\nFigure 6\n" + _format_table(metrics["beam_sweep"]))
+        if budget: print("\nTraining budget (validation split)\n" + _format_table(metrics["budget"]))
         if run_all: print("\n" + findings_markdown(metrics["findings"]))
         print("written: " + ", ".join(str(p) for p in written))
     return metrics

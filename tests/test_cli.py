@@ -47,7 +47,7 @@ def test_reproduce_writes_metrics_table_and_models(tmp_path):
     assert metrics["profile"] == "shapes" and metrics["seed"] == 1
     assert metrics["dataset"]["test"] == {"images": 10, "captions": 50}
     assert [(r["method"], r["identifier"], r["variant"]) for r in metrics["runs"]] == [
-        ("clip", None, "trained from scratch"), ("grace", "atomic", "full, clip init"), ("grace", "structured", "full")]
+        ("clip", None, "trained from scratch"), ("grace", "atomic", "full, random init"), ("grace", "structured", "full")]
     assert all(r["pseudo_queries"] > 0 for r in metrics["runs"][1:])  # the captioner's pseudo-queries were trained on
     assert metrics["captioner"]["train_steps"] == 3 and "quality" in metrics["captioner"]
     for r in metrics["runs"]:
@@ -58,7 +58,7 @@ def test_reproduce_writes_metrics_table_and_models(tmp_path):
     atomic = next(r for r in metrics["identifiers"] if r["identifier"] == "atomic")
     assert (atomic["images"], atomic["mean_tokens"], atomic["trie_identifiers"]) == (42, 1.0, 10)
     table = (tmp_path/"run"/"table1.md").read_text()
-    assert "| GRACE | atomic | full, clip init |" in table and "68.4" in table and "58.4" in table
+    assert "| GRACE | atomic | full, random init |" in table and "68.4" in table and "58.4" in table
     assert "R@1" in out.stdout and "grace" in out.stdout
     for kind in ("atomic", "structured"):
         assert (tmp_path/"run"/f"grace-{kind}"/"model"/"model.safetensors").is_file()
