@@ -359,17 +359,22 @@ def budget_stage(profile:Profile, # budget_steps, budget_identifiers and the tra
                  identifier_maps:dict[str, IdentifierMap], # identifiers of the whole corpus
                  features:FeatureCache, # vision features of the train and val images
                  out:Path, seed:int, clip_table:dict|None=None, # run folder (out/budget/), data order, atomic clip init
-                 budgets:list[int]|None=None, kinds:list[str]|None=None, # default: the profile's
+                 budgets:list[int]|None=None, kinds:list[str]|None=None, lrs:list[float]|None=None, # default: the profile's
                  resume:bool=False, progress:bool=True,
                 ) -> list[dict]:
-    "Validation R@K, memorization (train / val) and collapse of each identifier type after each step budget."
+    "Validation R@K, memorization (train / val) and collapse of each identifier type after each step budget (and lr)."
     view, rows = validation_view(dataset), []
+    lrs = lrs or [float(x) for x in str(profile.get("budget_lrs") or profile.lr).split()]
+    steps_lrs = [(s, profile.lr) for s in sorted(budgets or _ints(profile.budget_steps))]  # the budget at the profile's lr,
+    steps_lrs += [(profile.train_steps, lr) for lr in lrs if lr != profile.lr]              # other lrs at the profile's steps
     for kind in kinds or str(profile.budget_identifiers).split():
-        for steps in sorted(budgets or _ints(profile.budget_steps)):
-            row = grace_stage(kind, profile, preset, view, identifier_maps[kind], features, Path(out)/"budget", seed, clip_table,
-                              train_steps=steps, resume=resume, progress=progress, variant=f"{steps} steps", name=f"{kind}-{steps}")
+        for steps, lr in steps_lrs:
+            name = f"{kind}-{steps}" + ("" if lr == profile.lr else f"-lr{lr:g}")
+            row = grace_stage(kind, profile.replace(lr=lr), preset, view, identifier_maps[kind], features, Path(out)/"budget", seed,
+                              clip_table, train_steps=steps, resume=resume, progress=progress, variant=f"{steps} steps, lr {lr:g}",
+                              name=name)
             mem = row["memorization"]
-            rows.append(dict(identifier=kind, steps=steps, **{k: row[k] for k in ("R@1", "R@5", "R@10")},
+            rows.append(dict(identifier=kind, steps=steps, lr=lr, **{k: row[k] for k in ("R@1", "R@5", "R@10")},
                              memorized_train=mem["train"]["top1"], memorized_val=mem["test"]["top1"],
                              collapsed=row["collapse"]["collapsed"], memorize_passes=row["budget"]["memorize_passes"],
                              retrieve_epochs=row["budget"]["retrieve_epochs"]))
@@ -399,8 +404,10 @@ def vision_distinctness(flamingo, # a Flamingo (its Perceiver)
 # %% ../nbs/13_pipeline.ipynb #4045d469
 def plot_budget(rows:list[dict], # `budget_stage` rows
                 path:str|Path|None=None, title:str="Training budget (validation split)"):
-    "R@1 / R@10 and memorization accuracy (train, val) against training steps, one colour per identifier type."
+    "R@1 / R@10 and memorization accuracy (train, val) against training steps at the main lr, one colour per identifier type."
     import matplotlib.pyplot as plt
+    main_lr = max((r.get("lr") for r in rows), key=lambda lr: sum(r.get("lr") == lr for r in rows))  # the lr of the step sweep
+    rows = [r for r in rows if r.get("lr") == main_lr]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharex=True)
     for i, kind in enumerate(dict.fromkeys(r["identifier"] for r in rows)):
         mine, color = sorted((r for r in rows if r["identifier"] == kind), key=lambda r: r["steps"]), f"C{i}"
