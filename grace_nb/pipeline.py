@@ -507,6 +507,20 @@ def _table2_rows(full:list[dict], trained:list[dict], free:list[dict]) -> list[d
     return [row for f in full for row in [f] + sorted((r for r in ablated if r["identifier"] == f["identifier"]),
                                                       key=lambda r: _ABLATION_ORDER.index(r["variant"]))]
 
+class _Laps:
+    "Wall seconds of consecutive stages: `laps(name)` closes the stage that ran since the last call."
+    def __init__(self): self.last, self.seconds = time.perf_counter(), {}
+    def __call__(self, name:str):
+        now = time.perf_counter()
+        self.seconds[name], self.last = round(now - self.last, 1), now
+
+def _pretraining_summary(preset:Preset) -> dict:
+    "What the preset's pretraining.json says about how it was built (empty for presets not built here)."
+    path = Path(preset.root)/"pretraining.json"
+    if not path.is_file(): return {}
+    report = load_json(path)
+    return dict(pretraining_seconds=report.get("seconds"), pretraining=report.get("config"), pretraining_final=report["history"][-1])
+
 def _diagnostics(row:dict) -> dict:
     "Memorized train / test (top-1 %) and the collapse flag of a row, for the terminal table."
     mem, collapse = row.get("memorization") or {}, row.get("collapse") or {}
@@ -538,7 +552,7 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
               budget:bool=False, # R@K and memorization against training steps, on the validation split
              ) -> dict:
     "The main job (and the paper's experiments on request): writes metrics.json, table1.md and the experiments' files."
-    start, prof = time.perf_counter(), load_profile(profile)
+    start, prof, laps = time.perf_counter(), load_profile(profile), _Laps()
     if run_all: table1 = ablations = beams = efficiency = budget = True
     seed = prof.seed if seed is None else seed
     seed_everything(seed)
@@ -551,17 +565,22 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
                              n_val=n_val, n_test=n_test, progress=verbose)
     for split in ("train", "test"):  # training needs train images; the retrieval corpus is the test split
         if not dataset.split(split): raise GraceError(f"the main job needs at least one {split} image; {dataset.summary()}")
+    laps("corpus")
     clip_run, clip_row = clip_stage(prof, dataset, out, seed, steps=clip_steps, resume=resume, progress=verbose)
     clip_table = image_embedding_table(clip_run, dataset, progress=verbose)
+    laps("clip")
     presets = backbone_stage(prof, out, corpus_seed=seed, corpus_images=len(dataset), overrides=pretrain, progress=verbose)
     preset, base = presets["pretrained"], load_flamingo(presets["pretrained"])
+    laps("backbone (pretraining unless cached)")
     memorized = [r for r in dataset.records if r.split in ("train", "test")]
     # ram (tutorial scale): every memorized image encoded once; batch (paper scale): encoded per training batch
     features = feature_source(base, dataset, memorized, prof.feature_cache, progress=verbose, device="auto",
                               dtype=pick_dtype(pick_device(prof.device), prof.precision))
+    laps("vision features")
     need_captions = int(prof.pseudo_queries) > 0 or any(p["kind"] == "semantic" for p in plan)
     generated, caption_report = (captioner_stage(prof, preset, dataset, features, out, seed, steps=caption_steps,
                                                  resume=resume, progress=verbose) if need_captions else (None, None))
+    laps("captioner")
     captions = semantic_captions(dataset, generated) if generated else None
     identifier_maps = build_all_identifiers(dataset, prof, np.stack([clip_table[r.image_id] for r in dataset.records]),
                                             captions=captions, seed=seed, progress=verbose)
@@ -569,10 +588,12 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
     test_ids = [r.image_id for r in dataset.split("test")]
     id_rows, _ = identifier_report(identifier_maps, copy.deepcopy(base.tokenizer), test_ids)
     pseudo = pseudo_queries(generated) if generated and int(prof.pseudo_queries) > 0 else None
+    laps("identifiers")
     rows = [grace_stage(p["kind"], prof, presets[p["backbone"]], dataset, identifier_maps[p["kind"]], features, out, seed, clip_table,
                         train_steps=train_steps, resume=resume, progress=verbose, extra_queries=pseudo if p["pseudo"] else None,
                         memorize=p["memorize"], atomic_init=p["init"], variant=p["variant"], name=p["name"]) | {"table": p["table"]}
             for p in plan]
+    laps("GRACE runs (training, evaluation, memorization)")
     runs = [clip_row] + [r for r in rows if r["table"] == 1]
     # the best R@K any ranking can reach when captions fit several images (shapes scene graphs only)
     ceiling = ambiguity_ceiling(dataset) if all(r.scene is not None for r in dataset.split("test")) else None
@@ -581,7 +602,8 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
                                       if captions else "not built from generated captions (no captioner in this run)"),
                    semantic_collisions=identifier_maps["semantic"].subset(test_ids).collision_summary()
                                        if "semantic" in identifier_maps else None,
-                   captioner=caption_report, structured_embeddings=f"CLIP image embeddings ({clip_row['variant']})")
+                   captioner=caption_report, structured_embeddings=f"CLIP image embeddings ({clip_row['variant']})",
+                   backbone=dict(preset=str(preset.root), name=preset.name, **_pretraining_summary(preset)))
     written = [out/"metrics.json", out/"table1.md"]
     main_models = [r for r in rows if r["table"] == 1 and r["backbone"] == preset.name
                    and not (r["identifier"] == "atomic" and r["atomic_init"] != prof.atomic_init)]
@@ -608,7 +630,8 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
         metrics["training_curve"] = dict(run=f"grace-{kinds[0]}", rows=training_curve(out/f"grace-{kinds[0]}", prof, dataset, features))
         metrics["findings"] = findings(metrics)
         written.append(out/"findings.md")
-    metrics["seconds"] = round(time.perf_counter() - start, 1)
+    laps("experiments")
+    metrics["seconds"], metrics["stage_seconds"] = round(time.perf_counter() - start, 1), laps.seconds
     save_json(metrics, out/"metrics.json")
     n = clip_row["n_queries"]
     (out/"table1.md").write_text(table1_markdown(runs, _title(prof, seed, metrics, n, "Table 1"), ceiling=ceiling) + "\n")
@@ -625,5 +648,6 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
         if beams: print("\nFigure 6\n" + _format_table(metrics["beam_sweep"]))
         if budget: print("\nTraining budget (validation split)\n" + _format_table(metrics["budget"]))
         if run_all: print("\n" + findings_markdown(metrics["findings"]))
+        print("seconds per stage: " + ", ".join(f"{k} {v}" for k, v in laps.seconds.items()))
         print("written: " + ", ".join(str(p) for p in written))
     return metrics
