@@ -417,7 +417,9 @@ def plot_budget(rows:list[dict], # `budget_stage` rows
             ax.plot(steps, [r[dashed] for r in mine], marker="o", color=color, linestyle="--")
     axes[0].set(xscale="log", xlabel="optimizer steps", ylabel="%", title="R@1 (solid), R@10 (dashed)")
     axes[1].set(xscale="log", xlabel="optimizer steps", ylabel="%", title="memorized, top-1: train (solid), val (dashed)")
-    for ax in axes: ax.grid(alpha=0.3); ax.set_xticks(sorted({r["steps"] for r in rows}), [str(s) for s in sorted({r["steps"] for r in rows})])
+    for ax in axes:
+        ax.grid(alpha=0.3); ax.minorticks_off()
+        ax.set_xticks(sorted({r["steps"] for r in rows}), [str(s) for s in sorted({r["steps"] for r in rows})])
     axes[0].legend(fontsize=8); fig.suptitle(title, fontsize=10); fig.tight_layout()
     if path is not None: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=120)
     return fig
