@@ -239,22 +239,6 @@ def _check_preset_files(preset:Preset, tokenizer_path:Path) -> None:
     weights = preset.resolve(preset.clip_weights)
     if weights is not None and not weights.exists(): raise BackboneError(f"preset {name!r}: missing CLIP weights {weights}")
 
-def _load_flamingo_checkpoint(model:nn.Module, checkpoint:Path) -> None:
-    "Load an OpenFlamingo-style state dict (.pt or .safetensors); embedding rows of a smaller vocabulary fill the first rows."
-    if checkpoint.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(checkpoint))
-    else: state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # refuses anything but tensors and containers
-    if not isinstance(state, dict) or not any(str(k).startswith("perceiver.") for k in state):
-        raise BackboneError(f"{checkpoint} holds no Perceiver weights: not an OpenFlamingo checkpoint")
-    own = model.state_dict()
-    for key, value in list(state.items()):  # a grown tokenizer made the embeddings longer than the checkpoint's
-        mine = own.get(key)
-        if mine is not None and mine.shape != value.shape and mine.shape[1:] == value.shape[1:] and len(value) < len(mine):
-            with torch.no_grad(): mine[:len(value)] = value
-            del state[key]
-    model.load_state_dict(state, strict=False)  # it holds the trained parts only (Perceiver, cross-attention, LM)
-
 def load_flamingo(preset:Preset|str|Path, # a Preset, or a preset folder
                   tokenizer_path:str|Path|None=None, # override the preset's tokenizer (e.g. a grown one)
                   device:str|torch.device="cpu",
@@ -286,6 +270,23 @@ def load_flamingo(preset:Preset|str|Path, # a Preset, or a preset folder
             if block is not None: block.attn_gate.data.fill_(preset.gate_init); block.ff_gate.data.fill_(preset.gate_init)
     if preset.flamingo_checkpoint: _load_flamingo_checkpoint(model, preset.resolve(preset.flamingo_checkpoint))
     return Flamingo(set_trainable(model).to(device), image_processor, tokenizer, preset)
+
+# %% ../nbs/04_backbone.ipynb #8626ee9c
+def _load_flamingo_checkpoint(model:nn.Module, checkpoint:Path) -> None:
+    "Load an OpenFlamingo-style state dict (.pt or .safetensors); embedding rows of a smaller vocabulary fill the first rows."
+    if checkpoint.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(checkpoint))
+    else: state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # refuses anything but tensors and containers
+    if not isinstance(state, dict) or not any(str(k).startswith("perceiver.") for k in state):
+        raise BackboneError(f"{checkpoint} holds no Perceiver weights: not an OpenFlamingo checkpoint")
+    own = model.state_dict()
+    for key, value in list(state.items()):  # a grown tokenizer made the embeddings longer than the checkpoint's
+        mine = own.get(key)
+        if mine is not None and mine.shape != value.shape and mine.shape[1:] == value.shape[1:] and len(value) < len(mine):
+            with torch.no_grad(): mine[:len(value)] = value
+            del state[key]
+    model.load_state_dict(state, strict=False)  # it holds the trained parts only (Perceiver, cross-attention, LM)
 
 # %% ../nbs/04_backbone.ipynb #7f8701d2
 @torch.no_grad()

@@ -190,7 +190,7 @@ def captioner_stage(profile:Profile, # caption_steps, pseudo_queries and the tra
     save_json(dict(captions={str(k): v for k, v in generated.items()}, report=report), path)
     return generated, report
 
-# %% ../nbs/13_pipeline.ipynb #6d9e42c6
+# %% ../nbs/13_pipeline.ipynb #63c66a7a
 PAPER_BUDGET = dict(  # Flickr30K (Li et al. 2024, Sec. 4.1; reference code: 15,625 steps x 4 GPUs x (16 + 48) examples)
     memorize_examples=1_000_000, retrieve_examples=3_000_000, memorized_images=30_000, retrieve_queries=150_000)
 
@@ -202,6 +202,7 @@ def training_budget(config:TrainConfig, memorized_images:int, retrieve_queries:i
                 paper_memorize_passes=passes(PAPER_BUDGET["memorize_examples"], PAPER_BUDGET["memorized_images"]),
                 paper_retrieve_epochs=passes(PAPER_BUDGET["retrieve_examples"], PAPER_BUDGET["retrieve_queries"]))
 
+# %% ../nbs/13_pipeline.ipynb #6d9e42c6
 def grace_stage(kind:str, # identifier type to train
                 profile:Profile, # training, inference and atomic_init settings
                 preset:Preset, # the run's backbone
