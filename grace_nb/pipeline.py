@@ -355,19 +355,22 @@ def validation_view(dataset:KarpathyDataset, # the corpus
     return KarpathyDataset(records, f"{dataset.name}, validation as retrieval corpus", dataset.json_path, dataset.skipped)
 
 # %% ../nbs/13_pipeline.ipynb #2d6114ea
-def budget_stage(profile:Profile, # budget_steps, budget_identifiers and the training settings
+def budget_stage(profile:Profile, # budget_multiples, budget_lrs, budget_identifiers and the training settings
                  preset:Preset, dataset:KarpathyDataset, # the run's backbone and corpus (its val split is used)
                  identifier_maps:dict[str, IdentifierMap], # identifiers of the whole corpus
                  features:FeatureCache, # vision features of the train and val images
                  out:Path, seed:int, clip_table:dict|None=None, # run folder (out/budget/), data order, atomic clip init
+                 train_steps:int|None=None, # the run's steps (default: the profile's); budgets are multiples of it
                  budgets:list[int]|None=None, kinds:list[str]|None=None, lrs:list[float]|None=None, # default: the profile's
                  resume:bool=False, progress:bool=True,
                 ) -> list[dict]:
     "Validation R@K, memorization (train / val) and collapse of each identifier type after each step budget (and lr)."
     view, rows = validation_view(dataset), []
     lrs = lrs or [float(x) for x in str(profile.get("budget_lrs") or profile.lr).split()]
-    steps_lrs = [(s, profile.lr) for s in sorted(budgets or _ints(profile.budget_steps))]  # the budget at the profile's lr,
-    steps_lrs += [(profile.train_steps, lr) for lr in lrs if lr != profile.lr]              # other lrs at the profile's steps
+    steps = train_steps or profile.train_steps
+    budgets = budgets or [max(1, round(float(m) * steps)) for m in str(profile.budget_multiples).split()]
+    steps_lrs = [(s, profile.lr) for s in sorted(budgets)]                     # the budgets at the profile's lr,
+    steps_lrs += [(steps, lr) for lr in lrs if lr != profile.lr]               # other lrs at the run's steps
     for kind in kinds or str(profile.budget_identifiers).split():
         for steps, lr in steps_lrs:
             name = f"{kind}-{steps}" + ("" if lr == profile.lr else f"-lr{lr:g}")
@@ -622,7 +625,7 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
         val_features = feature_source(base, dataset, [r for r in dataset.records if r.split in ("train", "val")], prof.feature_cache,
                                       progress=verbose, device="auto", dtype=pick_dtype(pick_device(prof.device), prof.precision))
         metrics["budget"] = budget_stage(prof, preset, dataset, identifier_maps, val_features, out, seed, clip_table,
-                                         resume=resume, progress=verbose)
+                                         train_steps=train_steps, resume=resume, progress=verbose)
         metrics["vision_distinctness"] = {name: vision_distinctness(load_flamingo(p), features) for name, p in presets.items()}
         plot_budget(metrics["budget"], out/"fig_budget.png", title=f"Training budget on the validation split ({prof.name}, seed {seed})")
         written += [out/"budget.md", out/"fig_budget.png"]
