@@ -372,13 +372,13 @@ def budget_stage(profile:Profile, # budget_multiples, budget_lrs, budget_identif
     steps_lrs = [(s, profile.lr) for s in sorted(budgets)]                     # the budgets at the profile's lr,
     steps_lrs += [(steps, lr) for lr in lrs if lr != profile.lr]               # other lrs at the run's steps
     for kind in kinds or str(profile.budget_identifiers).split():
-        for steps, lr in steps_lrs:
-            name = f"{kind}-{steps}" + ("" if lr == profile.lr else f"-lr{lr:g}")
+        for budget, lr in steps_lrs:  # (steps, lr) of one run
+            name = f"{kind}-{budget}" + ("" if lr == profile.lr else f"-lr{lr:g}")
             row = grace_stage(kind, profile.replace(lr=lr), preset, view, identifier_maps[kind], features, Path(out)/"budget", seed,
-                              clip_table, train_steps=steps, resume=resume, progress=progress, variant=f"{steps} steps, lr {lr:g}",
+                              clip_table, train_steps=budget, resume=resume, progress=progress, variant=f"{budget} steps, lr {lr:g}",
                               name=name)
             mem = row["memorization"]
-            rows.append(dict(identifier=kind, steps=steps, lr=lr, **{k: row[k] for k in ("R@1", "R@5", "R@10")},
+            rows.append(dict(identifier=kind, steps=budget, lr=lr, **{k: row[k] for k in ("R@1", "R@5", "R@10")},
                              memorized_train=mem["train"]["top1"], memorized_val=mem["test"]["top1"],
                              collapsed=row["collapse"]["collapsed"], memorize_passes=row["budget"]["memorize_passes"],
                              retrieve_epochs=row["budget"]["retrieve_epochs"]))
