@@ -314,6 +314,7 @@ def flamingo_forward(model:nn.Module, # open_flamingo.Flamingo
                      cache=None, # a transformers Cache from an earlier call (decoding)
                      use_cache:bool=False, # return the updated cache
                      cached_media:bool=False, # decoding after an image prompt (in the cache): new tokens attend to it
+                     **lm_kwargs, # passed to the language model, e.g. output_hidden_states=True
                     ):
     "Flamingo's forward on precomputed vision features; returns the LM output (loss, logits, cache)."
     lang = model.lang_encoder
@@ -333,7 +334,7 @@ def flamingo_forward(model:nn.Module, # open_flamingo.Flamingo
     lang._use_cached_vision_x = cached_media
     try:
         kwargs = {_cache_kwarg(lang): cache} if cache is not None else {}
-        return lang(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=use_cache, **kwargs)
+        return lang(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=use_cache, **kwargs, **lm_kwargs)
     finally:
         lang.clear_conditioned_layers()
         lang._use_cached_vision_x = False

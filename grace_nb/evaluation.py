@@ -327,7 +327,7 @@ def _full_rows(metrics:dict) -> dict:
     "Identifier type -> its Table 1 row (atomic: the profile's init; the other init under 'atomic (other init)'); not from scratch."
     rows = {}
     for r in metrics.get("runs", []):
-        if r["method"] != "grace" or _from_scratch(r): continue  # the from-scratch ablation is not the paper's model
+        if r["method"] != "grace" or _from_scratch(r) or r.get("head"): continue  # from scratch / classifier head: not the paper's model
         key = r["identifier"] if r["identifier"] not in rows else f"{r['identifier']} (other init)"
         rows[key] = r
     return rows
@@ -360,14 +360,14 @@ def _finding_order(m):
 
 def _finding_atomic(m):
     clip = next((r for r in m.get("runs", []) if r["method"] == "clip"), None)
-    atomic = {r.get("atomic_init"): r for r in m.get("runs", [])
+    atomic = {("classifier head" if r.get("head") else f"{r.get('atomic_init')} init"): r for r in m.get("runs", [])
               if r["method"] == "grace" and r["identifier"] == "atomic" and not _from_scratch(r)}
     if clip is None or not atomic: return "not measured", ""
     beats = {init: all(r[k] >= clip[k] for k in ("R@1", "R@10")) and not _collapsed(r) for init, r in atomic.items()}
-    verdict = ("not measured (collapsed)" if all(map(_collapsed, atomic.values())) else "reproduced" if beats.get("random") else
-               "partly" if any(beats.values()) else "not reproduced" if "random" in atomic else "not measured")
+    verdict = ("not measured (collapsed)" if all(map(_collapsed, atomic.values())) else "reproduced" if beats.get("random init") else
+               "partly" if any(beats.values()) else "not reproduced" if "random init" in atomic else "not measured")
     return verdict, f"CLIP {clip['R@1']:.1f} / {clip['R@10']:.1f}; " + "; ".join(
-        f"atomic ({init} init) {r['R@1']:.1f} / {r['R@10']:.1f}{_mark(r)}" for init, r in atomic.items()) + " (R@1 / R@10)"
+        f"atomic ({name}) {r['R@1']:.1f} / {r['R@10']:.1f}{_mark(r)}" for name, r in atomic.items()) + " (R@1 / R@10)"
 
 # %% ../nbs/08_evaluation.ipynb #d1a90032
 def _finding_latency(m):

@@ -66,7 +66,8 @@ def generate_captions(flamingo:Flamingo, # a trained captioner
                       image_ids:Sequence[int], # the images
                       n:int=5, # captions per image (distinct token sequences, best first)
                       num_beams:int|None=None, # default: max(n, 5)
-                      max_new_tokens:int=32, # the longest caption, in tokens
+                      max_new_tokens:int=20, # the longest caption, in tokens (profiles: max_new_tokens)
+                      length_penalty:float=1.0, # score = sum of log-probs / length ** length_penalty (profiles: caption_length_penalty)
                       batch_size:int=32, # images per beam search
                       prompt:str=CAPTION_PROMPT, progress:bool=True,
                      ) -> dict[int, list[str]]:
@@ -84,7 +85,7 @@ def generate_captions(flamingo:Flamingo, # a trained captioner
             ids = prompt_ids.expand(len(part), -1)
             found = beam_search(decoder, ids, torch.ones_like(ids), None, eoc, num_beams=num_beams or max(n, 5),
                                 num_return=n, max_new_tokens=max_new_tokens, features=features(part).to(device),
-                                keep_unfinished=True)
+                                keep_unfinished=True, length_penalty=length_penalty)
             for image_id, seqs in zip(part, found):
                 texts = [tokenizer.decode([t for t in seq if t != eoc], skip_special_tokens=True).strip() for seq, _ in seqs]
                 captions[image_id] = list(dict.fromkeys(t for t in texts if t))

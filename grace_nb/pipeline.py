@@ -22,6 +22,7 @@ from .trie import TensorTrie
 from .backbone import Preset, grow_vocabulary, load_flamingo, openflamingo_preset, write_tiny_preset
 from .clip import ClipRun, evaluate_clip, image_embedding_table, load_clip, save_clip, train_clip
 from .pretraining import PretrainConfig, pretrained_preset, scratch_preset
+from .classifier import ClassifierHead, classify, train_classifier
 from .training import (PROMPT_TEXTS, FeatureCache, TrainConfig, _load_weights, cache_features, feature_source,
                                memorize_examples, retrieve_examples, train_grace)
 from .evaluation import (PAPER_TABLE1, ambiguity_ceiling, collapse_report, evaluate_grace, findings, findings_markdown,
@@ -32,8 +33,9 @@ from .experiments import (CAPTION_PROMPT, beam_sweep, caption_quality, generate_
 # %% auto #0
 __all__ = ['PAPER_BUDGET', 'PAPER_TABLE2', 'prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_report',
            'pretrain_stage', 'backbone_stage', 'captioner_stage', 'training_budget', 'grace_stage', 'evaluate_stage',
-           'training_curve', 'table2_markdown', 'validation_view', 'budget_stage', 'nearest_cosine',
-           'vision_distinctness', 'plot_budget', 'efficiency_stage', 'free_stage', 'sweep_stage', 'reproduce']
+           'training_curve', 'classifier_stage', 'table2_markdown', 'validation_view', 'budget_stage', 'nearest_cosine',
+           'vision_distinctness', 'plot_budget', 'length_penalty_stage', 'best_length_penalty', 'plot_length_penalty',
+           'efficiency_stage', 'free_stage', 'sweep_stage', 'reproduce']
 
 # %% ../nbs/13_pipeline.ipynb #def70bd5
 def prepare_corpus(profile:Profile, # the experiment profile
@@ -179,11 +181,15 @@ def captioner_stage(profile:Profile, # caption_steps, pseudo_queries and the tra
     start = time.perf_counter()
     test_ids = [r.image_id for r in dataset.split("test")]
     generated = generate_captions(flamingo, features, test_ids, n=max(1, int(profile.pseudo_queries)),
+                                  max_new_tokens=int(profile.max_new_tokens), length_penalty=float(profile.caption_length_penalty),
                                   batch_size=profile.eval_batch_size, progress=progress)
-    report = dict(train_steps=config.train_steps, train_seconds=result.train_seconds,
+    report = dict(train_steps=config.train_steps, train_seconds=result.train_seconds, max_new_tokens=int(profile.max_new_tokens),
+                  length_penalty=float(profile.caption_length_penalty),
                   generate_seconds=round(time.perf_counter() - start, 2),
                   final_loss=result.history[-1]["loss"] if result.history else None,
                   captions_per_image=round(sum(map(len, generated.values())) / len(generated), 2))
+    gold = [len(ids) + 1 for ids in flamingo.tokenizer([c for r in dataset.split("train") for c in r.captions], add_special_tokens=False).input_ids]
+    report |= dict(longest_gold_tokens=max(gold), gold_over_limit=round(100 * sum(n > int(profile.max_new_tokens) for n in gold) / len(gold), 2))
     if all(r.scene is not None for r in dataset.split("test")):
         report |= dict(quality=caption_quality(generated, dataset),
                        gold_reference=caption_quality({r.image_id: r.captions for r in dataset.split("test")}, dataset, top=None))
@@ -292,6 +298,38 @@ def training_curve(run_dir:str|Path, # a GRACE run folder: checkpoints/ and mode
                          collapsed=collapse_report(results)["collapsed"]))
     return rows
 
+# %% ../nbs/13_pipeline.ipynb #a9414881
+def classifier_stage(profile:Profile, # training settings, num_return, eval_batch_size
+                     preset:Preset, # the run's backbone
+                     dataset:KarpathyDataset, # every image is a class; the test split is the retrieval corpus
+                     clip_table:dict, # image id -> CLIP image embedding: the head's frozen rows
+                     out:Path, seed:int, # run folder (out/grace-<name>/row.json), initialisation and data order
+                     extra_queries:list[tuple[str, int]]|None=None, # pseudo-queries (caption, test image id)
+                     train_steps:int|None=None, resume:bool=False, progress:bool=True,
+                     name:str="atomic-classifier", variant:str="reference-code classifier head",
+                    ) -> dict:
+    "Train and evaluate the reference code's atomic classifier head; returns its Table 1 row."
+    run_dir = Path(out)/f"grace-{name}"
+    if resume and (run_dir/"row.json").is_file(): return load_json(run_dir/"row.json")
+    flamingo, ids = load_flamingo(preset, seed=seed), [r.image_id for r in dataset.records]
+    width = flamingo.model.lang_encoder.get_input_embeddings().weight.shape[1]
+    head = ClassifierHead(width, torch.tensor(np.stack([clip_table[i] for i in ids])), ids).to(next(flamingo.model.parameters()).device)
+    queries = dataset.queries("train") + list(extra_queries or [])
+    config = TrainConfig.from_profile(profile, seed=seed, **({} if train_steps is None else {"train_steps": train_steps}))
+    result = train_classifier(flamingo, head, queries, config, progress=progress)
+    test_queries, start = dataset.queries("test"), time.perf_counter()
+    results = classify(flamingo, head, [q for q, _ in test_queries], [r.image_id for r in dataset.split("test")],
+                       k=profile.num_return, batch_size=profile.eval_batch_size, progress=progress)
+    recall = grace_recall(results, [i for _, i in test_queries])
+    row = dict(method="grace", identifier="atomic", variant=variant, head="classifier",
+               **{k: round(recall[k], 2) for k in ("R@1", "R@5", "R@10")}, n_queries=recall["n_queries"],
+               eval_seconds=round(time.perf_counter() - start, 2), invalid_rate=0.0, collapse=collapse_report(results),
+               memorization=None, budget=training_budget(config, 0, len(queries)), train_steps=config.train_steps,
+               train_seconds=result.train_seconds, final_loss=result.history[-1]["loss"], memorize=False,
+               pseudo_queries=len(extra_queries or []), atomic_init=None, backbone=preset.name)
+    save_json(row, run_dir/"row.json")
+    return row
+
 # %% ../nbs/13_pipeline.ipynb #4ae71733
 def _other_init(init:str) -> str: return "random" if init == "clip" else "clip"
 
@@ -315,6 +353,8 @@ def _run_plan(kinds:list[str], # the main job's identifier types
             other = _other_init(profile.atomic_init)
             plan.append(dict(kind="atomic", name=f"atomic-{other}", variant=f"full, {other} init", memorize=True, pseudo=pseudo,
                              init=other, table=1))
+            plan.append(dict(kind="atomic", name="atomic-classifier", variant="reference-code classifier head", memorize=False,
+                             pseudo=pseudo, init=None, table=1, head="classifier"))  # 07a_classifier_head
     if ablations:
         plan += [dict(kind=k, name=f"{k}-no-memorize", variant="w/o learning to memorize", memorize=False, pseudo=pseudo,
                       init=None, table=2) for k in trained]
@@ -424,6 +464,61 @@ def plot_budget(rows:list[dict], # `budget_stage` rows
     for ax in axes:
         ax.grid(alpha=0.3); ax.minorticks_off()
         ax.set_xticks(sorted({r["steps"] for r in rows}), [str(s) for s in sorted({r["steps"] for r in rows})])
+    axes[0].legend(fontsize=8); fig.suptitle(title, fontsize=10); fig.tight_layout()
+    if path is not None: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=120)
+    return fig
+
+# %% ../nbs/13_pipeline.ipynb #1172269e
+def length_penalty_stage(profile:Profile, # length_penalties, length_penalty_identifiers, the training and inference settings
+                         preset:Preset, dataset:KarpathyDataset, # the run's backbone and corpus (its val split is used)
+                         identifier_maps:dict[str, IdentifierMap], # identifiers of the whole corpus
+                         features:FeatureCache, # vision features of the train and val images
+                         out:Path, seed:int, clip_table:dict|None=None, # run folder (out/budget/, shared with `budget_stage`)
+                         train_steps:int|None=None, # the run's steps (default: the profile's)
+                         kinds:list[str]|None=None, penalties:list[float]|None=None, # default: the profile's
+                         resume:bool=False, progress:bool=True,
+                        ) -> list[dict]:
+    "Validation R@K of each identifier type's model (trained on the validation view) decoded with each length penalty."
+    view, rows, steps = validation_view(dataset), [], train_steps or profile.train_steps
+    queries, penalties = view.queries("test"), penalties or [float(x) for x in str(profile.length_penalties).split()]
+    for kind in kinds or str(profile.length_penalty_identifiers).split():
+        grace_stage(kind, profile, preset, view, identifier_maps[kind], features, Path(out)/"budget", seed, clip_table, train_steps=steps,
+                    resume=resume, progress=progress, variant=f"{steps} steps, lr {profile.lr:g}", name=f"{kind}-{steps}")
+        model = load_grace_model(Path(out)/"budget"/f"grace-{kind}-{steps}"/"model")
+        for penalty in penalties:
+            results = model.retrieve([q for q, _ in queries], num_beams=profile.num_beams, num_return=profile.num_return,
+                                     batch_size=profile.eval_batch_size, length_penalty=penalty, progress=False)
+            recall, top1 = grace_recall(results, [i for _, i in queries]), [len(r.identifiers[0]) for r in results if r.identifiers]
+            rows.append(dict(identifier=kind, steps=steps, length_penalty=penalty, **{k: round(recall[k], 2) for k in ("R@1", "R@5", "R@10")},
+                             top1_tokens=round(sum(top1) / max(1, len(top1)), 2), collapsed=collapse_report(results)["collapsed"]))
+    return rows
+
+# %% ../nbs/13_pipeline.ipynb #55f0ad9e
+def best_length_penalty(rows:list[dict], # `length_penalty_stage` rows
+                        metric:str="R@1", # what to maximise, averaged over the identifier types
+                       ) -> float|None:
+    "The penalty with the best mean `metric` over the types that never collapsed (None when every type collapsed)."
+    kinds = [k for k in dict.fromkeys(r["identifier"] for r in rows) if not any(r["collapsed"] for r in rows if r["identifier"] == k)]
+    if not kinds: return None
+    penalties = list(dict.fromkeys(r["length_penalty"] for r in rows))
+    mean = {p: np.mean([r[metric] for r in rows if r["length_penalty"] == p and r["identifier"] in kinds]) for p in penalties}
+    return max(penalties, key=lambda p: (mean[p], -penalties.index(p)))
+
+# %% ../nbs/13_pipeline.ipynb #e6814ab3
+def plot_length_penalty(rows:list[dict], # `length_penalty_stage` rows
+                        path:str|Path|None=None, title:str="Length penalty (validation split)"):
+    "R@1 / R@10 and the top-1 sequence's length against the length penalty, one colour per identifier type."
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharex=True)
+    for i, kind in enumerate(dict.fromkeys(r["identifier"] for r in rows)):
+        mine = sorted((r for r in rows if r["identifier"] == kind), key=lambda r: r["length_penalty"])
+        lps, style = [r["length_penalty"] for r in mine], dict(marker="o", color=f"C{i}")
+        axes[0].plot(lps, [r["R@1"] for r in mine], label=kind + (" (collapsed)" if any(r["collapsed"] for r in mine) else ""), **style)
+        axes[0].plot(lps, [r["R@10"] for r in mine], linestyle="--", **style)
+        axes[1].plot(lps, [r["top1_tokens"] for r in mine], **style)
+    axes[0].set(xlabel="length penalty", ylabel="%", title="R@1 (solid), R@10 (dashed)")
+    axes[1].set(xlabel="length penalty", ylabel="tokens", title="top-1 sequence length (end token included)")
+    for ax in axes: ax.grid(alpha=0.3); ax.set_xticks(sorted({r["length_penalty"] for r in rows}))
     axes[0].legend(fontsize=8); fig.suptitle(title, fontsize=10); fig.tight_layout()
     if path is not None: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=120)
     return fig
@@ -556,10 +651,11 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
               caption_steps:int|None=None, # overrides the profile's caption_steps
               pretrain:dict|None=None, # PretrainConfig fields to override (tiny profiles), e.g. {"steps": 10}
               budget:bool=False, # R@K and memorization against training steps, on the validation split
+              length_penalties:bool=False, # validation R@K of the multi-token identifier types at each length penalty
              ) -> dict:
     "The main job (and the paper's experiments on request): writes metrics.json, table1.md and the experiments' files."
     start, prof, laps = time.perf_counter(), load_profile(profile), _Laps()
-    if run_all: table1 = ablations = beams = efficiency = budget = True
+    if run_all: table1 = ablations = beams = efficiency = budget = length_penalties = True
     seed = prof.seed if seed is None else seed
     seed_everything(seed)
     kinds = str(prof.train_identifiers).split() if identifiers is None else list(identifiers)
@@ -595,9 +691,12 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
     id_rows, _ = identifier_report(identifier_maps, copy.deepcopy(base.tokenizer), test_ids)
     pseudo = pseudo_queries(generated) if generated and int(prof.pseudo_queries) > 0 else None
     laps("identifiers")
-    rows = [grace_stage(p["kind"], prof, presets[p["backbone"]], dataset, identifier_maps[p["kind"]], features, out, seed, clip_table,
-                        train_steps=train_steps, resume=resume, progress=verbose, extra_queries=pseudo if p["pseudo"] else None,
-                        memorize=p["memorize"], atomic_init=p["init"], variant=p["variant"], name=p["name"]) | {"table": p["table"]}
+    rows = [(classifier_stage(prof, presets[p["backbone"]], dataset, clip_table, out, seed, extra_queries=pseudo if p["pseudo"] else None,
+                              train_steps=train_steps, resume=resume, progress=verbose, name=p["name"], variant=p["variant"])
+             if p.get("head") else
+             grace_stage(p["kind"], prof, presets[p["backbone"]], dataset, identifier_maps[p["kind"]], features, out, seed, clip_table,
+                         train_steps=train_steps, resume=resume, progress=verbose, extra_queries=pseudo if p["pseudo"] else None,
+                         memorize=p["memorize"], atomic_init=p["init"], variant=p["variant"], name=p["name"])) | {"table": p["table"]}
             for p in plan]
     laps("GRACE runs (training, evaluation, memorization)")
     runs = [clip_row] + [r for r in rows if r["table"] == 1]
@@ -621,9 +720,16 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
         metrics["beam_sweep"] = [row for r in main_models for row in sweep_stage(r, prof, dataset, resume=resume, progress=verbose)]
         plot_beam_sweep(metrics["beam_sweep"], out/"fig6_beams.png", title=f"Figure 6 at tutorial scale ({prof.name}, seed {seed})")
         written += [out/"beams.md", out/"fig6_beams.png"]
-    if budget:
+    if budget or length_penalties:
         val_features = feature_source(base, dataset, [r for r in dataset.records if r.split in ("train", "val")], prof.feature_cache,
                                       progress=verbose, device="auto", dtype=pick_dtype(pick_device(prof.device), prof.precision))
+    if length_penalties:
+        lp_rows = length_penalty_stage(prof, preset, dataset, identifier_maps, val_features, out, seed, clip_table,
+                                       train_steps=train_steps, resume=resume, progress=verbose)
+        metrics["length_penalty"] = dict(rows=lp_rows, best=best_length_penalty(lp_rows), used=prof.length_penalty)
+        plot_length_penalty(lp_rows, out/"fig_length_penalty.png", title=f"Length penalty on the validation split ({prof.name}, seed {seed})")
+        written += [out/"length_penalty.md", out/"fig_length_penalty.png"]
+    if budget:
         metrics["budget"] = budget_stage(prof, preset, dataset, identifier_maps, val_features, out, seed, clip_table,
                                          train_steps=train_steps, resume=resume, progress=verbose)
         metrics["vision_distinctness"] = {name: vision_distinctness(load_flamingo(p), features) for name, p in presets.items()}
@@ -644,6 +750,7 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
     if ablations: (out/"table2.md").write_text(table2_markdown(metrics["table2"], _title(prof, seed, metrics, n, "Table 2")) + "\n")
     if beams: (out/"beams.md").write_text(_markdown_rows(metrics["beam_sweep"]) + "\n")
     if budget: (out/"budget.md").write_text(_markdown_rows(metrics["budget"]) + "\n")
+    if length_penalties: (out/"length_penalty.md").write_text(_markdown_rows(metrics["length_penalty"]["rows"]) + "\n")
     if run_all: (out/"findings.md").write_text(findings_markdown(metrics["findings"]) + "\n")
     if verbose:
         shown = [{k: r.get(k) for k in ("method", "identifier", "variant", "R@1", "R@5", "R@10", "n_queries", "train_seconds",
