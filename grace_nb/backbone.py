@@ -22,7 +22,8 @@ from .identifiers import IdentifierMap, add_identifier_tokens
 # %% auto #0
 __all__ = ['OPENFLAMINGO_PRESETS', 'BackboneError', 'adapt_open_flamingo', 'tiny_clip_config', 'register_clip_config',
            'tiny_lm_config', 'Preset', 'write_tiny_preset', 'openflamingo_preset', 'Flamingo', 'set_trainable',
-           'load_flamingo', 'vision_features', 'flamingo_forward', 'grow_vocabulary', 'shrunken_openflamingo_preset']
+           'load_flamingo', 'vision_features', 'flamingo_forward', 'grow_vocabulary', 'openflamingo_state_dict',
+           'shrunken_openflamingo_preset']
 
 # %% ../nbs/04_backbone.ipynb #6c5318ee
 class BackboneError(GraceError, ValueError):
@@ -223,41 +224,44 @@ def set_trainable(model:nn.Module, # open_flamingo.Flamingo
 _LM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
-def _check_preset_files(preset:Preset, tokenizer_path:Path) -> None:
-    "BackboneError naming the first file of a preset that is missing (before the factory fails less clearly)."
+def _check_preset_files(preset:Preset, grown_tokenizer:Path|None=None) -> None:
+    "BackboneError naming the first missing file of a preset or of a grown tokenizer (before the factory fails less clearly)."
     lm, name = preset.resolve(preset.lm_path), preset.name
+    tokenizers = [preset.resolve(preset.tokenizer_path)] + ([grown_tokenizer] if grown_tokenizer else [])
     if preset.clip_config and not (config := preset.resolve(preset.clip_config)).is_file():
         raise BackboneError(f"preset {name!r}: the open_clip config {config} does not exist")
-    for what, path in (("language model", lm), ("tokenizer", tokenizer_path)):
+    for what, path in (("language model", lm), *(("tokenizer", t) for t in tokenizers)):
         if not path.is_dir(): raise BackboneError(f"preset {name!r}: the {what} folder {path} does not exist")
     if not (lm/"config.json").is_file(): raise BackboneError(f"preset {name!r}: the language model folder {lm} has no config.json")
     if not any((lm/f).is_file() for f in _LM_WEIGHTS):
         raise BackboneError(f"preset {name!r}: the language model folder {lm} has no weights ({' or '.join(_LM_WEIGHTS)})")
-    if not (tokenizer_path/"tokenizer_config.json").is_file() or not any((tokenizer_path/f).is_file() for f in _TOKENIZER_FILES):
-        raise BackboneError(f"preset {name!r}: the tokenizer folder {tokenizer_path} needs tokenizer_config.json and one of "
-                            f"{', '.join(_TOKENIZER_FILES)}")
+    for path in tokenizers:
+        if not (path/"tokenizer_config.json").is_file() or not any((path/f).is_file() for f in _TOKENIZER_FILES):
+            raise BackboneError(f"preset {name!r}: the tokenizer folder {path} needs tokenizer_config.json and one of "
+                                f"{', '.join(_TOKENIZER_FILES)}")
     weights = preset.resolve(preset.clip_weights)
     if weights is not None and not weights.exists(): raise BackboneError(f"preset {name!r}: missing CLIP weights {weights}")
 
+# %% ../nbs/04_backbone.ipynb #f76732da
 def load_flamingo(preset:Preset|str|Path, # a Preset, or a preset folder
-                  tokenizer_path:str|Path|None=None, # override the preset's tokenizer (e.g. a grown one)
+                  tokenizer_path:str|Path|None=None, # a grown copy of the preset's tokenizer (a saved model's), applied last
                   device:str|torch.device="cpu",
                   seed:int|None=0, # seeds the parts the factory initialises randomly (Perceiver, cross-attention)
                  ) -> Flamingo:
-    "Build a Flamingo with open_flamingo's `create_model_and_transforms` from a preset's local files."
+    "Build a Flamingo with open_flamingo's factory at the preset's tokenizer, load its checkpoint, then grow to `tokenizer_path`."
     from open_flamingo import create_model_and_transforms
     from open_flamingo.src.helpers import GatedCrossAttentionBlock, PerceiverResampler
     preset = preset if isinstance(preset, Preset) else Preset.load(preset)
-    tokenizer_path = Path(tokenizer_path) if tokenizer_path else preset.resolve(preset.tokenizer_path)
-    _check_preset_files(preset, tokenizer_path)
+    grown = Path(tokenizer_path) if tokenizer_path else None
+    _check_preset_files(preset, grown)
     if preset.clip_config: open_clip.add_model_config(preset.resolve(preset.clip_config))
     weights = preset.resolve(preset.clip_weights)
     if seed is not None: torch.manual_seed(seed)
     with contextlib.redirect_stdout(io.StringIO()):  # the factory prints a parameter count
         model, image_processor, tokenizer = create_model_and_transforms(
-            preset.clip_model, str(weights) if weights else None, str(preset.resolve(preset.lm_path)), str(tokenizer_path),
-            cross_attn_every_n_layers=preset.cross_attn_every_n_layers, use_local_files=True,
-            decoder_layers_attr_name=preset.decoder_layers_attr_name)
+            preset.clip_model, str(weights) if weights else None, str(preset.resolve(preset.lm_path)),
+            str(preset.resolve(preset.tokenizer_path)), cross_attn_every_n_layers=preset.cross_attn_every_n_layers,
+            use_local_files=True, decoder_layers_attr_name=preset.decoder_layers_attr_name)
     if preset.perceiver: model.perceiver = PerceiverResampler(dim=model.vis_dim, **preset.perceiver)
     if preset.cross_attn:  # rebuild the blocks at the preset's size and re-wrap the decoder layers
         lang = model.lang_encoder
@@ -269,11 +273,14 @@ def load_flamingo(preset:Preset|str|Path, # a Preset, or a preset folder
         for block in model.lang_encoder.gated_cross_attn_layers:
             if block is not None: block.attn_gate.data.fill_(preset.gate_init); block.ff_gate.data.fill_(preset.gate_init)
     if preset.flamingo_checkpoint: _load_flamingo_checkpoint(model, preset.resolve(preset.flamingo_checkpoint))
-    return Flamingo(set_trainable(model).to(device), image_processor, tokenizer, preset)
+    flamingo = Flamingo(set_trainable(model), image_processor, tokenizer, preset)
+    if grown is not None: _grow_to_tokenizer(flamingo, grown)  # after the checkpoint: it holds the base vocabulary
+    flamingo.model.to(device)
+    return flamingo
 
 # %% ../nbs/04_backbone.ipynb #8626ee9c
 def _load_flamingo_checkpoint(model:nn.Module, checkpoint:Path) -> None:
-    "Load an OpenFlamingo-style state dict (.pt or .safetensors); embedding rows of a smaller vocabulary fill the first rows."
+    "Load an OpenFlamingo-style state dict (.pt or .safetensors) into a model built at the checkpoint's vocabulary."
     if checkpoint.suffix == ".safetensors":
         from safetensors.torch import load_file
         state = load_file(str(checkpoint))
@@ -281,11 +288,11 @@ def _load_flamingo_checkpoint(model:nn.Module, checkpoint:Path) -> None:
     if not isinstance(state, dict) or not any(str(k).startswith("perceiver.") for k in state):
         raise BackboneError(f"{checkpoint} holds no Perceiver weights: not an OpenFlamingo checkpoint")
     own = model.state_dict()
-    for key, value in list(state.items()):  # a grown tokenizer made the embeddings longer than the checkpoint's
-        mine = own.get(key)
-        if mine is not None and mine.shape != value.shape and mine.shape[1:] == value.shape[1:] and len(value) < len(mine):
-            with torch.no_grad(): mine[:len(value)] = value
-            del state[key]
+    if wrong := next((k for k, v in state.items() if k in own and own[k].shape != v.shape), None):
+        theirs, mine = state[wrong].shape, own[wrong].shape
+        rows = (f" ({theirs[0]} rows against the tokenizer's {mine[0]}: a checkpoint holds the embeddings at the vocabulary "
+                f"it was trained with; build at that tokenizer and grow after loading)") if theirs[1:] == mine[1:] else ""
+        raise BackboneError(f"{checkpoint}: {wrong} has shape {tuple(theirs)}, the model's is {tuple(mine)}{rows}")
     model.load_state_dict(state, strict=False)  # it holds the trained parts only (Perceiver, cross-attention, LM)
 
 # %% ../nbs/04_backbone.ipynb #7f8701d2
@@ -345,6 +352,34 @@ def _projection(in_dim:int, out_dim:int, seed:int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(in_dim, out_dim, generator=gen) / math.sqrt(out_dim)
 
+def _clip_rows(tokens:list[str], identifier_map:IdentifierMap, image_embeddings:dict, base:torch.Tensor, seed:int) -> torch.Tensor:
+    "Rows for atomic tokens from their images' CLIP embeddings: projected, scaled to the base rows' mean norm."
+    owner = {identifier_map.identifiers[i]: i for i in identifier_map.identifiers}
+    emb = torch.as_tensor(np.stack([image_embeddings[owner[t]] for t in tokens]), dtype=torch.float32)
+    emb = emb / emb.norm(dim=1, keepdim=True)
+    rows = emb @ _projection(emb.shape[1], base.shape[1], seed)
+    return rows / rows.norm(dim=1, keepdim=True) * base.norm(dim=1).mean()
+
+def _grow_embeddings(flamingo:Flamingo, # its tokenizer has grown; its embeddings have not yet
+                     old:int, # the vocabulary size before
+                     seed:int=0, # noise seed
+                     rows=None, # base rows -> new rows; None: the mean base row plus noise
+                    ) -> None:
+    "Resize the LM's embeddings to the tokenizer and initialise the new rows (an untied output matrix gets them too)."
+    lang = flamingo.model.lang_encoder
+    lang.resize_token_embeddings(len(flamingo.tokenizer))
+    weight = lang.get_input_embeddings().weight
+    with torch.no_grad():
+        base = weight[:old]
+        if rows is not None: weight[old:] = rows(base).to(weight)
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            noise = torch.randn(len(weight) - old, weight.shape[1], generator=gen) * base.std(0, keepdim=True)
+            weight[old:] = base.mean(0, keepdim=True) + noise.to(weight)
+    out = lang.get_output_embeddings()
+    if out.weight.data_ptr() != weight.data_ptr(): out.weight.data[old:] = weight.data[old:]  # untied LMs
+
+# %% ../nbs/04_backbone.ipynb #d2a4224c
 def grow_vocabulary(flamingo:Flamingo, # the bundle to grow in place
                     identifier_map:IdentifierMap, # its `new_tokens` are added
                     init:str="random", # "random" (mean + noise) or "clip" (atomic tokens from image embeddings)
@@ -355,27 +390,46 @@ def grow_vocabulary(flamingo:Flamingo, # the bundle to grow in place
     if init not in ("random", "clip"): raise BackboneError(f"init must be 'random' or 'clip', got {init!r}")
     if init == "clip" and (identifier_map.kind != "atomic" or image_embeddings is None):
         raise BackboneError("init='clip' needs atomic identifiers and image_embeddings (image id -> CLIP embedding)")
-    lang, old = flamingo.model.lang_encoder, len(flamingo.tokenizer)
+    old = len(flamingo.tokenizer)
     added = add_identifier_tokens(flamingo.tokenizer, identifier_map)
     if added == 0: return 0
-    lang.resize_token_embeddings(len(flamingo.tokenizer))
-    weight = lang.get_input_embeddings().weight
-    with torch.no_grad():
-        base = weight[:old]
-        gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn(added, weight.shape[1], generator=gen) * base.std(0, keepdim=True)
-        weight[old:] = base.mean(0, keepdim=True) + noise.to(weight)
-        if init == "clip":
-            new_tokens = flamingo.tokenizer.convert_ids_to_tokens(range(old, len(flamingo.tokenizer)))
-            owner = {identifier_map.identifiers[i]: i for i in identifier_map.identifiers}
-            emb = torch.as_tensor(np.stack([image_embeddings[owner[t]] for t in new_tokens]), dtype=torch.float32)
-            emb = emb / emb.norm(dim=1, keepdim=True)
-            rows = emb @ _projection(emb.shape[1], weight.shape[1], seed)
-            rows = rows / rows.norm(dim=1, keepdim=True) * base.norm(dim=1).mean()
-            weight[old:] = rows.to(weight)
-    out = lang.get_output_embeddings()
-    if out.weight.data_ptr() != weight.data_ptr(): out.weight.data[old:] = weight.data[old:]  # untied LMs
+    new_tokens = flamingo.tokenizer.convert_ids_to_tokens(range(old, len(flamingo.tokenizer)))
+    rows = (lambda base: _clip_rows(new_tokens, identifier_map, image_embeddings, base, seed)) if init == "clip" else None
+    _grow_embeddings(flamingo, old, seed, rows)
     return added
+
+# %% ../nbs/04_backbone.ipynb #345808ac
+def openflamingo_state_dict(model:nn.Module, # open_flamingo.Flamingo
+                           ) -> dict[str, torch.Tensor]:
+    "What OpenFlamingo's trainer saves as checkpoint.pt: the Perceiver, the cross-attention and every LM embedding."
+    factory_trained = {p.data_ptr() for part in (model.perceiver, model.lang_encoder.gated_cross_attn_layers,
+                                                 model.lang_encoder.get_input_embeddings()) for p in part.parameters()}
+    state = model.state_dict()
+    for name, p in model.named_parameters():  # one name per tensor: a tied output matrix keeps its own key
+        if "embed" not in name and p.data_ptr() not in factory_trained: state.pop(name, None)
+    aliases = ("lang_encoder.old_decoder_blocks", "lang_encoder.gated_cross_attn_layers", "vision_encoder")
+    return {k: v.detach().clone() for k, v in state.items() if not any(a in k for a in aliases)}
+
+# %% ../nbs/04_backbone.ipynb #c7e03e6c
+def _flamingo_tokenizer(path:Path) -> PreTrainedTokenizerBase:
+    "A tokenizer folder loaded as open_flamingo's factory loads one (its special tokens added when missing)."
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=True)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+    if tokenizer.pad_token is None: tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    return tokenizer
+
+def _grow_to_tokenizer(flamingo:Flamingo, # built at its preset's tokenizer, checkpoint loaded
+                       path:Path, # a grown copy of that tokenizer
+                      ) -> int:
+    "Grow the bundle's tokenizer and embeddings to the tokenizer saved in `path`; returns how many tokens were added."
+    grown, base = _flamingo_tokenizer(path), flamingo.tokenizer.get_vocab()
+    ids = grown.get_vocab()
+    if moved := [t for t, i in base.items() if ids.get(t) != i]:
+        raise BackboneError(f"the tokenizer {path} is not a grown copy of preset {flamingo.preset.name!r}'s tokenizer: "
+                            f"{len(moved)} of its {len(base)} tokens are missing or have another id, e.g. {moved[0]!r}")
+    old, flamingo.tokenizer = len(flamingo.tokenizer), grown
+    if len(grown) > old: _grow_embeddings(flamingo, old)
+    return len(grown) - old
 
 # %% ../nbs/04_backbone.ipynb #a2b56473
 def shrunken_openflamingo_preset(folder:str|Path, # where the shrunken parts are written

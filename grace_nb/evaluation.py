@@ -82,12 +82,17 @@ class GraceModel:
         return f"GraceModel({self.kind} identifiers, {len(self.retrieval_ids)} retrieval images, {self.flamingo!r})"
 
 # %% ../nbs/08_evaluation.ipynb #338f892a
+_PRESET_PATHS = ("clip_weights", "lm_path", "tokenizer_path", "clip_config", "flamingo_checkpoint")
+
 def _copy_preset(preset:Preset, dest:Path) -> None:
-    "Copy a self-contained (tiny) preset folder, or write the preset.json of one that points at absolute paths."
-    if preset.clip_config is not None and Path(preset.root).is_dir(): shutil.copytree(preset.root, dest)
-    else:
+    "Copy a self-contained preset folder (every path inside it), or write a preset.json that points at absolute paths."
+    paths = {k: getattr(preset, k) for k in _PRESET_PATHS}
+    if all(p is None or not Path(p).is_absolute() for p in paths.values()) and (Path(preset.root)/"preset.json").is_file():
+        shutil.copytree(preset.root, dest)
+    else:  # OpenFlamingo's files stay where the user keeps them (never a copy of root, which can be "/")
         dest.mkdir(parents=True)
-        Preset(**(preset.__dict__ | {"root": Path("/")})).save(dest)
+        absolute = {k: None if p is None else str(preset.resolve(p)) for k, p in paths.items()}
+        Preset(**(preset.__dict__ | absolute | {"root": Path("/")})).save(dest)
 
 def save_grace_model(folder:str|Path, # the model folder to (re)write
                      flamingo:Flamingo, # trained bundle (tokenizer grown)
