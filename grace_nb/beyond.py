@@ -6,7 +6,7 @@ Docs: https://grace-nb.github.io/grace_nb/beyond_retrieval.html.md"""
 
 # %% ../nbs/12_beyond_retrieval.ipynb #6c334e56
 from __future__ import annotations
-import html, re
+import html, re, time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,19 +17,20 @@ import torch
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
-from .core import GraceError
+from .core import GraceError, load_json, save_json
 from .data import POSITION_WORDS, KarpathyDataset, caption_attributes, scene_graph_attributes
 from .backbone import Flamingo
 from .training import (Example, FeatureCache, TrainConfig, TrainResult, memorize_examples, retrieve_examples,
                                train_grace)
 from .inference import FlamingoDecoder, beam_search
-from .evaluation import GraceModel, load_grace_model
+from .identifiers import identifier_token_ids
+from .evaluation import GraceModel, evaluate_grace, load_grace_model, save_grace_model
 
 # %% auto #0
 __all__ = ['COUNT_NAMES', 'POSITION_NAMES', 'PROMPTS', 'FORMS', 'PROMPT_TEXTS_BEYOND', 'ATTRIBUTE_KINDS', 'NOT_TUNED_NOTE',
            'BeyondError', 'Question', 'scene_questions', 'dataset_questions', 'prompt_ids', 'instruction_examples',
            'instruction_tune', 'generate_texts', 'answer_questions', 'describe_images', 'qa_accuracy',
-           'majority_answers', 'attribute_scores', 'GraceApp', 'grace_app']
+           'majority_answers', 'attribute_scores', 'beyond_scores', 'beyond_experiment', 'GraceApp', 'grace_app']
 
 # %% ../nbs/12_beyond_retrieval.ipynb #85f14051
 class BeyondError(GraceError, ValueError):
@@ -243,6 +244,65 @@ def attribute_scores(descriptions:dict[int, str], # image id -> description
     rows = {k: dict(precision=pct(right[k], named[k]), recall=pct(right[k], truth[k])) for k in ATTRIBUTE_KINDS}
     rows["all"] = dict(precision=pct(sum(right.values()), sum(named.values())), recall=pct(sum(right.values()), sum(truth.values())))
     return rows
+
+# %% ../nbs/12_beyond_retrieval.ipynb #4a60b975
+def beyond_scores(flamingo:Flamingo, # an instruction-tuned bundle
+                  token_ids:dict[int, list[int]], # image id -> identifier tokens + end token
+                  dataset:KarpathyDataset, # the shapes corpus
+                  features:FeatureCache, # vision features of the evaluated images (the image form)
+                  split:str="test", # images asked about and described
+                  train_split:str="train", # whose answers make the majority baseline
+                  examples:int=3, # descriptions kept as examples
+                 ) -> dict:
+    "Exact-match QA and description attribute scores of `split`'s images in every prompt form, with the no-model references."
+    train_q, asked = dataset_questions(dataset, train_split), dataset_questions(dataset, split)
+    answers = {form: answer_questions(flamingo, token_ids, asked, form, features) for form in FORMS}
+    qa = {form: qa_accuracy(asked, said) for form, said in answers.items()}
+    qa["majority"] = qa_accuracy(asked, majority_answers(train_q, asked))
+    records = dataset.split(split)
+    image_ids = [r.image_id for r in records]
+    described = {form: describe_images(flamingo, token_ids, image_ids, form, features) for form in FORMS}
+    describe = {form: attribute_scores(texts, dataset) for form, texts in described.items()}
+    describe["gold caption"] = attribute_scores({r.image_id: r.captions[0] for r in records}, dataset)
+    shown = [dict(image_id=r.image_id, gold=r.captions[0], **{form: described[form][r.image_id] for form in FORMS})
+             for r in records[:examples]]
+    same = lambda a, b: round(100 * sum(x == y for x, y in zip(a, b)) / len(a), 2)  # percent of identical outputs
+    prior = dict(same_answers=same(answers["identifier"], answers["none"]),  # does naming the image change the output?
+                 same_descriptions=same([described["identifier"][i] for i in image_ids], [described["none"][i] for i in image_ids]),
+                 distinct_descriptions={form: len(set(texts.values())) for form, texts in described.items()})
+    return dict(qa=qa, describe=describe, examples=shown, versus_prior=prior)
+
+# %% ../nbs/12_beyond_retrieval.ipynb #25eac6e2
+def beyond_experiment(start:str|Path, # a saved GRACE model folder (memorized, retrieval-trained)
+                      dataset:KarpathyDataset, # the shapes corpus it memorized
+                      features:FeatureCache, # vision features of its memorized images
+                      config:TrainConfig, # instruction-tuning steps, lr, batch sizes
+                      out:str|Path, # writes out/model (the tuned model) and out/row.json
+                      num_beams:int=10, num_return:int=10, # Recall@K before and after
+                      resume:bool=False, # return out/row.json when it exists
+                      progress:bool=False,
+                     ) -> dict:
+    "Instruction-tune a saved GRACE model, then score QA and descriptions of the test images and Recall@K before / after."
+    out = Path(out)
+    if resume and (out/"row.json").is_file(): return load_json(out/"row.json")
+    model, queries = load_grace_model(start), dataset.queries("test")
+    recall = lambda m: {k: round(v, 2) for k, v in evaluate_grace(m, queries, num_beams=num_beams, num_return=num_return,
+                                                                  progress=False).items() if k in ("R@1", "R@5", "R@10")}
+    before, trained_as = recall(model), model.config.get("extra", {})
+    token_ids = identifier_token_ids(model.identifier_map, model.flamingo.tokenizer)
+    result = instruction_tune(model.flamingo, token_ids, dataset, features, config, progress=progress)
+    test = dataset.split("test")
+    tuned = load_grace_model(save_grace_model(out/"model", model.flamingo, model.identifier_map, [r.image_id for r in test],
+                                              {r.image_id: str(r.path) for r in test},
+                                              extra=dict(instructions=["memorize", "retrieve", "describe", "qa"],
+                                                         prompts=list(PROMPTS.values()), train=config.__dict__,
+                                                         history=result.history, start=str(start))))
+    started = time.perf_counter()
+    row = dict(start=str(start), start_variant=trained_as.get("variant"), start_pseudo_queries=trained_as.get("pseudo_queries"),
+               steps=config.train_steps, train_seconds=result.train_seconds, last_log=result.history[-1] if result.history else None,
+               recall_before=before, recall_after=recall(tuned), **beyond_scores(tuned.flamingo, token_ids, dataset, features))
+    save_json(row | dict(eval_seconds=round(time.perf_counter() - started, 1)), out/"row.json")
+    return load_json(out/"row.json")
 
 # %% ../nbs/12_beyond_retrieval.ipynb #70053ec1
 def _can_describe(model:GraceModel) -> bool:

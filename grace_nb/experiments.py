@@ -23,9 +23,9 @@ from .inference import FlamingoDecoder, beam_search
 from .evaluation import GraceModel, grace_recall
 
 # %% auto #0
-__all__ = ['CAPTION_PROMPT', 'CaptionError', 'caption_examples', 'train_captioner', 'generate_captions', 'scene_attributes',
-           'scene_truth', 'caption_quality', 'semantic_captions', 'pseudo_queries', 'generation_outcomes', 'beam_sweep',
-           'plot_beam_sweep']
+__all__ = ['CAPTION_PROMPT', 'OUTCOMES', 'CaptionError', 'caption_examples', 'train_captioner', 'generate_captions',
+           'scene_attributes', 'scene_truth', 'caption_quality', 'semantic_captions', 'pseudo_queries',
+           'generation_outcomes', 'outcomes_markdown', 'beam_sweep', 'plot_beam_sweep']
 
 # %% ../nbs/09_experiments.ipynb #45702b02
 CAPTION_PROMPT = "Predict the caption for the <image>"
@@ -154,24 +154,46 @@ def pseudo_queries(generated:dict[int, Sequence[str]], # image id -> generated c
     return [(c, i) for i, captions in generated.items() for c in captions]
 
 # %% ../nbs/09_experiments.ipynb #86062a53
-def generation_outcomes(model:GraceModel, # the trained model (its identifier map covers every memorized image)
+OUTCOMES = ("retrieval corpus", "memorized, not in corpus", "never memorized", "no image")  # where a generated sequence lands
+
+def generation_outcomes(model:GraceModel, # the trained model (its identifier map covers the whole corpus)
                         results:Sequence, # `Ranked` per query, from `model.retrieve(..., constrained=False)`
+                        dataset:KarpathyDataset, # the corpus: its splits say which images were memorized
+                        memorized_splits:Sequence[str]=("train", "test"), # splits trained with memorize examples (`grace_stage`)
                        ) -> dict:
-    "Share (percent) of generated sequences naming a retrieval image, a memorized non-retrieval image, or nothing."
-    tokenizer = model.flamingo.tokenizer
-    everything = identifier_token_ids(model.identifier_map, tokenizer)
-    corpus = {tuple(ids) for ids in model.token_ids.values()}
-    memorized = {tuple(ids) for ids in everything.values()} - corpus
+    "How many generated sequences (all, and top-1) name a retrieval image, another memorized image, an image never memorized, or nothing."
+    everything = identifier_token_ids(model.identifier_map, model.flamingo.tokenizer)
+    corpus, named = set(model.retrieval_ids), {}
+    for image_id, ids in everything.items(): named.setdefault(tuple(ids), []).append(dataset.by_id(image_id))
+    def outcome(seq):
+        records = named.get(tuple(seq), [])
+        if not records: return "no image"
+        if any(r.image_id in corpus for r in records): return "retrieval corpus"  # a shared identifier counts as a hit first
+        return "memorized, not in corpus" if any(r.split in memorized_splits for r in records) else "never memorized"
     counts, top1 = Counter(), Counter()
     for ranked in results:
         for rank, seq in enumerate(ranked.identifiers):
-            kind = "retrieval corpus" if tuple(seq) in corpus else "memorized, not in corpus" if tuple(seq) in memorized else "no image"
-            counts[kind] += 1
-            if rank == 0: top1[kind] += 1
+            counts[outcome(seq)] += 1
+            if rank == 0: top1[outcome(seq)] += 1
     total, first = sum(counts.values()), sum(top1.values())
-    kinds = ("retrieval corpus", "memorized, not in corpus", "no image")
-    return dict(generated=total, **{f"{k} %": round(100 * counts[k] / total, 2) if total else 0.0 for k in kinds},
-                **{f"top-1 {k} %": round(100 * top1[k] / first, 2) if first else 0.0 for k in kinds})
+    pct = lambda n, d: round(100 * n / d, 2) if d else 0.0
+    return dict(generated=total, **{f"{k} %": pct(counts[k], total) for k in OUTCOMES},
+                **{f"top-1 {k} %": pct(top1[k], first) for k in OUTCOMES},
+                counts={k: counts[k] for k in OUTCOMES}, top1_counts={k: top1[k] for k in OUTCOMES})
+
+# %% ../nbs/09_experiments.ipynb #7ae7e590
+def outcomes_markdown(rows:Sequence[dict], # free-generation rows: identifier, R@1, R@5, R@10 and `generation_outcomes`' dict
+                     ) -> str:
+    "Free generation per identifier type as markdown: Recall@K and where the generated sequences (all; top-1) landed."
+    shares = lambda o, top: [f"{o[f'{top}{k} %']:.1f}" for k in OUTCOMES]
+    lines = ["| identifier | R@1 | R@5 | R@10 | retrieval corpus (test) % | memorized, not in corpus (train) % | "
+             "never memorized (val) % | no image % | top-1: test / train / val / none % |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        o = r["outcomes"]
+        lines.append(f"| {r['identifier']} | {r['R@1']:.2f} | {r['R@5']:.2f} | {r['R@10']:.2f} | {' | '.join(shares(o, ''))} | "
+                     f"{' / '.join(shares(o, 'top-1 '))} |")
+    return "\n".join(lines)
 
 # %% ../nbs/09_experiments.ipynb #0b682b40
 def beam_sweep(model:GraceModel, # a trained model

@@ -277,7 +277,7 @@ def evaluate_stage(folder:str|Path, # a saved GRACE model folder
     row = dict(method="grace", identifier=model.kind, variant="full" if constrained else "w/o constrained generation",
                **{k: round(metrics[k], 2) for k in ("R@1", "R@5", "R@10")}, n_queries=metrics["n_queries"],
                eval_seconds=seconds, invalid_rate=metrics["invalid_rate"], model=str(folder), collapse=collapse_report(results))
-    return row if constrained else row | {"outcomes": generation_outcomes(model, results)}
+    return row if constrained else row | {"outcomes": generation_outcomes(model, results, dataset)}
 
 # %% ../nbs/13_pipeline.ipynb #cd1ddf27
 def training_curve(run_dir:str|Path, # a GRACE run folder: checkpoints/ and model/

@@ -7,11 +7,11 @@ import torch
 
 from grace_nb.backbone import grow_vocabulary, load_flamingo, tiny_lm_config, write_tiny_preset
 from grace_nb.beyond import (FORMS, NOT_TUNED_NOTE, BeyondError, Question, answer_questions, attribute_scores,
-                             dataset_questions, describe_images, grace_app, instruction_examples, instruction_tune,
-                             majority_answers, prompt_ids, qa_accuracy, scene_questions)
+                             beyond_experiment, dataset_questions, describe_images, grace_app, instruction_examples,
+                             instruction_tune, majority_answers, prompt_ids, qa_accuracy, scene_questions)
 from grace_nb.data import (POSITION_WORDS, caption_attributes, caption_scene, load_karpathy, sample_scene,
                            scene_graph_attributes, write_shapes_corpus)
-from grace_nb.evaluation import load_grace_model, save_grace_model
+from grace_nb.evaluation import EvaluationError, load_grace_model, save_grace_model
 from grace_nb.identifiers import build_identifiers, identifier_token_ids, train_bpe_tokenizer
 from grace_nb.training import PROMPT_TEXTS, TrainConfig, cache_features
 
@@ -150,3 +150,24 @@ def test_app_knows_a_describe_tuned_model_and_snapshots(tiny):
     png = tiny["tmp"]/"snap.png"
     fig = app.snapshot(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(fig.axes) == 2
+
+
+def test_beyond_experiment_tunes_a_copy_scores_and_caches(tiny):
+    "The saved start is left as it was; the tuned model is saved as describe-tuned; scores cover every form; resume reads row.json."
+    ds, out = tiny["ds"], tiny["tmp"]/"experiment"
+    start = load_grace_model(tiny["folder"]).flamingo.model.state_dict()
+    config = TrainConfig(train_steps=2, memorize_batch_size=4, retrieve_batch_size=8, warmup_steps=1, log_every=1, lr=1e-2)
+    row = beyond_experiment(tiny["folder"], ds, tiny["features"], config, out, num_beams=2, num_return=2)
+    after_start = load_grace_model(tiny["folder"]).flamingo.model.state_dict()
+    assert all(torch.equal(start[k], after_start[k]) for k in start)  # the start folder is read, never trained in place
+    tuned = load_grace_model(out/"model")
+    assert grace_app(tuned).can_describe
+    assert any(not torch.equal(start[k], v) for k, v in tuned.flamingo.model.state_dict().items())
+    train_q, test_q = dataset_questions(ds, "train"), dataset_questions(ds, "test")
+    assert row["qa"]["majority"] == qa_accuracy(test_q, majority_answers(train_q, test_q))
+    assert set(row["qa"]) == {*FORMS, "majority"} and set(row["describe"]) == {*FORMS, "gold caption"}
+    assert all(r["n_questions"] == len(test_q) for r in row["qa"].values())
+    assert row["steps"] == 2 and set(row["recall_before"]) == set(row["recall_after"]) == {"R@1", "R@5", "R@10"}
+    assert row["start_pseudo_queries"] is None  # the tiny start records no pseudo-queries
+    assert beyond_experiment(tiny["tmp"]/"no-such-model", ds, tiny["features"], config, out, resume=True) == row
+    with pytest.raises(EvaluationError, match="does not exist"): beyond_experiment(tiny["tmp"]/"no-such-model", ds, tiny["features"], config, tiny["tmp"]/"fresh")

@@ -1,9 +1,14 @@
 "The experiments' pieces: caption scoring against scene graphs, free-generation outcomes, Table 2 and findings."
+from types import SimpleNamespace
+
 import pytest
 
-from grace_nb.data import load_karpathy, write_shapes_corpus
+from grace_nb.data import DataError, load_karpathy, write_shapes_corpus
 from grace_nb.evaluation import findings
-from grace_nb.experiments import CaptionError, caption_quality, scene_attributes, scene_truth, semantic_captions
+from grace_nb.experiments import (OUTCOMES, CaptionError, caption_quality, generation_outcomes, scene_attributes, scene_truth,
+                                  semantic_captions)
+from grace_nb.identifiers import build_identifiers, identifier_token_ids, train_bpe_tokenizer
+from grace_nb.inference import Ranked
 from grace_nb.pipeline import _run_plan, _table2_rows
 from grace_nb.core import load_profile
 
@@ -41,6 +46,45 @@ def test_semantic_captions_never_use_a_test_caption(corpus):
         assert captions[r.image_id] == ("a made up caption" if r.split == "test" else r.captions[0])
     with pytest.raises(CaptionError, match="no generated caption"):
         semantic_captions(corpus, {})
+
+
+def _outcome_model(corpus, kind):
+    "What `generation_outcomes` reads of a model: tokenizer, identifier map (whole corpus), retrieval ids (test)."
+    tokenizer = train_bpe_tokenizer([c for r in corpus.records for c in r.captions], vocab_size=300)
+    imap = build_identifiers(kind, [r.image_id for r in corpus.records])
+    tokenizer.add_tokens(imap.new_tokens)
+    return SimpleNamespace(identifier_map=imap, flamingo=SimpleNamespace(tokenizer=tokenizer),
+                           retrieval_ids=[r.image_id for r in corpus.split("test")])
+
+
+@pytest.mark.parametrize("kind", ["numeric", "atomic"])
+def test_generation_outcomes_keep_never_memorized_images_apart(tmp_path, kind):
+    "Validation images have identifiers but were never memorized: they get their own column, not 'memorized'."
+    corpus = load_karpathy(write_shapes_corpus(tmp_path, n_train=6, n_val=3, n_test=4, seed=2, progress=False), progress=False)
+    model = _outcome_model(corpus, kind)
+    ids = identifier_token_ids(model.identifier_map, model.flamingo.tokenizer)
+    eoc = model.flamingo.tokenizer.convert_tokens_to_ids("<|endofchunk|>")
+    first = lambda split: ids[corpus.split(split)[0].image_id]
+    # query 1: a validation image first, then a training image; query 2: no image first, then two test images
+    results = [Ranked([], [first("val"), first("train")], [0.0] * 2, [[]] * 2),
+               Ranked([], [[eoc], ids[corpus.split("test")[1].image_id], first("test")], [0.0] * 3, [[]] * 3)]
+    out = generation_outcomes(model, results, corpus)
+    assert out["generated"] == 5
+    assert out["counts"] == {"retrieval corpus": 2, "memorized, not in corpus": 1, "never memorized": 1, "no image": 1}
+    assert out["top1_counts"] == {"retrieval corpus": 0, "memorized, not in corpus": 0, "never memorized": 1, "no image": 1}
+    assert out["never memorized %"] == 20.0 and out["top-1 never memorized %"] == 50.0
+    assert sum(out[f"{k} %"] for k in OUTCOMES) == pytest.approx(100)
+    # had the validation split been memorized too, its image would count as memorized
+    wider = generation_outcomes(model, results, corpus, memorized_splits=("train", "val", "test"))
+    assert wider["counts"]["never memorized"] == 0 and wider["counts"]["memorized, not in corpus"] == 2
+
+
+def test_generation_outcomes_need_the_models_corpus(tmp_path):
+    "A dataset that lacks the model's images is an error, not a silent 'no image'."
+    corpus = load_karpathy(write_shapes_corpus(tmp_path/"a", n_train=4, n_val=2, n_test=2, seed=2, progress=False), progress=False)
+    other = load_karpathy(write_shapes_corpus(tmp_path/"b", n_train=2, n_val=0, n_test=2, seed=2, progress=False), progress=False)
+    with pytest.raises(DataError, match="no image with id"):
+        generation_outcomes(_outcome_model(corpus, "numeric"), [], other)
 
 
 def test_run_plan_and_table2_order():
