@@ -27,7 +27,7 @@ from .training import (PROMPT_TEXTS, FeatureCache, TrainConfig, _load_weights, c
                                memorize_examples, retrieve_examples, train_grace)
 from .evaluation import (PAPER_TABLE1, ambiguity_ceiling, collapse_report, evaluate_grace, findings, findings_markdown,
                                  grace_recall, load_grace_model, save_grace_model, split_memorization, table1_markdown)
-from .experiments import (CAPTION_PROMPT, beam_sweep, caption_quality, generate_captions, generation_outcomes,
+from .experiments import (OUTCOMES, CAPTION_PROMPT, beam_sweep, caption_quality, generate_captions, generation_outcomes,
                                   plot_beam_sweep, pseudo_queries, semantic_captions, train_captioner)
 
 # %% auto #0
@@ -374,14 +374,14 @@ def table2_markdown(rows:list[dict], # the full rows and the ablation rows of a 
                     title:str="") -> str:
     "Table 2 as markdown: per identifier type its full row, then the ablations, with the paper's numbers."
     lines = ([title, ""] if title else []) + [
-        "| identifier | variant | R@1 | R@5 | R@10 | paper R@1 / R@5 / R@10 | free generation: corpus / memorized-not-corpus / no image (%) |",
+        "| identifier | variant | R@1 | R@5 | R@10 | paper R@1 / R@5 / R@10 | free generation: corpus / memorized / never memorized / no image (%) |",
         "|---|---|---:|---:|---:|---|---|"]
     for kind in dict.fromkeys(r["identifier"] for r in rows if r["method"] == "grace"):
         for r in [r for r in rows if r["method"] == "grace" and r["identifier"] == kind]:
             full = r["variant"].startswith("full")
             paper = PAPER_TABLE1.get(("grace", kind)) if full else PAPER_TABLE2.get((kind, r["variant"]))
             o = r.get("outcomes")
-            where = (f"{o['retrieval corpus %']} / {o['memorized, not in corpus %']} / {o['no image %']}" if o else "")
+            where = " / ".join(str(o.get(f"{k} %", "–")) for k in OUTCOMES) if o else ""
             lines.append(f"| {kind} | {r['variant']} | {r['R@1']:.1f} | {r['R@5']:.1f} | {r['R@10']:.1f} | "
                          f"{' / '.join(map(str, paper)) if paper else '–'} | {where} |")
     return "\n".join(lines)
