@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .core import GraceError, Profile, load_json, load_profile, pick_device, pick_dtype, save_json, seed_everything
+from .core import GraceError, Profile, list_profiles, load_json, load_profile, pick_device, pick_dtype, save_json, seed_everything
 from .data import KarpathyDataset, load_karpathy, sample_scenes, write_shapes_corpus
 from .identifiers import (IdentifierMap, add_identifier_tokens, build_identifiers, identifier_token_ids,
                                   token_stats, train_bpe_tokenizer)
