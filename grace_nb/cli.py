@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse, sys
 from pathlib import Path
 
-from .core import GraceError, list_profiles, load_profile
+from .core import GraceError, list_profiles, load_profile, main_first, rank, world_size
 
 # %% auto #0
 __all__ = ['main']
@@ -79,7 +79,7 @@ def main(argv:list[str]|None=None) -> int:
             print(dataset.json_path)
         elif args.command == "pretrain":
             from grace_nb.pipeline import pretrain_stage
-            preset = pretrain_stage(load_profile(args.profile), overrides=_pretrain_overrides(args))
+            preset = main_first(lambda main: pretrain_stage(load_profile(args.profile), overrides=_pretrain_overrides(args)))
             print(preset.root)
         elif args.command == "reproduce":
             from grace_nb.pipeline import reproduce
@@ -90,7 +90,7 @@ def main(argv:list[str]|None=None) -> int:
                       budget=args.budget, length_penalties=args.length_penalties, pretrain=_pretrain_overrides(args))
         elif args.command == "retrieve": _retrieve(args)
     except GraceError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error{f' (rank {rank()})' if world_size() > 1 else ''}: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -7,15 +7,18 @@ Docs: https://grace-nb.github.io/grace_nb/core.html.md"""
 # %% ../nbs/00_core.ipynb #b2e283a5
 from __future__ import annotations
 import ast, configparser, contextlib, json, os, random, shutil, tempfile
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['GraceError', 'settings_path', 'repo_root', 'Profile', 'list_profiles', 'load_profile', 'seed_everything',
-           'pick_device', 'pick_dtype', 'atomic_write', 'save_json', 'load_json']
+__all__ = ['RANK_TIMEOUT', 'GraceError', 'settings_path', 'repo_root', 'Profile', 'list_profiles', 'load_profile',
+           'seed_everything', 'pick_device', 'pick_dtype', 'atomic_write', 'save_json', 'load_json', 'init_ranks',
+           'rank', 'world_size', 'is_main_process', 'barrier', 'shard_batches', 'gather_objects', 'shard_map',
+           'main_only', 'main_first']
 
 # %% ../nbs/00_core.ipynb #9bded674
 class GraceError(Exception):
@@ -174,3 +177,107 @@ def load_json(path:str|Path, # file to read
     if not path.is_file(): raise GraceError(f"JSON file not found: {path}")
     try: return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e: raise GraceError(f"{path}: not valid JSON ({e})") from e
+
+# %% ../nbs/00_core.ipynb #27606e16
+RANK_TIMEOUT = timedelta(hours=2)  # how long a rank waits at a collective: rank 0 alone may pretrain or time Figure 4
+_ALONE = [False]  # True while this process runs a `main_only` / `main_first` block: it acts as a single process
+
+def init_ranks() -> int:
+    "Join the launcher's process group (once; none without a launcher) and return the number of ranks."
+    dist = torch.distributed
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=RANK_TIMEOUT)
+    return world_size()
+
+def _grouped() -> bool:
+    "Whether this process takes part in a process group now (joining the launcher's on first use)."
+    if _ALONE[0] or not torch.distributed.is_available(): return False
+    if not torch.distributed.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1: init_ranks()
+    return torch.distributed.is_initialized()
+
+def rank() -> int:
+    "This process's rank (0 without a process group)."
+    return torch.distributed.get_rank() if _grouped() else 0
+
+def world_size() -> int:
+    "The number of ranks (1 without a process group)."
+    return torch.distributed.get_world_size() if _grouped() else 1
+
+def is_main_process() -> bool:
+    "True on rank 0 and in a process without a group: the one process that writes files."
+    return rank() == 0
+
+def barrier() -> None:
+    "Wait for every rank (no-op without a process group)."
+    if world_size() > 1: torch.distributed.barrier()
+
+# %% ../nbs/00_core.ipynb #80f99277
+def shard_batches(n:int, # items to share
+                  batch_size:int, # items per batch
+                  rank_index:int|None=None, ranks:int|None=None, # default: this process's rank and the world size
+                 ) -> list[int]:
+    "Positions of the items one rank handles: whole batches of `batch_size`, batch b going to rank b mod ranks."
+    if batch_size < 1: raise GraceError(f"batch_size must be at least 1, got {batch_size}")
+    r, w = (rank() if rank_index is None else rank_index), (world_size() if ranks is None else ranks)
+    return [i for start in range(r * batch_size, n, w * batch_size) for i in range(start, min(start + batch_size, n))]
+
+# %% ../nbs/00_core.ipynb #e9d45541
+def gather_objects(value:Any) -> list:
+    "Every rank's `value`, in rank order, on every rank (`[value]` without a process group)."
+    if world_size() == 1: return [value]
+    values = [None] * world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+def _raise_first(failure:Exception|None, messages:Sequence[str|None]) -> None:
+    "Re-raise this rank's own failure, else a GraceError naming the first rank that failed."
+    if failure is not None: raise failure
+    if failed := next(((r, m) for r, m in enumerate(messages) if m), None): raise GraceError(f"rank {failed[0]} failed: {failed[1]}")
+
+def shard_map(fn:Callable[[list], Sequence], # list of items -> list of results, one per item
+              items:Sequence, # what to share out
+              batch_size:int, # the batch size `fn` uses (ranks take whole batches)
+             ) -> list:
+    "`fn` over this rank's whole batches of `items`; every rank gets all the results, in item order."
+    items = list(items)
+    if world_size() == 1: return list(fn(items))
+    mine, part, failure = shard_batches(len(items), batch_size), [], None
+    try: part = list(fn([items[i] for i in mine])) if mine else []
+    except Exception as e: failure = e
+    parts = gather_objects((mine, part, None if failure is None else f"{type(failure).__name__}: {failure}"))
+    _raise_first(failure, [m for _, _, m in parts])
+    out = [None] * len(items)
+    for positions, results, _ in parts:
+        if len(results) != len(positions): raise GraceError(f"shard_map: {len(results)} results for {len(positions)} items")
+        for p, v in zip(positions, results): out[p] = v
+    return out
+
+# %% ../nbs/00_core.ipynb #98179f94
+@contextlib.contextmanager
+def _alone() -> Iterator[None]:
+    "Act as a single process (rank 0 of 1) inside the block."
+    before, _ALONE[0] = _ALONE[0], True
+    try: yield
+    finally: _ALONE[0] = before
+
+def main_only(fn:Callable[[], Any]) -> Any:
+    "`fn()` on rank 0 alone while the other ranks wait; its value is returned on every rank."
+    if world_size() == 1: return fn()
+    value = failure = None
+    if is_main_process():
+        with _alone():
+            try: value = fn()
+            except Exception as e: failure = e
+    shared = [(value, None if failure is None else f"{type(failure).__name__}: {failure}")]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    _raise_first(failure, [shared[0][1]])
+    return shared[0][0]
+
+def main_first(fn:Callable[[bool], Any]) -> Any:
+    "`fn(True)` on rank 0 first (it writes), then `fn(False)` on the other ranks (they read); returns this rank's value."
+    if world_size() == 1: return fn(True)
+    kept = []
+    main_only(lambda: kept.append(fn(True)))  # only None travels: each rank keeps its own value
+    if kept: return kept[0]
+    with _alone(): return fn(False)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .core import GraceError, atomic_write, load_json, save_json
+from .core import GraceError, atomic_write, barrier, is_main_process, load_json, save_json, shard_map
 from .data import KarpathyDataset, caption_attributes, scene_graph_attributes
 from .identifiers import IdentifierMap, identifier_token_ids
 from .trie import TensorTrie
@@ -76,8 +76,9 @@ class GraceModel:
         "The file of a retrieval image, if the model was saved with image paths."
         return self.config.get("image_paths", {}).get(str(image_id))
     def retrieve(self, queries:Sequence[str], **kwargs) -> list[Ranked]:
-        "Ranked images for each query (keyword arguments go to `inference.retrieve`)."
-        return retrieve(self.flamingo, list(queries), self.token_ids, trie=self.trie, **kwargs)
+        "Ranked images for each query (keyword arguments go to `inference.retrieve`); under a launcher the ranks share the batches."
+        search = lambda part: retrieve(self.flamingo, part, self.token_ids, trie=self.trie, **kwargs)
+        return shard_map(search, list(queries), kwargs.get("batch_size", 32))  # 32: inference.retrieve's default
     def __repr__(self):
         return f"GraceModel({self.kind} identifiers, {len(self.retrieval_ids)} retrieval images, {self.flamingo!r})"
 
@@ -101,7 +102,8 @@ def save_grace_model(folder:str|Path, # the model folder to (re)write
                      image_paths:dict[int, str]|None=None, # retrieval image id -> file, for `grace retrieve`
                      extra:dict|None=None, # JSON-able facts (training config, seed, metrics)
                     ) -> Path:
-    "Write a GRACE model folder atomically: preset, tokenizer, identifiers, trie, weights, config."
+    "Write a GRACE model folder atomically: preset, tokenizer, identifiers, trie, weights, config (under a launcher: every rank calls it, rank 0 writes)."
+    weights = _trainable_state(flamingo.model)  # under DeepSpeed ZeRO the ranks gather the weights together
     retrieval_ids = [int(i) for i in retrieval_ids]
     eoc = flamingo.tokenizer.convert_tokens_to_ids("<|endofchunk|>")
     token_ids = identifier_token_ids(identifier_map.subset(retrieval_ids), flamingo.tokenizer)
@@ -110,14 +112,16 @@ def save_grace_model(folder:str|Path, # the model folder to (re)write
                   vocab_size=flamingo.vocab_size, tokenizer_size=len(flamingo.tokenizer), retrieval_ids=retrieval_ids,
                   image_paths={str(k): str(v) for k, v in (image_paths or {}).items()},
                   memorize_prompt=MEMORIZE_PROMPT, retrieve_prompt=RETRIEVE_PROMPT, extra=extra or {})
-    with atomic_write(folder) as tmp:
-        tmp.mkdir(parents=True)
-        _copy_preset(flamingo.preset, tmp/"preset")
-        flamingo.tokenizer.save_pretrained(tmp/"tokenizer")
-        identifier_map.save(tmp/"identifiers.json")
-        save_file(trie.state_dict(), str(tmp/"trie.safetensors"))
-        save_file(_trainable_state(flamingo.model), str(tmp/"model.safetensors"))
-        save_json(config, tmp/"config.json")
+    if is_main_process():
+        with atomic_write(folder) as tmp:
+            tmp.mkdir(parents=True)
+            _copy_preset(flamingo.preset, tmp/"preset")
+            flamingo.tokenizer.save_pretrained(tmp/"tokenizer")
+            identifier_map.save(tmp/"identifiers.json")
+            save_file(trie.state_dict(), str(tmp/"trie.safetensors"))
+            save_file(weights, str(tmp/"model.safetensors"))
+            save_json(config, tmp/"config.json")
+    barrier()  # the other ranks read the folder after this
     return Path(folder)
 
 # %% ../nbs/08_evaluation.ipynb #405a0800
@@ -227,15 +231,17 @@ def memorize_rankings(model:GraceModel, # a trained model; its identifier map co
     search = dict(trie=corpus_trie(token_ids, eoc, device), eos_token_id=eoc, num_beams=num_beams, num_return=min(10, num_beams),
                   max_new_tokens=max(map(len, token_ids.values())), length_penalty=length_penalty)
     prompt = torch.tensor(tok(MEMORIZE_PROMPT, add_special_tokens=False).input_ids, device=device)
-    decoder, was_training, found = FlamingoDecoder(net, tok.pad_token_id), net.training, {}
-    net.eval()
-    try:
-        for start in tqdm(range(0, len(image_ids), batch_size), desc="memorization", leave=False, disable=not progress):
-            part = image_ids[start:start + batch_size]
+    decoder, was_training = FlamingoDecoder(net, tok.pad_token_id), net.training
+    def rankings(shown:list[int]) -> list:  # beam search over this rank's images, batch by batch
+        found = []
+        for start in tqdm(range(0, len(shown), batch_size), desc="memorization", leave=False, disable=not progress):
+            part = shown[start:start + batch_size]
             ids = prompt.expand(len(part), -1)
-            found.update(zip(part, beam_search(decoder, ids, torch.ones_like(ids), features=features(part).to(device), **search)))
+            found += beam_search(decoder, ids, torch.ones_like(ids), features=features(part).to(device), **search)
+        return found
+    net.eval()
+    try: return dict(zip(image_ids, shard_map(rankings, image_ids, batch_size)))  # under a launcher the ranks share the batches
     finally: net.train(was_training)
-    return found
 
 # %% ../nbs/08_evaluation.ipynb #d1a90021
 def memorization_accuracy(model:GraceModel, # a trained model; its identifier map covers the images

@@ -15,7 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .core import GraceError, Profile, list_profiles, load_json, load_profile, pick_device, pick_dtype, save_json, seed_everything
-from .data import KarpathyDataset, load_karpathy, sample_scenes, write_shapes_corpus
+from .core import init_ranks, is_main_process, main_first, main_only, shard_map, world_size
+from .data import SHAPES_JSON, KarpathyDataset, load_karpathy, sample_scenes, write_shapes_corpus
 from .identifiers import (IdentifierMap, add_identifier_tokens, build_identifiers, identifier_token_ids,
                                   token_stats, train_bpe_tokenizer)
 from .trie import TensorTrie
@@ -31,11 +32,11 @@ from .experiments import (OUTCOMES, CAPTION_PROMPT, beam_sweep, caption_quality,
                                   plot_beam_sweep, pseudo_queries, semantic_captions, train_captioner)
 
 # %% auto #0
-__all__ = ['PAPER_BUDGET', 'PAPER_TABLE2', 'prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_report',
-           'pretrain_stage', 'backbone_stage', 'captioner_stage', 'training_budget', 'grace_stage', 'evaluate_stage',
-           'training_curve', 'classifier_stage', 'table2_markdown', 'validation_view', 'budget_stage', 'nearest_cosine',
-           'vision_distinctness', 'plot_budget', 'length_penalty_stage', 'best_length_penalty', 'plot_length_penalty',
-           'efficiency_stage', 'free_stage', 'sweep_stage', 'reproduce']
+__all__ = ['PAPER_BUDGET', 'PAPER_TABLE2', 'prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_stage',
+           'identifier_report', 'pretrain_stage', 'backbone_stage', 'captioner_stage', 'training_budget', 'grace_stage',
+           'evaluate_stage', 'training_curve', 'classifier_stage', 'table2_markdown', 'validation_view', 'budget_stage',
+           'nearest_cosine', 'vision_distinctness', 'plot_budget', 'length_penalty_stage', 'best_length_penalty',
+           'plot_length_penalty', 'efficiency_stage', 'free_stage', 'sweep_stage', 'reproduce']
 
 # %% ../nbs/13_pipeline.ipynb #def70bd5
 def prepare_corpus(profile:Profile, # the experiment profile
@@ -48,8 +49,9 @@ def prepare_corpus(profile:Profile, # the experiment profile
     if profile.corpus == "shapes":
         given = dict(n_train=n_train, n_val=n_val, n_test=n_test)
         sizes = {k: profile[k] if v is None else v for k, v in given.items()}
-        json_path = write_shapes_corpus(Path(data_dir or profile.path("data_dir")), seed=profile.seed if seed is None else seed,
-                                        image_size=profile.image_size, progress=progress, **sizes)
+        folder = Path(data_dir or profile.path("data_dir"))  # rank 0 writes the corpus, the other ranks read it
+        json_path = main_first(lambda main: write_shapes_corpus(folder, seed=profile.seed if seed is None else seed,
+                               image_size=profile.image_size, progress=progress, **sizes) if main else folder/SHAPES_JSON)
         return load_karpathy(json_path, progress=progress)
     if profile.corpus != "karpathy":
         raise GraceError(f"profile [{profile.name}]: unknown corpus {profile.corpus!r}; use shapes or karpathy")
@@ -78,14 +80,15 @@ def clip_stage(profile:Profile, # supplies model_preset and the clip_* settings
               ) -> tuple[ClipRun, dict]:
     "Train (tiny) or load (paper) the CLIP baseline; return it and its Table 1 row."
     path = Path(out)/"clip"/"clip.safetensors"
-    if profile.model_preset != "tiny": run, variant = _pretrained_clip(profile), "pretrained, zero-shot"
-    elif resume and path.is_file(): run, variant = load_clip(path), "trained from scratch"
-    else:
+    def trained(main:bool) -> ClipRun:  # rank 0 trains and saves; the other ranks load what it saved
+        if (resume and path.is_file()) or not main: return load_clip(path)
         run = train_clip(dataset, steps=profile.clip_steps if steps is None else steps, batch_size=profile.clip_batch_size,
                          lr=profile.clip_lr, seed=seed, progress=progress)
         save_clip(run, path)
-        variant = "trained from scratch"
-    metrics = evaluate_clip(run, dataset, "test", progress=progress)
+        return run
+    if profile.model_preset != "tiny": run, variant = _pretrained_clip(profile), "pretrained, zero-shot"
+    else: run, variant = main_first(trained), "trained from scratch"
+    metrics = main_only(lambda: evaluate_clip(run, dataset, "test", progress=progress))  # rank 0's row, on every rank
     row = dict(method="clip", identifier=None, variant=variant, **{k: round(metrics[k], 2) for k in ("R@1", "R@5", "R@10")},
                n_queries=metrics["n_queries"], train_seconds=round(run.train_seconds, 1), eval_seconds=round(metrics["eval_seconds"], 3))
     return run, row
@@ -106,6 +109,20 @@ def build_all_identifiers(dataset:KarpathyDataset, # corpus whose images get ide
     return {kind: build_identifiers(kind, image_ids, captions=captions, embeddings=embeddings, k=profile.kmeans_k,
                                     c=profile.kmeans_c, codebook_size=profile.vq_codebook_size, seed=seed)
             for kind in tqdm(kinds, desc="identifiers", leave=False, disable=not progress)}
+
+# %% ../nbs/13_pipeline.ipynb #21e6574a
+def identifier_stage(dataset:KarpathyDataset, profile:Profile, embeddings:np.ndarray, # as for `build_all_identifiers`
+                     out:Path, # run folder: out/identifiers/<kind>.json
+                     captions:dict[int, str]|None=None, seed:int|None=None, progress:bool=True,
+                    ) -> dict[str, IdentifierMap]:
+    "`build_all_identifiers`, saved by rank 0 to out/identifiers/; every rank returns the maps loaded from there."
+    folder = Path(out)/"identifiers"
+    def build_then_load(main:bool) -> dict[str, IdentifierMap]:
+        if main:
+            for kind, imap in build_all_identifiers(dataset, profile, embeddings, captions, seed, progress).items():
+                imap.save(folder/f"{kind}.json")
+        return {kind: IdentifierMap.load(folder/f"{kind}.json") for kind in str(profile.identifier_types).split()}
+    return main_first(build_then_load)
 
 # %% ../nbs/13_pipeline.ipynb #fed7c6a8
 def identifier_report(identifier_maps:dict[str, IdentifierMap], # kind -> identifier map of the whole corpus
@@ -154,8 +171,10 @@ def backbone_stage(profile:Profile, # model_preset: tiny or an OpenFlamingo pres
                   ) -> dict[str, Preset]:
     "The run's starting points: {'pretrained': ...} and, at tutorial scale, its from-scratch twin {'scratch': ...}."
     if profile.model_preset != "tiny": return {"pretrained": openflamingo_preset(profile)}
-    pretrained = pretrain_stage(profile, corpus_seed, corpus_images, overrides, progress)
-    return {"pretrained": pretrained, "scratch": scratch_preset(pretrained, Path(out)/"preset-scratch")}
+    # rank 0 builds the pretrained preset into its cache (the other ranks then find it there) and writes the scratch twin
+    pretrained = main_first(lambda main: pretrain_stage(profile, corpus_seed, corpus_images, overrides, progress))
+    twin = Path(out)/"preset-scratch"
+    return {"pretrained": pretrained, "scratch": main_first(lambda main: scratch_preset(pretrained, twin) if main else Preset.load(twin))}
 
 
 # %% ../nbs/13_pipeline.ipynb #fc5ef098
@@ -180,9 +199,11 @@ def captioner_stage(profile:Profile, # caption_steps, pseudo_queries and the tra
                              resume=resume, progress=progress)
     start = time.perf_counter()
     test_ids = [r.image_id for r in dataset.split("test")]
-    generated = generate_captions(flamingo, features, test_ids, n=max(1, int(profile.pseudo_queries)),
-                                  max_new_tokens=int(profile.max_new_tokens), length_penalty=float(profile.caption_length_penalty),
-                                  batch_size=profile.eval_batch_size, progress=progress)
+    caption = lambda ids: list(generate_captions(flamingo, features, ids, n=max(1, int(profile.pseudo_queries)),
+                                                 max_new_tokens=int(profile.max_new_tokens),
+                                                 length_penalty=float(profile.caption_length_penalty),
+                                                 batch_size=profile.eval_batch_size, progress=progress).items())
+    generated = dict(shard_map(caption, test_ids, profile.eval_batch_size))  # under a launcher the ranks share the images
     report = dict(train_steps=config.train_steps, train_seconds=result.train_seconds, max_new_tokens=int(profile.max_new_tokens),
                   length_penalty=float(profile.caption_length_penalty),
                   generate_seconds=round(time.perf_counter() - start, 2),
@@ -193,18 +214,21 @@ def captioner_stage(profile:Profile, # caption_steps, pseudo_queries and the tra
     if all(r.scene is not None for r in dataset.split("test")):
         report |= dict(quality=caption_quality(generated, dataset),
                        gold_reference=caption_quality({r.image_id: r.captions for r in dataset.split("test")}, dataset, top=None))
-    save_json(dict(captions={str(k): v for k, v in generated.items()}, report=report), path)
+    if is_main_process(): save_json(dict(captions={str(k): v for k, v in generated.items()}, report=report), path)
     return generated, report
 
 # %% ../nbs/13_pipeline.ipynb #63c66a7a
 PAPER_BUDGET = dict(  # Flickr30K (Li et al. 2024, Sec. 4.1; reference code: 15,625 steps x 4 GPUs x (16 + 48) examples)
     memorize_examples=1_000_000, retrieve_examples=3_000_000, memorized_images=30_000, retrieve_queries=150_000)
 
-def training_budget(config:TrainConfig, memorized_images:int, retrieve_queries:int) -> dict:
+def training_budget(config:TrainConfig, memorized_images:int, retrieve_queries:int,
+                    ranks:int|None=None, # ranks sharing each step (batch sizes are per rank); default: the world size
+                   ) -> dict:
     "Memorize passes per image and retrieve epochs of a run, with the paper's beside them."
     passes = lambda examples, n: round(examples / n, 2) if n else None
-    return dict(memorize_passes=passes(config.train_steps * config.memorize_batch_size, memorized_images),
-                retrieve_epochs=passes(config.train_steps * config.retrieve_batch_size, retrieve_queries),
+    ranks = world_size() if ranks is None else ranks
+    return dict(memorize_passes=passes(config.train_steps * ranks * config.memorize_batch_size, memorized_images),
+                retrieve_epochs=passes(config.train_steps * ranks * config.retrieve_batch_size, retrieve_queries),
                 paper_memorize_passes=passes(PAPER_BUDGET["memorize_examples"], PAPER_BUDGET["memorized_images"]),
                 paper_retrieve_epochs=passes(PAPER_BUDGET["retrieve_examples"], PAPER_BUDGET["retrieve_queries"]))
 
@@ -245,7 +269,7 @@ def grace_stage(kind:str, # identifier type to train
     folder = save_grace_model(run_dir/"model", flamingo, identifier_map, [r.image_id for r in test],
                               {r.image_id: str(r.path) for r in test},
                               extra=dict(train=config.__dict__, atomic_init=init, memorize=memorize, variant=variant,
-                                         pseudo_queries=len(extra_queries or []), history=result.history))
+                                         pseudo_queries=len(extra_queries or []), history=result.history, ranks=world_size()))
     row = evaluate_stage(folder, profile, dataset, progress=progress)
     # does the model write each image's own identifier from the memorize prompt? (train and test separately)
     row["memorization"] = split_memorization(load_grace_model(folder), features, dataset, sample=profile.memorization_sample,
@@ -255,7 +279,7 @@ def grace_stage(kind:str, # identifier type to train
                      final_loss=result.history[-1]["loss"] if result.history else None, memorize=memorize,
                      pseudo_queries=len(extra_queries or []), atomic_init=init if kind == "atomic" else None,
                      backbone=preset.name)
-    save_json(row, run_dir/"row.json")
+    if is_main_process(): save_json(row, run_dir/"row.json")
     return row
 
 # %% ../nbs/13_pipeline.ipynb #e53f3340
@@ -308,9 +332,12 @@ def classifier_stage(profile:Profile, # training settings, num_return, eval_batc
                      train_steps:int|None=None, resume:bool=False, progress:bool=True,
                      name:str="atomic-classifier", variant:str="reference-code classifier head",
                     ) -> dict:
-    "Train and evaluate the reference code's atomic classifier head; returns its Table 1 row."
+    "Train and evaluate the reference code's atomic classifier head; returns its Table 1 row (under a launcher rank 0 does it)."
     run_dir = Path(out)/f"grace-{name}"
     if resume and (run_dir/"row.json").is_file(): return load_json(run_dir/"row.json")
+    return main_only(lambda: _classifier_run(profile, preset, dataset, clip_table, run_dir, seed, extra_queries, train_steps, progress, variant))
+
+def _classifier_run(profile, preset, dataset, clip_table, run_dir, seed, extra_queries, train_steps, progress, variant) -> dict:
     flamingo, ids = load_flamingo(preset, seed=seed), [r.image_id for r in dataset.records]
     width = flamingo.model.lang_encoder.get_input_embeddings().weight.shape[1]
     head = ClassifierHead(width, torch.tensor(np.stack([clip_table[i] for i in ids])), ids).to(next(flamingo.model.parameters()).device)
@@ -574,7 +601,7 @@ def _cached(path:Path, resume:bool, make):
     "`make()`'s JSON value, saved to `path`; with `resume`, the saved value when there is one."
     if resume and path.is_file(): return load_json(path)
     value = make()
-    save_json(value, path)
+    if is_main_process(): save_json(value, path)
     return value
 
 def free_stage(row:dict, # a GRACE run's metrics row (its `model` folder)
@@ -655,6 +682,8 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
              ) -> dict:
     "The main job (and the paper's experiments on request): writes metrics.json, table1.md and the experiments' files."
     start, prof, laps = time.perf_counter(), load_profile(profile), _Laps()
+    init_ranks()  # under a launcher: join its process group (00_core's rank helpers decide who writes)
+    verbose = verbose and is_main_process()  # and rank 0 reports
     if run_all: table1 = ablations = beams = efficiency = budget = length_penalties = True
     seed = prof.seed if seed is None else seed
     seed_everything(seed)
@@ -684,9 +713,8 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
                                                  resume=resume, progress=verbose) if need_captions else (None, None))
     laps("captioner")
     captions = semantic_captions(dataset, generated) if generated else None
-    identifier_maps = build_all_identifiers(dataset, prof, np.stack([clip_table[r.image_id] for r in dataset.records]),
-                                            captions=captions, seed=seed, progress=verbose)
-    for kind, imap in identifier_maps.items(): imap.save(out/"identifiers"/f"{kind}.json")
+    identifier_maps = identifier_stage(dataset, prof, np.stack([clip_table[r.image_id] for r in dataset.records]), out,
+                                       captions=captions, seed=seed, progress=verbose)
     test_ids = [r.image_id for r in dataset.split("test")]
     id_rows, _ = identifier_report(identifier_maps, copy.deepcopy(base.tokenizer), test_ids)
     pseudo = pseudo_queries(generated) if generated and int(prof.pseudo_queries) > 0 else None
@@ -718,7 +746,8 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
         written.append(out/"table2.md")
     if beams:
         metrics["beam_sweep"] = [row for r in main_models for row in sweep_stage(r, prof, dataset, resume=resume, progress=verbose)]
-        plot_beam_sweep(metrics["beam_sweep"], out/"fig6_beams.png", title=f"Figure 6 at tutorial scale ({prof.name}, seed {seed})")
+        if is_main_process():
+            plot_beam_sweep(metrics["beam_sweep"], out/"fig6_beams.png", title=f"Figure 6 at tutorial scale ({prof.name}, seed {seed})")
         written += [out/"beams.md", out/"fig6_beams.png"]
     if budget or length_penalties:
         val_features = feature_source(base, dataset, [r for r in dataset.records if r.split in ("train", "val")], prof.feature_cache,
@@ -727,22 +756,25 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
         lp_rows = length_penalty_stage(prof, preset, dataset, identifier_maps, val_features, out, seed, clip_table,
                                        train_steps=train_steps, resume=resume, progress=verbose)
         metrics["length_penalty"] = dict(rows=lp_rows, best=best_length_penalty(lp_rows), used=prof.length_penalty)
-        plot_length_penalty(lp_rows, out/"fig_length_penalty.png", title=f"Length penalty on the validation split ({prof.name}, seed {seed})")
+        if is_main_process():
+            plot_length_penalty(lp_rows, out/"fig_length_penalty.png", title=f"Length penalty on the validation split ({prof.name}, seed {seed})")
         written += [out/"length_penalty.md", out/"fig_length_penalty.png"]
     if budget:
         metrics["budget"] = budget_stage(prof, preset, dataset, identifier_maps, val_features, out, seed, clip_table,
                                          train_steps=train_steps, resume=resume, progress=verbose)
         metrics["vision_distinctness"] = {name: vision_distinctness(load_flamingo(p), features) for name, p in presets.items()}
-        plot_budget(metrics["budget"], out/"fig_budget.png", title=f"Training budget on the validation split ({prof.name}, seed {seed})")
+        if is_main_process():
+            plot_budget(metrics["budget"], out/"fig_budget.png", title=f"Training budget on the validation split ({prof.name}, seed {seed})")
         written += [out/"budget.md", out/"fig_budget.png"]
     if efficiency:
-        metrics["efficiency"] = efficiency_stage(prof, out, sizes=efficiency_sizes, resume=resume, progress=verbose)
+        metrics["efficiency"] = main_only(lambda: efficiency_stage(prof, out, sizes=efficiency_sizes, resume=resume, progress=verbose))
         written += [out/"efficiency.md", out/"fig4_efficiency.png"]
     if run_all:  # memorization and R@K through the checkpoints of the first main-job run (the training notebook's curve)
         metrics["training_curve"] = dict(run=f"grace-{kinds[0]}", rows=training_curve(out/f"grace-{kinds[0]}", prof, dataset, features))
         metrics["findings"] = findings(metrics)
         written.append(out/"findings.md")
     laps("experiments")
+    if not is_main_process(): return metrics  # every collective step is done: the files and tables below are rank 0's
     metrics["seconds"], metrics["stage_seconds"] = round(time.perf_counter() - start, 1), laps.seconds
     save_json(metrics, out/"metrics.json")
     n = clip_row["n_queries"]

@@ -22,16 +22,17 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from .core import GraceError, Profile, atomic_write, load_json, save_json
+from .core import (GraceError, Profile, atomic_write, barrier, gather_objects, is_main_process, load_json, main_only,
+                           rank, save_json, world_size)
 from .data import KarpathyDataset, ImageRecord
 from .backbone import Flamingo, flamingo_forward, vision_features
 
 # %% auto #0
 __all__ = ['MEMORIZE_PROMPT', 'RETRIEVE_PROMPT', 'PROMPT_TEXTS', 'TrainingError', 'Example', 'memorize_examples',
            'retrieve_examples', 'collate', 'FeatureCache', 'cache_features', 'BatchFeatures', 'feature_source',
-           'training_step', 'batch_indices', 'make_optimizer', 'TrainConfig', 'save_checkpoint', 'latest_checkpoint',
-           'prune_checkpoints', 'load_checkpoint', 'TorchEngine', 'load_deepspeed_config', 'deepspeed_engine',
-           'TrainResult', 'train_grace', 'deepspeed_config_path']
+           'training_step', 'batch_indices', 'rank_batch', 'make_optimizer', 'TrainConfig', 'save_checkpoint',
+           'latest_checkpoint', 'prune_checkpoints', 'load_checkpoint', 'TorchEngine', 'load_deepspeed_config',
+           'deepspeed_engine', 'TrainResult', 'train_grace', 'deepspeed_config_path']
 
 # %% ../nbs/06_training.ipynb #29e66295
 class TrainingError(GraceError, ValueError):
@@ -189,8 +190,9 @@ def feature_source(flamingo:Flamingo, # supplies the vision encoder and its imag
 def training_step(model:nn.Module, # open_flamingo.Flamingo (or a DeepSpeed engine's module)
                   memorize_batch:dict|None, # `collate` output + "features" [B, tokens, d], or None
                   retrieve_batch:dict|None, # `collate` output, or None
+                  scale:dict[str, float]|None=None, # per-task loss weight (a rank's share of the step's batch, `rank_batch`)
                  ) -> tuple[torch.Tensor, dict[str, float]]:
-    "Loss of one memorize batch + one retrieve batch, and the two parts as floats."
+    "Loss of one memorize batch + one retrieve batch (each times its `scale`), and the two terms as floats."
     if memorize_batch is None and retrieve_batch is None: raise TrainingError("a step needs a memorize or a retrieve batch")
     device, dtype = next(model.parameters()).device, model.perceiver.latents.dtype
     parts, total = {}, 0.0
@@ -199,8 +201,9 @@ def training_step(model:nn.Module, # open_flamingo.Flamingo (or a DeepSpeed engi
         feats = batch.get("features")
         out = flamingo_forward(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                None if feats is None else feats.to(device, dtype), labels=batch["labels"].to(device))
-        total = total + out.loss
-        parts[name] = float(out.loss.detach())
+        loss = out.loss * (scale or {}).get(name, 1.0)
+        total = total + loss
+        parts[name] = float(loss.detach())
     return total, parts
 
 # %% ../nbs/06_training.ipynb #caabc70d
@@ -222,6 +225,20 @@ def batch_indices(num_examples:int, # examples in the task
         out.extend(take.tolist()); position += len(take)
     return np.array(out)
 
+# %% ../nbs/06_training.ipynb #b3fe67c5
+def rank_batch(examples:Sequence[Example], # one task's examples
+               batch_size:int, # examples per step and rank (the profile's batch size)
+               step:int, seed:int, task:int=0, # as for `batch_indices`
+               rank_index:int|None=None, ranks:int|None=None, # default: this process's rank and the world size
+              ) -> tuple[list[Example], float]:
+    "This rank's part of the step's batch (ranks x batch_size examples) and its loss weight (ranks x its share of the target tokens)."
+    r, w = (rank() if rank_index is None else rank_index), (world_size() if ranks is None else ranks)
+    whole = [examples[i] for i in batch_indices(len(examples), batch_size * w, step, seed, task)]
+    if len(whole) < w: raise TrainingError(f"a step's batch of {len(whole)} examples cannot be shared by {w} ranks")
+    mine = [whole[i] for i in np.array_split(np.arange(len(whole)), w)[r]]
+    tokens = lambda part: sum(len(e.target_ids) for e in part)
+    return mine, w * tokens(mine) / tokens(whole)
+
 # %% ../nbs/06_training.ipynb #41885df6
 def make_optimizer(model:nn.Module, # open_flamingo.Flamingo
                    lr:float, # peak learning rate
@@ -240,8 +257,8 @@ def make_optimizer(model:nn.Module, # open_flamingo.Flamingo
 class TrainConfig:
     "Settings of one GRACE training run."
     train_steps:int=600 # optimizer steps
-    memorize_batch_size:int=32 # memorize examples per step
-    retrieve_batch_size:int=64 # retrieve examples per step
+    memorize_batch_size:int=32 # memorize examples per step and rank (a step trains on world size x this)
+    retrieve_batch_size:int=64 # retrieve examples per step and rank
     lr:float=1e-3 # peak learning rate
     warmup_steps:int=50 # linear warm-up
     weight_decay:float=0.1 # on cross-attention blocks only
@@ -261,14 +278,7 @@ class TrainConfig:
         return cls(**(values | overrides))
 
 # %% ../nbs/06_training.ipynb #bbb7ab22
-def _is_main_process() -> bool:
-    "True unless this process is a rank other than 0 of a started process group (only rank 0 writes files)."
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-def _barrier() -> None:
-    "Wait for every rank (no-op without a process group)."
-    if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.barrier()
+_is_main_process, _barrier = is_main_process, barrier  # rank 0 writes, every rank waits: the rank helpers of 00_core
 
 def _zero_managed(p:torch.Tensor) -> bool:
     "True for a parameter whose fp32 master copy and optimizer state DeepSpeed keeps in partitions (ZeRO 1-3, bf16)."
@@ -422,13 +432,24 @@ def load_checkpoint(folder:str|Path, # a checkpoint folder
     return state
 
 # %% ../nbs/06_training.ipynb #d5edd13f
+def _average_gradients(params:Sequence[nn.Parameter]) -> None:
+    "Replace each gradient by its mean over the ranks (one all-reduce of all gradients, flattened)."
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    for p, g in zip(params, (flat / world_size()).split([g.numel() for g in grads])): p.grad = g.view_as(p).clone()
+
 class TorchEngine:
-    "Plain PyTorch backward/clip/step/schedule with DeepSpeed's engine interface."
+    "Plain PyTorch backward/clip/step/schedule with DeepSpeed's engine interface (data-parallel over the ranks, if several)."
     def __init__(self, model:nn.Module, optimizer:torch.optim.Optimizer, scheduler, grad_clip:float):
         self.module, self.optimizer, self.scheduler, self.grad_clip = model, optimizer, scheduler, grad_clip
+        if world_size() > 1:  # every rank starts from rank 0's weights, as DeepSpeed's engine does
+            for g in optimizer.param_groups:
+                for p in g["params"]: torch.distributed.broadcast(p.data, src=0)
     def backward(self, loss:torch.Tensor): loss.backward()
     def step(self):
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if world_size() > 1: _average_gradients(params)
         if self.grad_clip: torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         self.optimizer.step(); self.scheduler.step(); self.optimizer.zero_grad(set_to_none=True)
     @property
@@ -503,6 +524,26 @@ def _check_lengths(flamingo:Flamingo, examples:Sequence[Example]) -> None:
         raise TrainingError(f"the {what} of image {longest.image_id} is {n} tokens long, more than the language model's "
                             f"{limit} ({len(text)} characters: {text[:120]!r}...); shorten or drop that caption")
 
+# %% ../nbs/06_training.ipynb #0c996274
+def _step_batches(memorize:Sequence[Example], retrieve:Sequence[Example], features, config:TrainConfig, step:int, pad:int):
+    "This rank's memorize batch (with features) and retrieve batch of `step`, and their loss weights."
+    mem = ret = None
+    scale = {}
+    if memorize:
+        picked, scale["memorize"] = rank_batch(memorize, config.memorize_batch_size, step, config.seed, 0)
+        mem = collate(picked, pad) | {"features": features([e.image_id for e in picked])}
+    if retrieve:
+        picked, scale["retrieve"] = rank_batch(retrieve, config.retrieve_batch_size, step, config.seed, 1)
+        ret = collate(picked, pad)
+    return mem, ret, scale
+
+def _resume_point(folder:Path) -> Path|None:
+    "Rank 0 deletes cut-off checkpoints (atomic_write's hidden temporaries) and names the latest complete one to every rank."
+    def find():
+        for half in Path(folder).glob(".step_*"): shutil.rmtree(half, ignore_errors=True)
+        return latest_checkpoint(folder)
+    return main_only(find)
+
 # %% ../nbs/06_training.ipynb #369d89bb
 def train_grace(flamingo:Flamingo, # model to train in place (vocabulary already grown)
                 memorize:Sequence[Example], # learning-to-memorize examples
@@ -525,36 +566,35 @@ def train_grace(flamingo:Flamingo, # model to train in place (vocabulary already
     scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.train_steps)
     step, history, resumed = 0, [], None
     ckpt_dir = Path(out)/"checkpoints" if out is not None else None
-    latest = latest_checkpoint(ckpt_dir) if resume else None
+    latest = _resume_point(ckpt_dir) if resume else None
     if latest is not None: _load_weights(model, latest/"model.safetensors")  # before the engine: ZeRO partitions these
     if ds_config is not None: engine = deepspeed_engine(model, optimizer, scheduler, ds_config)
     else: engine = TorchEngine(model, optimizer, scheduler, config.grad_clip)
     if latest is not None:
         state = load_checkpoint(latest, engine.module, engine.optimizer)
         step, history, resumed = state["step"], state["history"], state["step"]
+        if (saved := state["extra"].get("world_size", 1)) != world_size():
+            warnings.warn(f"{latest} was written by {saved} rank(s), this run has {world_size()}: its steps' batches grow or shrink")
         with warnings.catch_warnings():  # stepping the schedule alone, to where the saved run stood, is intended
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(step): scheduler.step()
     bar = tqdm(range(step, config.train_steps), desc="training", disable=not progress, initial=step, total=config.train_steps)
     for step in bar:
-        mem = ret = None
-        if memorize:
-            picked = [memorize[i] for i in batch_indices(len(memorize), config.memorize_batch_size, step, config.seed, 0)]
-            mem = collate(picked, pad) | {"features": features([e.image_id for e in picked])}
-        if retrieve:
-            picked = [retrieve[i] for i in batch_indices(len(retrieve), config.retrieve_batch_size, step, config.seed, 1)]
-            ret = collate(picked, pad)
-        loss, parts = training_step(engine.module, mem, ret)
+        mem, ret, scale = _step_batches(memorize, retrieve, features, config, step, pad)
+        loss, parts = training_step(engine.module, mem, ret, scale)
         engine.backward(loss)
         loss = float(loss.detach())
         lr = scheduler.get_last_lr()[0]
         engine.step()
         if (step + 1) % config.log_every == 0 or step + 1 == config.train_steps:
+            loss, *terms = np.mean(gather_objects([loss, *parts.values()]), axis=0).tolist()  # the ranks' mean: the step's loss
+            parts = dict(zip(parts, terms))
             history.append(dict(step=step + 1, loss=round(loss, 5), lr=lr, **{k: round(v, 5) for k, v in parts.items()}))
             bar.set_postfix(loss=f"{loss:.3f}")
         done = step + 1
         if ckpt_dir is not None and ((config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.train_steps):
-            save_checkpoint(ckpt_dir/f"step_{done:06d}", engine.module, engine.optimizer, done, history, extra=asdict(config))
+            save_checkpoint(ckpt_dir/f"step_{done:06d}", engine.module, engine.optimizer, done, history,
+                            extra=asdict(config) | {"world_size": world_size()})
             prune_checkpoints(ckpt_dir, config.keep_checkpoints)
     model.eval()
     return TrainResult(history, config.train_steps, round(time.perf_counter() - start, 2), resumed)
