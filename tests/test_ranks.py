@@ -33,6 +33,10 @@ def settings(folder: Path, zero: int, ranks: int) -> Path:
     return folder/"settings.ini"
 
 
+DIST_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT",
+             "TORCHELASTIC_RUN_ID", "CROSS_RANK", "CROSS_SIZE"}
+
+
 def free_port() -> str:
     with socket.socket() as s: s.bind(("127.0.0.1", 0)); return str(s.getsockname()[1])
 
@@ -44,7 +48,10 @@ def launch(tmp: Path, name: str, launcher: str, zero: int, resume: bool = False,
                "torchrun": [str(BIN/"torchrun"), "--standalone", "--nproc_per_node", "2"],
                "deepspeed": [str(BIN/"deepspeed"), "--master_port", free_port(), "--num_gpus", "2", "--no_local_rank"]}[launcher]
     logs = tmp/"logs"/(name + ("-resumed" if resume else ""))
-    env = os.environ | {"GRACE_SETTINGS": str(settings(tmp/f"settings-{zero}-{ranks}", zero, ranks)), "GRACE_CACHE": str(tmp/"cache"),
+    # a launcher's variables left in this process (an in-process DeepSpeed test sets RANK, MASTER_PORT, ...) must not
+    # reach the launched job: it would try to join this process's group on a port that is already taken
+    inherited = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env = inherited | {"GRACE_SETTINGS": str(settings(tmp/f"settings-{zero}-{ranks}", zero, ranks)), "GRACE_CACHE": str(tmp/"cache"),
                         "GRACE_WRITE_LOG": str(logs), "GRACE_WRITE_WATCH": os.pathsep.join([str(tmp/name), str(tmp/"cache")]),
                         "GRACE_KILL_AT": kill_at, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([*command, str(WORKER), *ARGS, "--out", str(tmp/name), *(["--resume"] if resume else [])],
