@@ -48,8 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--beams", action="store_true", help="Figure 6: Recall@1/10 against beam size")
     exp.add_argument("--efficiency", action="store_true", help="Figure 4: latency against corpus size, GRACE vs CLIP search")
     exp.add_argument("--budget", action="store_true", help="R@K and memorization against training steps, on the validation split")
-    exp.add_argument("--length-penalties", action="store_true",
-                     help="validation R@K of the multi-token identifier types at each of the profile's length_penalties")
+    exp.add_argument("--length-penalties", action="store_true", help="validation R@K of the identifier types at each length penalty")
     exp.add_argument("--all", action="store_true", help="every experiment above, and findings.md")
     ret = sub.add_parser("retrieve", help="retrieve images for text queries with a saved GRACE model")
     ret.add_argument("--model", required=True, type=Path, help="a GRACE model folder (e.g. runs/shapes/grace-atomic/model)")

@@ -95,6 +95,7 @@ def _copy_preset(preset:Preset, dest:Path) -> None:
         absolute = {k: None if p is None else str(preset.resolve(p)) for k, p in paths.items()}
         Preset(**(preset.__dict__ | absolute | {"root": Path("/")})).save(dest)
 
+# %% ../nbs/08_evaluation.ipynb #1230323e
 def save_grace_model(folder:str|Path, # the model folder to (re)write
                      flamingo:Flamingo, # trained bundle (tokenizer grown)
                      identifier_map:IdentifierMap, # identifiers of the whole corpus
