@@ -335,27 +335,26 @@ def classifier_stage(profile:Profile, # training settings, num_return, eval_batc
     "Train and evaluate the reference code's atomic classifier head; returns its Table 1 row (under a launcher rank 0 does it)."
     run_dir = Path(out)/f"grace-{name}"
     if resume and (run_dir/"row.json").is_file(): return load_json(run_dir/"row.json")
-    return main_only(lambda: _classifier_run(profile, preset, dataset, clip_table, run_dir, seed, extra_queries, train_steps, progress, variant))
-
-def _classifier_run(profile, preset, dataset, clip_table, run_dir, seed, extra_queries, train_steps, progress, variant) -> dict:
-    flamingo, ids = load_flamingo(preset, seed=seed), [r.image_id for r in dataset.records]
-    width = flamingo.model.lang_encoder.get_input_embeddings().weight.shape[1]
-    head = ClassifierHead(width, torch.tensor(np.stack([clip_table[i] for i in ids])), ids).to(next(flamingo.model.parameters()).device)
-    queries = dataset.queries("train") + list(extra_queries or [])
-    config = TrainConfig.from_profile(profile, seed=seed, **({} if train_steps is None else {"train_steps": train_steps}))
-    result = train_classifier(flamingo, head, queries, config, progress=progress)
-    test_queries, start = dataset.queries("test"), time.perf_counter()
-    results = classify(flamingo, head, [q for q, _ in test_queries], [r.image_id for r in dataset.split("test")],
-                       k=profile.num_return, batch_size=profile.eval_batch_size, progress=progress)
-    recall = grace_recall(results, [i for _, i in test_queries])
-    row = dict(method="grace", identifier="atomic", variant=variant, head="classifier",
-               **{k: round(recall[k], 2) for k in ("R@1", "R@5", "R@10")}, n_queries=recall["n_queries"],
-               eval_seconds=round(time.perf_counter() - start, 2), invalid_rate=0.0, collapse=collapse_report(results),
-               memorization=None, budget=training_budget(config, 0, len(queries)), train_steps=config.train_steps,
-               train_seconds=result.train_seconds, final_loss=result.history[-1]["loss"], memorize=False,
-               pseudo_queries=len(extra_queries or []), atomic_init=None, backbone=preset.name)
-    save_json(row, run_dir/"row.json")
-    return row
+    def run() -> dict:  # on rank 0 alone under a launcher
+        flamingo, ids = load_flamingo(preset, seed=seed), [r.image_id for r in dataset.records]
+        width = flamingo.model.lang_encoder.get_input_embeddings().weight.shape[1]
+        head = ClassifierHead(width, torch.tensor(np.stack([clip_table[i] for i in ids])), ids).to(next(flamingo.model.parameters()).device)
+        queries = dataset.queries("train") + list(extra_queries or [])
+        config = TrainConfig.from_profile(profile, seed=seed, **({} if train_steps is None else {"train_steps": train_steps}))
+        result = train_classifier(flamingo, head, queries, config, progress=progress)
+        test_queries, start = dataset.queries("test"), time.perf_counter()
+        results = classify(flamingo, head, [q for q, _ in test_queries], [r.image_id for r in dataset.split("test")],
+                           k=profile.num_return, batch_size=profile.eval_batch_size, progress=progress)
+        recall = grace_recall(results, [i for _, i in test_queries])
+        row = dict(method="grace", identifier="atomic", variant=variant, head="classifier",
+                   **{k: round(recall[k], 2) for k in ("R@1", "R@5", "R@10")}, n_queries=recall["n_queries"],
+                   eval_seconds=round(time.perf_counter() - start, 2), invalid_rate=0.0, collapse=collapse_report(results),
+                   memorization=None, budget=training_budget(config, 0, len(queries)), train_steps=config.train_steps,
+                   train_seconds=result.train_seconds, final_loss=result.history[-1]["loss"], memorize=False,
+                   pseudo_queries=len(extra_queries or []), atomic_init=None, backbone=preset.name)
+        save_json(row, run_dir/"row.json")
+        return row
+    return main_only(run)
 
 # %% ../nbs/13_pipeline.ipynb #4ae71733
 def _other_init(init:str) -> str: return "random" if init == "clip" else "clip"
@@ -422,6 +421,14 @@ def validation_view(dataset:KarpathyDataset, # the corpus
     return KarpathyDataset(records, f"{dataset.name}, validation as retrieval corpus", dataset.json_path, dataset.skipped)
 
 # %% ../nbs/13_pipeline.ipynb #2d6114ea
+def _validation_run(kind:str, steps:int, lr:float, profile:Profile, preset:Preset, view:KarpathyDataset, identifier_maps:dict,
+                    features:FeatureCache, out:Path, seed:int, clip_table:dict|None, resume:bool, progress:bool) -> tuple[dict, Path]:
+    "One run on the validation view, in out/budget/grace-<kind>-<steps>[-lr<lr>] (the budget and length-penalty sweeps share it)."
+    name = f"{kind}-{steps}" + ("" if lr == profile.lr else f"-lr{lr:g}")
+    row = grace_stage(kind, profile.replace(lr=lr), preset, view, identifier_maps[kind], features, Path(out)/"budget", seed, clip_table,
+                      train_steps=steps, resume=resume, progress=progress, variant=f"{steps} steps, lr {lr:g}", name=name)
+    return row, Path(out)/"budget"/f"grace-{name}"/"model"
+
 def budget_stage(profile:Profile, # budget_multiples, budget_lrs, budget_identifiers and the training settings
                  preset:Preset, dataset:KarpathyDataset, # the run's backbone and corpus (its val split is used)
                  identifier_maps:dict[str, IdentifierMap], # identifiers of the whole corpus
@@ -440,10 +447,7 @@ def budget_stage(profile:Profile, # budget_multiples, budget_lrs, budget_identif
     steps_lrs += [(steps, lr) for lr in lrs if lr != profile.lr]               # other lrs at the run's steps
     for kind in kinds or str(profile.budget_identifiers).split():
         for budget, lr in steps_lrs:  # (steps, lr) of one run
-            name = f"{kind}-{budget}" + ("" if lr == profile.lr else f"-lr{lr:g}")
-            row = grace_stage(kind, profile.replace(lr=lr), preset, view, identifier_maps[kind], features, Path(out)/"budget", seed,
-                              clip_table, train_steps=budget, resume=resume, progress=progress, variant=f"{budget} steps, lr {lr:g}",
-                              name=name)
+            row, _ = _validation_run(kind, budget, lr, profile, preset, view, identifier_maps, features, out, seed, clip_table, resume, progress)
             mem = row["memorization"]
             rows.append(dict(identifier=kind, steps=budget, lr=lr, **{k: row[k] for k in ("R@1", "R@5", "R@10")},
                              memorized_train=mem["train"]["top1"], memorized_val=mem["test"]["top1"],
@@ -509,9 +513,9 @@ def length_penalty_stage(profile:Profile, # length_penalties, length_penalty_ide
     view, rows, steps = validation_view(dataset), [], train_steps or profile.train_steps
     queries, penalties = view.queries("test"), penalties or [float(x) for x in str(profile.length_penalties).split()]
     for kind in kinds or str(profile.length_penalty_identifiers).split():
-        grace_stage(kind, profile, preset, view, identifier_maps[kind], features, Path(out)/"budget", seed, clip_table, train_steps=steps,
-                    resume=resume, progress=progress, variant=f"{steps} steps, lr {profile.lr:g}", name=f"{kind}-{steps}")
-        model = load_grace_model(Path(out)/"budget"/f"grace-{kind}-{steps}"/"model")
+        _, folder = _validation_run(kind, steps, profile.lr, profile, preset, view, identifier_maps, features, out, seed, clip_table,
+                                    resume, progress)
+        model = load_grace_model(folder)
         for penalty in penalties:
             results = model.retrieve([q for q, _ in queries], num_beams=profile.num_beams, num_return=profile.num_return,
                                      batch_size=profile.eval_batch_size, length_penalty=penalty, progress=False)

@@ -278,8 +278,6 @@ class TrainConfig:
         return cls(**(values | overrides))
 
 # %% ../nbs/06_training.ipynb #bbb7ab22
-_is_main_process, _barrier = is_main_process, barrier  # rank 0 writes, every rank waits: the rank helpers of 00_core
-
 def _zero_managed(p:torch.Tensor) -> bool:
     "True for a parameter whose fp32 master copy and optimizer state DeepSpeed keeps in partitions (ZeRO 1-3, bf16)."
     return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
@@ -348,7 +346,7 @@ def save_checkpoint(folder:str|Path, # e.g. run/checkpoints/step_000100
                    ) -> Path:
     "Write a checkpoint folder atomically (safetensors + JSON); under DeepSpeed every rank gathers, rank 0 writes."
     weights, moments = _trainable_state(model), _optimizer_state(model, optimizer)
-    if _is_main_process():
+    if is_main_process():
         plain = (int, float, bool, str, list, tuple, type(None))  # hyper-parameters, for the record (the config rebuilds them)
         groups = [{k: v for k, v in g.items() if k != "params" and isinstance(v, plain)} for g in _base_optimizer(optimizer).param_groups]
         with atomic_write(folder) as tmp:
@@ -357,7 +355,7 @@ def save_checkpoint(folder:str|Path, # e.g. run/checkpoints/step_000100
             save_file(moments, str(tmp/"optimizer.safetensors"))
             save_json(dict(format=_CHECKPOINT_FORMAT, step=step, history=history, optimizer={"param_groups": groups},
                            extra=extra or {}), tmp/"state.json")
-    _barrier()
+    barrier()
     return Path(folder)
 
 def latest_checkpoint(folder:str|Path, # a run's checkpoints folder
@@ -371,7 +369,7 @@ def prune_checkpoints(folder:str|Path, # a run's checkpoints folder
                      ) -> list[Path]:
     "Delete all but the newest `keep` complete checkpoints (rank 0 only); returns the deleted folders."
     found = sorted((p for p in Path(folder).glob("step_*") if (p/"state.json").is_file()), key=lambda p: int(p.name.split("_")[1]))
-    old = found[:-keep] if keep > 0 and _is_main_process() else []
+    old = found[:-keep] if keep > 0 and is_main_process() else []
     for p in old: shutil.rmtree(p, ignore_errors=True)
     return old
 
