@@ -143,7 +143,8 @@ def test_a_rank_killed_mid_checkpoint_resumes_from_the_latest_complete_one(runs)
 
 
 ENGINE_SCRIPT = '''
-import json, torch
+import json, sys, torch
+from pathlib import Path
 from grace_nb.core import init_ranks, rank, world_size
 from grace_nb.training import TorchEngine
 init_ranks()
@@ -155,19 +156,21 @@ x, y = torch.arange(24.0).view(8, 3) / 10, torch.ones(8, 2)
 mine = slice(rank() * 8 // world_size(), (rank() + 1) * 8 // world_size())  # this rank's half of each batch
 for step in range(3):
     engine.backward(((model(x[mine] * (step + 1)) - y[mine]) ** 2).mean()); engine.step()
-print(json.dumps([p.tolist() for p in model.parameters()]))
+# a file per rank: lines that two ranks print to one pipe can interleave
+Path(sys.argv[1], f"rank{rank()}.json").write_text(json.dumps([p.tolist() for p in model.parameters()]))
 '''
 
 
 def test_plain_torch_engine_is_data_parallel(tmp_path):
     "Without a DeepSpeed config, two ranks with half batches end where one process with the whole batch ends."
     script = tmp_path/"engine.py"; script.write_text(ENGINE_SCRIPT)
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    two = subprocess.run([str(BIN/"torchrun"), "--standalone", "--nproc_per_node", "2", str(script)], env=env,
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS} | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    (tmp_path/"two").mkdir(); (tmp_path/"one").mkdir()
+    two = subprocess.run([str(BIN/"torchrun"), "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path/"two")], env=env,
                          capture_output=True, text=True, timeout=300)
-    one = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run([sys.executable, str(script), str(tmp_path/"one")], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0 and one.returncode == 0, two.stderr[-2000:] + one.stderr[-2000:]
-    weights = [json.loads(l) for l in two.stdout.splitlines() if l.startswith("[")]
+    weights = [json.loads((tmp_path/"two"/f"rank{r}.json").read_text()) for r in range(2)]
     assert len(weights) == 2 and weights[0] == weights[1]  # the ranks agree
     flat = lambda w: [v for p in w for row in (p if isinstance(p[0], list) else [p]) for v in row]
-    assert flat(weights[0]) == pytest.approx(flat(json.loads(one.stdout.splitlines()[-1])), abs=1e-6)
+    assert flat(weights[0]) == pytest.approx(flat(json.loads((tmp_path/"one"/"rank0.json").read_text())), abs=1e-6)
