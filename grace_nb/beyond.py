@@ -15,9 +15,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from fastcore.basics import patch
-from tqdm.auto import tqdm
 
-from .core import GraceError, load_json, save_json
+from .core import GraceError, load_json, save_json, progress_bar
 from .data import POSITION_WORDS, KarpathyDataset, caption_attributes, scene_graph_attributes
 from .backbone import Flamingo
 from .training import (Example, FeatureCache, TrainConfig, TrainResult, memorize_examples, retrieve_examples,
@@ -155,7 +154,7 @@ def generate_texts(flamingo:Flamingo, # the instruction-tuned bundle
     decoder, was_training, texts = FlamingoDecoder(model, pad), model.training, []
     model.eval()
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False, disable=not progress):
+        for start in progress_bar(range(0, len(prompts), batch_size), desc="generate", leave=False, progress=progress):
             part = [list(p) for p in prompts[start:start + batch_size]]
             width = max(map(len, part))
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in part], device=device)  # left padding

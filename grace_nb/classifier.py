@@ -11,10 +11,9 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .core import GraceError
+from .core import GraceError, progress_bar
 from .backbone import Flamingo, flamingo_forward
 from .training import RETRIEVE_PROMPT, TrainConfig, TrainResult, batch_indices, make_optimizer
 from .inference import Ranked, _right_padded
@@ -75,7 +74,7 @@ def train_classifier(flamingo:Flamingo, # the model, trained in place
     params = [p for group in optimizer.param_groups for p in group["params"]]
     targets, history = torch.tensor([head.row[i] for _, i in queries]), []
     model.train()
-    for step in tqdm(range(config.train_steps), desc="classifier", disable=not progress):
+    for step in progress_bar(range(config.train_steps), desc="classifier", progress=progress):
         picked = batch_indices(len(queries), config.retrieve_batch_size, step, config.seed, task=1)
         logits = head(query_states(flamingo, [queries[i][0] for i in picked]))
         loss = nn.functional.cross_entropy(logits, targets[picked].to(logits.device))
@@ -100,7 +99,7 @@ def classify(flamingo:Flamingo, # the trained model
     "The k best corpus images per query by the head's scores, as `Ranked` results (identifiers are the image ids)."
     if missing := [i for i in corpus_ids if i not in head.row]: raise ClassifierError(f"{len(missing)} corpus images are not classes, e.g. {missing[0]}")
     rows, results = torch.tensor([head.row[i] for i in corpus_ids]), []
-    for start in tqdm(range(0, len(queries), batch_size), desc="classify", disable=not progress):
+    for start in progress_bar(range(0, len(queries), batch_size), desc="classify", progress=progress):
         scores = head(query_states(flamingo, list(queries[start:start + batch_size])))[:, rows.to(head.classes.device)]
         top = scores.float().log_softmax(-1).topk(min(k, len(rows)), dim=1)
         for values, picked in zip(top.values.tolist(), top.indices.tolist()):

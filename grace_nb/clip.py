@@ -17,10 +17,9 @@ import torch
 from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from .backbone import register_clip_config, tiny_clip_config
-from .core import GraceError, atomic_write, load_json, save_json
+from .core import GraceError, atomic_write, load_json, save_json, progress_bar
 from .data import ImageRecord, KarpathyDataset
 
 # %% auto #0
@@ -68,7 +67,7 @@ def image_tensor(dataset:KarpathyDataset, # the corpus the records belong to
                 ) -> torch.Tensor:
     "Decode and transform `records` into one [N, 3, H, W] tensor."
     if not records: raise ClipError("no images to load (empty record list)")
-    return torch.stack([preprocess(dataset.load_image(r)) for r in tqdm(records, desc="loading images", leave=False, disable=not progress)])
+    return torch.stack([preprocess(dataset.load_image(r)) for r in progress_bar(records, desc="loading images", leave=False, progress=progress)])
 
 def caption_tokens(records:list[ImageRecord], # images whose captions are tokenized
                    tokenizer, # open_clip tokenizer
@@ -155,7 +154,7 @@ def train_clip(dataset:KarpathyDataset, # the corpus
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
     history, window = [], []
     model.train()
-    bar = tqdm(range(steps), desc="training CLIP", disable=not progress)
+    bar = progress_bar(range(steps), desc="training CLIP", progress=progress)
     for step in bar:
         images, captions = clip_batch(first_caption, n_captions, batch_size, seed, step)
         image_emb, text_emb, scale = model(pixels[images], tokens[captions])
@@ -198,7 +197,7 @@ def encode_images(run_or_model:ClipRun|nn.Module, # a trained run or an open_cli
     model, preprocess = _model_and_preprocess(run_or_model)
     device, out = next(model.parameters()).device, [np.zeros((0, model.visual.output_dim), np.float32)]
     with _evaluating(model):
-        for start in tqdm(range(0, len(records), batch_size), desc="encoding images", leave=False, disable=not progress):
+        for start in progress_bar(range(0, len(records), batch_size), desc="encoding images", leave=False, progress=progress):
             pixels = image_tensor(dataset, records[start:start + batch_size], preprocess, progress=False)
             out.append(model.encode_image(pixels.to(device), normalize=True).float().cpu().numpy())
     return np.concatenate(out)

@@ -6,19 +6,20 @@ Docs: https://grace-nb.github.io/grace_nb/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #b2e283a5
 from __future__ import annotations
-import ast, configparser, contextlib, json, os, random, shutil, tempfile
+import ast, configparser, contextlib, json, logging, os, random, shutil, tempfile, warnings
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['RANK_TIMEOUT', 'GraceError', 'settings_path', 'repo_root', 'Profile', 'list_profiles', 'load_profile',
-           'seed_everything', 'pick_device', 'pick_dtype', 'atomic_write', 'save_json', 'load_json', 'init_ranks',
-           'rank', 'world_size', 'is_main_process', 'barrier', 'shard_batches', 'gather_objects', 'shard_map',
-           'main_only', 'main_first']
+__all__ = ['RANK_TIMEOUT', 'QUIET_LOGGERS', 'GraceError', 'settings_path', 'repo_root', 'Profile', 'list_profiles',
+           'load_profile', 'seed_everything', 'pick_device', 'pick_dtype', 'atomic_write', 'save_json', 'load_json',
+           'init_ranks', 'rank', 'world_size', 'is_main_process', 'barrier', 'shard_batches', 'gather_objects',
+           'shard_map', 'main_only', 'main_first', 'progress_bar', 'quiet']
 
 # %% ../nbs/00_core.ipynb #9bded674
 class GraceError(Exception):
@@ -281,3 +282,27 @@ def main_first(fn:Callable[[bool], Any]) -> Any:
     main_only(lambda: kept.append(fn(True)))  # only None travels: each rank keeps its own value
     if kept: return kept[0]
     with _alone(): return fn(False)
+
+# %% ../nbs/00_core.ipynb #40fc6d0f
+_SHOW_PROGRESS = True   # `quiet()` sets it; read at each bar, so it applies to bars made after the call
+
+def progress_bar(iterable:Iterable|None=None, # what to iterate over (None: update the bar by hand, with `total=`)
+                 progress:bool=True, # the caller's own switch (its `progress=` argument)
+                 **kwargs # tqdm's options: desc, total, leave, initial, ...
+                ) -> tqdm:
+    "A tqdm bar over `iterable`, drawn only when `progress` is on, on rank 0, and unless `quiet` turned bars off"
+    return tqdm(iterable, disable=not (progress and _SHOW_PROGRESS and is_main_process()), **kwargs)
+
+# %% ../nbs/00_core.ipynb #8ad8f1a0
+QUIET_LOGGERS = ("transformers", "huggingface_hub", "torch.distributed", "DeepSpeed", "open_clip", "PIL", "matplotlib")
+
+def quiet(progress:bool|None=None, # our progress bars; None: off when run headless (the IN_TEST variable is set)
+         ) -> bool: # whether bars are shown from now on
+    "Silence library chatter for a notebook's outputs: logging below ERROR, Hugging Face's bars, and (headless) ours"
+    global _SHOW_PROGRESS
+    _SHOW_PROGRESS = not os.environ.get("IN_TEST") if progress is None else bool(progress)
+    for name in ("",) + QUIET_LOGGERS: logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*(TypedStorage|torch.utils._pytree|resume_download).*")
+    return _SHOW_PROGRESS

@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 from fastcore.basics import patch
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
 
-from .core import GraceError, load_json, save_json
+from .core import GraceError, load_json, save_json, progress_bar
 
 # %% auto #0
 __all__ = ['KARPATHY_SPLITS', 'SHAPE_WORDS', 'COLORS', 'COLOR_WORDS', 'SIZE_WORDS', 'BACKGROUNDS', 'BACKGROUND_WORDS',
@@ -292,7 +291,7 @@ def write_shapes_corpus(out_dir:str|Path, # folder to write into (created if mis
     splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
     entries = []
     scenes = sample_scenes(len(splits), seed)
-    for i, (split, scene) in enumerate(tqdm(list(zip(splits, scenes)), desc="shapes corpus", disable=not progress)):
+    for i, (split, scene) in enumerate(progress_bar(list(zip(splits, scenes)), desc="shapes corpus", progress=progress)):
         draw_scene(scene, image_size).save(out_dir / "images" / f"shapes_{i:06d}.png", format="PNG")
         captions = caption_scene(scene, np.random.default_rng([seed, 1, i]), n_captions)
         entries.append(_shapes_entry(i, split, scene, captions, first_sentid=i * n_captions))
@@ -420,7 +419,7 @@ def load_karpathy(json_path:str|Path, # dataset_flickr30k.json, dataset_coco.jso
     if check != "none" and not image_root.is_dir(): raise DataError(f"image root not found: {image_root} (images of {json_path})")
     wanted = set(splits) | ({"restval"} if include_restval else set())
     records, skipped, seen_files, seen_ids = [], {}, {}, {}
-    for i, entry in enumerate(tqdm(entries, desc=f"checking {json_path.name}", disable=not progress or len(entries) < 1000)):
+    for i, entry in enumerate(progress_bar(entries, desc=f"checking {json_path.name}", progress=progress and len(entries) >= 1000)):
         problem, record = _load_entry(entry, i, image_root, wanted, check, include_restval, seen_files, seen_ids)
         if problem is None:
             if record is not None: records.append(record)

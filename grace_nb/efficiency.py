@@ -15,10 +15,9 @@ import numpy as np
 import open_clip
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import MptForCausalLM
 
-from .core import GraceError, save_json
+from .core import GraceError, save_json, progress_bar
 from .backbone import tiny_clip_config, tiny_lm_config
 from .clip import create_clip
 from .data import caption_scene, sample_scenes
@@ -563,7 +562,7 @@ def _run(s:dict, dtype, prefill_all:bool, paired_rounds:int, progress:bool) -> E
     text = (time_clip_text(clip_model, clip_tokenizer, texts[:s["queries"]], s["batch_size"], s["repeats"]),
             time_clip_text(clip_model, clip_tokenizer, texts[:s["latency_queries"]], 1, s["repeats"]))
     dim, run = clip_model.text_projection.shape[1], EfficiencyRun([], settings=s)
-    for n in tqdm(s["sizes"], desc="corpus sizes", disable=not progress):
+    for n in progress_bar(s["sizes"], desc="corpus sizes", progress=progress):
         run.rows += _grace_rows(model, decoders, batches, singles, tokenizer, eoc, base, n, s["kinds"], s["repeats"],
                                 s["num_beams"], prefill_all)
         run.rows += _clip_rows(n, dim, text, s["queries"], s["latency_queries"], s["batch_size"], s["repeats"],

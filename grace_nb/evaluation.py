@@ -14,9 +14,8 @@ from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from .core import GraceError, atomic_write, barrier, is_main_process, load_json, save_json, shard_map
+from .core import GraceError, atomic_write, barrier, is_main_process, load_json, save_json, shard_map, progress_bar
 from .data import KarpathyDataset, caption_attributes, scene_graph_attributes
 from .identifiers import IdentifierMap, identifier_token_ids
 from .trie import TensorTrie
@@ -235,7 +234,7 @@ def memorize_rankings(model:GraceModel, # a trained model; its identifier map co
     decoder, was_training = FlamingoDecoder(net, tok.pad_token_id), net.training
     def rankings(shown:list[int]) -> list:  # beam search over this rank's images, batch by batch
         found = []
-        for start in tqdm(range(0, len(shown), batch_size), desc="memorization", leave=False, disable=not progress):
+        for start in progress_bar(range(0, len(shown), batch_size), desc="memorization", leave=False, progress=progress):
             part = shown[start:start + batch_size]
             ids = prompt.expand(len(part), -1)
             found += beam_search(decoder, ids, torch.ones_like(ids), features=features(part).to(device), **search)

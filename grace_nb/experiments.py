@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from .core import GraceError
+from .core import GraceError, progress_bar
 from .data import BACKGROUND_WORDS, COLOR_WORDS, SHAPE_WORDS, KarpathyDataset
 from .identifiers import IdentifierMap, identifier_token_ids
 from .backbone import Flamingo
@@ -80,7 +79,7 @@ def generate_captions(flamingo:Flamingo, # a trained captioner
     decoder, was_training, captions = FlamingoDecoder(model, tokenizer.pad_token_id), model.training, {}
     model.eval()
     try:
-        for start in tqdm(range(0, len(image_ids), batch_size), desc="captions", leave=False, disable=not progress):
+        for start in progress_bar(range(0, len(image_ids), batch_size), desc="captions", leave=False, progress=progress):
             part = list(image_ids[start:start + batch_size])
             ids = prompt_ids.expand(len(part), -1)
             found = beam_search(decoder, ids, torch.ones_like(ids), None, eoc, num_beams=num_beams or max(n, 5),
@@ -205,7 +204,7 @@ def beam_sweep(model:GraceModel, # a trained model
     "Recall@K at each beam width (returning min(width, max K) identifiers), with seconds per query."
     if not beams or min(beams) < 1: raise GraceError(f"beam widths must be positive integers, got {list(beams)}")
     rows = []
-    for width in tqdm(list(beams), desc=f"beam sweep ({model.kind})", leave=False, disable=not progress):
+    for width in progress_bar(list(beams), desc=f"beam sweep ({model.kind})", leave=False, progress=progress):
         start = time.perf_counter()
         results = model.retrieve([q for q, _ in queries], num_beams=width, num_return=min(width, max(ks)),
                                  batch_size=batch_size, length_penalty=length_penalty, progress=False)

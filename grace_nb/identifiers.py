@@ -16,10 +16,9 @@ from fastcore.basics import patch
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .core import GraceError, load_json, save_json
+from .core import GraceError, load_json, save_json, progress_bar
 
 # %% auto #0
 __all__ = ['KINDS', 'IdentifierError', 'MissingImageError', 'IdentifierMap', 'string_identifiers', 'numeric_identifiers',
@@ -223,7 +222,7 @@ def _cluster_paths(embeddings:np.ndarray, k:int, c:int, seed:int, n_init:int, pr
     "Path of (level, index) pairs for every row: cluster indices, then the position in its leaf."
     paths = [None] * len(embeddings)
     stack = [(np.arange(len(embeddings)), ())]
-    with tqdm(total=len(embeddings), desc="structured identifiers", disable=not progress) as bar:
+    with progress_bar(total=len(embeddings), desc="structured identifiers", progress=progress) as bar:
         while stack:
             rows, prefix = stack.pop()
             level = len(prefix) + 1

@@ -12,9 +12,8 @@ from typing import Protocol
 
 import torch
 from fastcore.basics import patch
-from tqdm.auto import tqdm
 
-from .core import GraceError
+from .core import GraceError, progress_bar
 from .trie import TensorTrie
 from .training import RETRIEVE_PROMPT
 from .backbone import Flamingo, flamingo_forward
@@ -361,7 +360,7 @@ def retrieve(flamingo:Flamingo, # the trained model bundle (tokenizer grown with
     decoder, was_training, ranked = FlamingoDecoder(model, tokenizer.pad_token_id), model.training, []
     model.eval()
     try:
-        for start in tqdm(range(0, len(queries), batch_size), desc="retrieve", disable=not progress):
+        for start in progress_bar(range(0, len(queries), batch_size), desc="retrieve", progress=progress):
             prompts = [prompt_template.format(query=q) for q in queries[start:start + batch_size]]
             batch = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt").to(device)
             _check_lengths(batch.attention_mask.sum(1).tolist(), start, queries, search["max_new_tokens"], limit)

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .core import GraceError, Profile, list_profiles, load_json, load_profile, pick_device, pick_dtype, save_json, seed_everything
+from .core import GraceError, Profile, list_profiles, load_json, load_profile, pick_device, pick_dtype, save_json, seed_everything, progress_bar
 from .core import init_ranks, is_main_process, main_first, main_only, shard_map, world_size
 from .data import SHAPES_JSON, KarpathyDataset, load_karpathy, sample_scenes, write_shapes_corpus
 from .identifiers import (IdentifierMap, add_identifier_tokens, build_identifiers, identifier_token_ids,
@@ -108,7 +107,7 @@ def build_all_identifiers(dataset:KarpathyDataset, # corpus whose images get ide
     kinds = str(profile.identifier_types).split()
     return {kind: build_identifiers(kind, image_ids, captions=captions, embeddings=embeddings, k=profile.kmeans_k,
                                     c=profile.kmeans_c, codebook_size=profile.vq_codebook_size, seed=seed)
-            for kind in tqdm(kinds, desc="identifiers", leave=False, disable=not progress)}
+            for kind in progress_bar(kinds, desc="identifiers", leave=False, progress=progress)}
 
 # %% ../nbs/13_pipeline.ipynb #21e6574a
 def identifier_stage(dataset:KarpathyDataset, profile:Profile, embeddings:np.ndarray, # as for `build_all_identifiers`

@@ -14,10 +14,9 @@ from typing import Sequence
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .core import GraceError, Profile, atomic_write, load_json, save_json
+from .core import GraceError, Profile, atomic_write, load_json, save_json, progress_bar
 from .data import KarpathyDataset, _scene_key, _shapes_entry, caption_scene, draw_scene, load_karpathy, sample_scene, sample_scenes
 from .identifiers import train_bpe_tokenizer
 from .backbone import Flamingo, Preset, flamingo_forward, load_flamingo, tiny_lm_config, vision_features, write_tiny_preset
@@ -60,7 +59,7 @@ def write_pretraining_pool(out_dir:str|Path, # folder for images/ and dataset_po
     out_dir, scenes = Path(out_dir), pool_scenes(n_images + n_heldout, seed, exclude)
     (out_dir/"images").mkdir(parents=True, exist_ok=True)
     entries = []
-    for i, scene in enumerate(tqdm(scenes, desc="pretraining pool", leave=False, disable=not progress)):
+    for i, scene in enumerate(progress_bar(scenes, desc="pretraining pool", leave=False, progress=progress)):
         draw_scene(scene, image_size).save(out_dir/"images"/f"shapes_{i:06d}.png", format="PNG")
         captions = caption_scene(scene, np.random.default_rng([seed, 3, i]), n_captions)
         entries.append(_shapes_entry(i, "train" if i < n_images else "val", scene, captions, first_sentid=i * n_captions))
@@ -168,7 +167,7 @@ def pool_features(flamingo:Flamingo, dataset:KarpathyDataset, records:Sequence, 
                   progress:bool=True) -> tuple[torch.Tensor, dict[int, int]]:
     "Frozen vision features of `records`, [N, tokens, vis_dim], and image id -> row."
     chunks = []
-    for start in tqdm(range(0, len(records), batch_size), desc="pool features", leave=False, disable=not progress):
+    for start in progress_bar(range(0, len(records), batch_size), desc="pool features", leave=False, progress=progress):
         pixels = torch.stack([flamingo.image_processor(dataset.load_image(r)) for r in records[start:start + batch_size]])
         chunks.append(vision_features(flamingo.model, pixels).float())
     return torch.cat(chunks), {r.image_id: i for i, r in enumerate(records)}
@@ -189,7 +188,7 @@ def pretrain_flamingo(flamingo:Flamingo, # trained in place
                                    {"params": [p for p in trainable if id(p) not in cross], "weight_decay": 0.0}], lr=config.lr)
     schedule, history = get_linear_schedule_with_warmup(optimizer, config.warmup, config.steps), []
     model.train()
-    for step in (bar := tqdm(range(config.steps), desc="pretraining", disable=not progress)):
+    for step in (bar := progress_bar(range(config.steps), desc="pretraining", progress=progress)):
         parts = {}
         for task in TASKS:
             batch = pretrain_batch(task_examples(task, tok, records, config.batch_size, step, config.seed), tok.pad_token_id, features, rows)

@@ -19,11 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from fastcore.basics import patch
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from .core import (GraceError, Profile, atomic_write, barrier, gather_objects, is_main_process, load_json, main_only,
-                           rank, save_json, world_size)
+                           rank, save_json, world_size, progress_bar)
 from .data import KarpathyDataset, ImageRecord
 from .backbone import Flamingo, flamingo_forward, vision_features
 
@@ -116,7 +115,7 @@ def cache_features(flamingo:Flamingo, # supplies the vision encoder and its imag
     "Encode every image once with the frozen vision encoder."
     model = flamingo.model
     chunks, starts = [], range(0, len(records), batch_size)
-    for start in tqdm(starts, desc="vision features", leave=False, disable=not progress):
+    for start in progress_bar(starts, desc="vision features", leave=False, progress=progress):
         part = records[start:start + batch_size]
         pixels = torch.stack([flamingo.image_processor(dataset.load_image(r)) for r in part])
         chunks.append(vision_features(model, pixels.to(next(model.parameters()).device)).float().cpu())
@@ -576,7 +575,7 @@ def train_grace(flamingo:Flamingo, # model to train in place (vocabulary already
         with warnings.catch_warnings():  # stepping the schedule alone, to where the saved run stood, is intended
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(step): scheduler.step()
-    bar = tqdm(range(step, config.train_steps), desc="training", disable=not progress, initial=step, total=config.train_steps)
+    bar = progress_bar(range(step, config.train_steps), desc="training", progress=progress, initial=step, total=config.train_steps)
     for step in bar:
         mem, ret, scale = _step_batches(memorize, retrieve, features, config, step, pad)
         loss, parts = training_step(engine.module, mem, ret, scale)

@@ -15,8 +15,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
-from tqdm.auto import tqdm
 
+from .core import progress_bar
 from .identifiers import IdentifierError, IdentifierMap, _check_embeddings, _check_image_ids, _l2_normalize
 
 # %% auto #0
@@ -50,7 +50,7 @@ def residual_quantize(embeddings:np.ndarray, # N x d
     if normalize: emb = _l2_normalize(emb)
     total = max(float((emb ** 2).sum(1).mean()), 1e-12)
     residual, codes, codebooks, errors = emb, [], [], []
-    for _ in tqdm(range(levels), desc="residual quantization", disable=not progress):
+    for _ in progress_bar(range(levels), desc="residual quantization", progress=progress):
         last_input = residual
         with warnings.catch_warnings():  # fewer distinct residuals than codes (tiny inputs) is fine: codes repeat
             warnings.simplefilter("ignore", ConvergenceWarning)
