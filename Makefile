@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo test browser sync-check nbtest docs pytest bench readme clean
+.PHONY: install demo test browser sync-check nbtest docs pytest bench readme outputs clean
 
 ## install: create .venv in the repository with everything (fast when already done)
 install: $(STAMP)
@@ -66,6 +66,11 @@ DOCS_EXECUTE ?= missing
 export DOCS_EXECUTE
 docs: install
 	$(BIN)/python docs/build.py --execute $(DOCS_EXECUTE)
+
+## outputs: run notebooks in place and save them with their outputs (slow/gpu cells keep theirs; FLAGS=slow runs them too)
+##   make outputs NB="nbs/06_training.ipynb nbs/07_inference.ipynb"
+outputs: install
+	$(BIN)/python docs/build.py --save $(NB) $(if $(FLAGS),--run-flags $(FLAGS))
 
 ## readme: regenerate README.md from nbs/index.ipynb offline (nbdev-readme needs Quarto)
 readme: install

@@ -101,6 +101,26 @@ def run_notebook(src: Path, dst: Path, skip_flags: list[str]):
     write_nb(notebook, dst)
 
 
+def save_outputs(src: Path, skip_flags: list[str]):
+    """Run notebook `src` in place as nbdev-test does (cells flagged with `skip_flags` skipped: they keep the outputs
+    they were saved with) and save it with its new outputs (`make outputs NB=nbs/06_training.ipynb`)"""
+    from execnb.shell import CaptureShell
+    from fastcore.nbio import read_nb, write_nb
+    from fastcore.xtras import working_directory
+    from nbdev.test import _skip_cell
+    os.environ["IN_TEST"] = "1"   # quiet(): no progress bars in the saved outputs
+    notebook = read_nb(src)
+    shell = CaptureShell(src)
+    try:
+        with working_directory(src.parent):
+            shell.run_all(notebook, exc_stop=True, preproc=_skip_cell(notebook, skip_flags))
+    except Exception:
+        sys.stderr.write((shell.prettytb(fname=src) or traceback.format_exc()) + "\n"); sys.exit(1)
+    write_nb(notebook, src)
+    subprocess.run([str(Path(sys.executable).parent/"nbdev-clean"), "--fname", str(src)], check=True)
+    log(f"saved {src.name} with its outputs")
+
+
 def _run_in_subprocess(src: Path, dst: Path, skip_flags: list[str]) -> tuple[str, float, str | None]:
     "run_notebook in a fresh Python (an IPython shell takes over its process's __main__): (name, seconds, error)"
     start = time.time()
@@ -297,6 +317,10 @@ def main(argv=None):
                         help="which notebooks to run before processing: those saved without outputs (default), all, none")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("DOCS_WORKERS", min(2, os.cpu_count() or 1))))
     parser.add_argument("--strict", action="store_true", help="turn Sphinx warnings into errors")
+    parser.add_argument("--save", nargs="+", metavar="NOTEBOOK", type=Path,
+                        help="run these notebooks in place (cells flagged slow/gpu skipped, keeping their saved outputs) "
+                             "and save them with their outputs; --run-flags FLAG... also runs the cells flagged FLAG")
+    parser.add_argument("--run-flags", nargs="*", default=[], help="with --save: flags whose cells run too (e.g. slow)")
     parser.add_argument("--run-one", nargs=2, metavar=("SRC", "DST"), help=argparse.SUPPRESS)   # used by stage()
     parser.add_argument("--flags", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -304,6 +328,9 @@ def main(argv=None):
     from nbdev.config import get_config
     skip_flags = get_config(ROOT).tst_flags
     skip_flags = skip_flags.split() if isinstance(skip_flags, str) else list(skip_flags or [])
+    if args.save:
+        for notebook in args.save: save_outputs(notebook.resolve(), [f for f in skip_flags if f not in args.run_flags])
+        return 0
     sources = source_notebooks()
     steps = {}
     try:

@@ -297,7 +297,7 @@ def progress_bar(iterable:Iterable|None=None, # what to iterate over (None: upda
 QUIET_LOGGERS = ("transformers", "huggingface_hub", "torch.distributed", "DeepSpeed", "open_clip", "PIL", "matplotlib")
 
 def quiet(progress:bool|None=None, # our progress bars; None: off when run headless (the IN_TEST variable is set)
-         ) -> bool: # whether bars are shown from now on
+         ) -> None:
     "Silence library chatter for a notebook's outputs: logging below ERROR, Hugging Face's bars, and (headless) ours"
     global _SHOW_PROGRESS
     _SHOW_PROGRESS = not os.environ.get("IN_TEST") if progress is None else bool(progress)
@@ -305,4 +305,3 @@ def quiet(progress:bool|None=None, # our progress bars; None: off when run headl
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*(TypedStorage|torch.utils._pytree|resume_download).*")
-    return _SHOW_PROGRESS
