@@ -7,11 +7,12 @@ Docs: https://grace-nb.github.io/grace_nb/pipeline.html.md"""
 # %% ../nbs/13_pipeline.ipynb #cd7976c8
 from __future__ import annotations
 import copy, time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 from .core import GraceError, Profile, list_profiles, load_json, load_profile, pick_device, pick_dtype, save_json, seed_everything, progress_bar
 from .core import init_ranks, is_main_process, main_first, main_only, shard_map, world_size
@@ -32,10 +33,11 @@ from .experiments import (OUTCOMES, CAPTION_PROMPT, beam_sweep, caption_quality,
 
 # %% auto #0
 __all__ = ['PAPER_BUDGET', 'PAPER_TABLE2', 'prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_stage',
-           'identifier_report', 'pretrain_stage', 'backbone_stage', 'captioner_stage', 'training_budget', 'grace_stage',
-           'evaluate_stage', 'training_curve', 'classifier_stage', 'table2_markdown', 'validation_view', 'budget_stage',
-           'nearest_cosine', 'vision_distinctness', 'plot_budget', 'length_penalty_stage', 'best_length_penalty',
-           'plot_length_penalty', 'efficiency_stage', 'free_stage', 'sweep_stage', 'reproduce']
+           'identifier_report', 'pretrain_stage', 'backbone_stage', 'captioner_stage', 'training_budget',
+           'grace_examples', 'evaluate_stage', 'grace_row', 'grace_stage', 'training_curve', 'classifier_stage',
+           'table2_markdown', 'validation_view', 'budget_stage', 'nearest_cosine', 'vision_distinctness', 'plot_budget',
+           'length_penalty_stage', 'best_length_penalty', 'plot_length_penalty', 'free_stage', 'sweep_stage',
+           'efficiency_stage', 'Job', 'plan_job', 'reproduce']
 
 # %% ../nbs/13_pipeline.ipynb #def70bd5
 def prepare_corpus(profile:Profile, # the experiment profile
@@ -231,55 +233,18 @@ def training_budget(config:TrainConfig, memorized_images:int, retrieve_queries:i
                 paper_memorize_passes=passes(PAPER_BUDGET["memorize_examples"], PAPER_BUDGET["memorized_images"]),
                 paper_retrieve_epochs=passes(PAPER_BUDGET["retrieve_examples"], PAPER_BUDGET["retrieve_queries"]))
 
-# %% ../nbs/13_pipeline.ipynb #6d9e42c6
-def grace_stage(kind:str, # identifier type to train
-                profile:Profile, # training, inference and atomic_init settings
-                preset:Preset, # the run's backbone
-                dataset:KarpathyDataset, # the corpus
-                identifier_map:IdentifierMap, # that type's identifiers of the whole corpus
-                features:FeatureCache, # frozen vision features of the memorized images
-                out:Path, # run folder: out/grace-<name>/ (checkpoints, model/, row.json)
-                seed:int, # data order
-                clip_table:dict|None=None, # image id -> CLIP embedding (atomic_init = clip)
-                train_steps:int|None=None, # overrides the profile's train_steps
-                resume:bool=False, # skip a finished run, continue an unfinished one from its latest checkpoint
-                progress:bool=True,
-                extra_queries:list[tuple[str, int]]|None=None, # pseudo-queries (caption, test image id) to retrieve-train on
-                memorize:bool=True, # False: Table 2's "w/o learning to memorize"
-                atomic_init:str|None=None, # overrides the profile's atomic_init (atomic identifiers)
-                variant:str="full", # the row's label
-                name:str|None=None, # run folder name (default: the identifier type)
-               ) -> dict:
-    "Train GRACE with one identifier type from `preset`, save it, and evaluate it on the test captions; returns its metrics row."
-    run_dir = Path(out)/f"grace-{name or kind}"
-    if resume and (run_dir/"row.json").is_file(): return load_json(run_dir/"row.json")
-    flamingo = load_flamingo(preset, seed=seed)
-    init = (atomic_init or profile.atomic_init) if kind == "atomic" else "random"
-    grow_vocabulary(flamingo, identifier_map, init=init, image_embeddings=clip_table, seed=seed)
-    token_ids = identifier_token_ids(identifier_map, flamingo.tokenizer)
+# %% ../nbs/13_pipeline.ipynb #3a7000a3
+def grace_examples(tokenizer, # the run's tokenizer, with the identifier tokens added
+                   identifier_map:IdentifierMap, # identifiers of the whole corpus
+                   dataset:KarpathyDataset, # train and test images are memorized, train captions are queries
+                   extra_queries:list[tuple[str, int]]|None=None, # pseudo-queries (caption, test image id)
+                   memorize:bool=True, # False: no memorize examples (Table 2's "w/o learning to memorize")
+                  ) -> tuple[list, list]:
+    "A run's memorize examples (every train and test image) and retrieve examples (training captions, pseudo-queries)."
+    token_ids = identifier_token_ids(identifier_map, tokenizer)
     memorized = [r.image_id for r in dataset.records if r.split in ("train", "test")]
-    mem_examples = memorize_examples(flamingo.tokenizer, token_ids, memorized) if memorize else []
-    queries = dataset.queries("train") + list(extra_queries or [])
-    ret_examples = retrieve_examples(flamingo.tokenizer, token_ids, queries)
-    overrides = {"seed": seed} | ({} if train_steps is None else {"train_steps": train_steps})
-    config = TrainConfig.from_profile(profile, **overrides)
-    result = train_grace(flamingo, mem_examples, ret_examples, features, config, out=run_dir, resume=resume, progress=progress)
-    test = dataset.split("test")
-    folder = save_grace_model(run_dir/"model", flamingo, identifier_map, [r.image_id for r in test],
-                              {r.image_id: str(r.path) for r in test},
-                              extra=dict(train=config.__dict__, atomic_init=init, memorize=memorize, variant=variant,
-                                         pseudo_queries=len(extra_queries or []), history=result.history, ranks=world_size()))
-    row = evaluate_stage(folder, profile, dataset, progress=progress)
-    # does the model write each image's own identifier from the memorize prompt? (train and test separately)
-    row["memorization"] = split_memorization(load_grace_model(folder), features, dataset, sample=profile.memorization_sample,
-                                             seed=seed, batch_size=profile.eval_batch_size, num_beams=profile.num_beams)
-    row["budget"] = training_budget(config, len(mem_examples), len(ret_examples))
-    row = row | dict(variant=variant, train_steps=config.train_steps, train_seconds=result.train_seconds,
-                     final_loss=result.history[-1]["loss"] if result.history else None, memorize=memorize,
-                     pseudo_queries=len(extra_queries or []), atomic_init=init if kind == "atomic" else None,
-                     backbone=preset.name)
-    if is_main_process(): save_json(row, run_dir/"row.json")
-    return row
+    mem_examples = memorize_examples(tokenizer, token_ids, memorized) if memorize else []
+    return mem_examples, retrieve_examples(tokenizer, token_ids, dataset.queries("train") + list(extra_queries or []))
 
 # %% ../nbs/13_pipeline.ipynb #e53f3340
 def evaluate_stage(folder:str|Path, # a saved GRACE model folder
@@ -301,6 +266,62 @@ def evaluate_stage(folder:str|Path, # a saved GRACE model folder
                **{k: round(metrics[k], 2) for k in ("R@1", "R@5", "R@10")}, n_queries=metrics["n_queries"],
                eval_seconds=seconds, invalid_rate=metrics["invalid_rate"], model=str(folder), collapse=collapse_report(results))
     return row if constrained else row | {"outcomes": generation_outcomes(model, results, dataset)}
+
+# %% ../nbs/13_pipeline.ipynb #98ed029b
+def grace_row(folder:str|Path, # the run's saved model folder
+              profile:Profile, # evaluation settings (num_beams, eval_batch_size, memorization_sample, ...)
+              dataset:KarpathyDataset, # its test captions are the queries
+              features:FeatureCache, # vision features of the memorized images
+              seed:int, # which images the memorization check samples
+              config:TrainConfig, # the run's training settings
+              result, # what `train_grace` returned
+              examples:tuple[int, int], # how many memorize and retrieve examples the run trained on
+              progress:bool=True,
+             ) -> dict:
+    "A trained run's metrics row: test R@K of its saved model, its memorization of train and test images, its budget."
+    row = evaluate_stage(folder, profile, dataset, progress=progress)
+    # does the model write each image's own identifier from the memorize prompt? (train and test separately)
+    row["memorization"] = split_memorization(load_grace_model(folder), features, dataset, sample=profile.memorization_sample,
+                                             seed=seed, batch_size=profile.eval_batch_size, num_beams=profile.num_beams)
+    row["budget"] = training_budget(config, *examples)
+    return row | dict(train_steps=config.train_steps, train_seconds=result.train_seconds,
+                      final_loss=result.history[-1]["loss"] if result.history else None)
+
+# %% ../nbs/13_pipeline.ipynb #6d9e42c6
+def grace_stage(kind:str, # identifier type to train
+                profile:Profile, # training, inference and atomic_init settings
+                preset:Preset, # the run's backbone
+                dataset:KarpathyDataset, # the corpus
+                identifier_map:IdentifierMap, # that type's identifiers of the whole corpus
+                features:FeatureCache, # frozen vision features of the memorized images
+                out:Path, # run folder: out/grace-<name>/ (checkpoints, model/, row.json)
+                seed:int, # data order
+                clip_table:dict|None=None, # image id -> CLIP embedding (atomic_init = clip)
+                train_steps:int|None=None, # overrides the profile's train_steps
+                resume:bool=False, # skip a finished run, continue an unfinished one from its latest checkpoint
+                progress:bool=True,
+                extra_queries:list[tuple[str, int]]|None=None, # pseudo-queries (caption, test image id) to retrieve-train on
+                memorize:bool=True, # False: Table 2's "w/o learning to memorize"
+                atomic_init:str|None=None, # overrides the profile's atomic_init (atomic identifiers)
+                variant:str="full", # the row's label
+                name:str|None=None, # run folder name (default: the identifier type)
+               ) -> dict:
+    "Train GRACE with one identifier type from `preset`, save it, and evaluate it on the test captions; returns its metrics row."
+    run_dir = Path(out)/f"grace-{name or kind}"
+    if resume and (run_dir/"row.json").is_file(): return load_json(run_dir/"row.json") | {"model": str(run_dir/"model")}
+    flamingo = load_flamingo(preset, seed=seed)
+    init = (atomic_init or profile.atomic_init) if kind == "atomic" else "random"
+    grow_vocabulary(flamingo, identifier_map, init=init, image_embeddings=clip_table, seed=seed)
+    examples = grace_examples(flamingo.tokenizer, identifier_map, dataset, extra_queries, memorize)
+    config = TrainConfig.from_profile(profile, seed=seed, **({} if train_steps is None else {"train_steps": train_steps}))
+    result = train_grace(flamingo, *examples, features, config, out=run_dir, resume=resume, progress=progress)
+    facts, test = dict(variant=variant, memorize=memorize, pseudo_queries=len(extra_queries or [])), dataset.split("test")
+    folder = save_grace_model(run_dir/"model", flamingo, identifier_map, [r.image_id for r in test], {r.image_id: str(r.path) for r in test},
+                              extra=facts | dict(train=config.__dict__, atomic_init=init, history=result.history, ranks=world_size()))
+    row = grace_row(folder, profile, dataset, features, seed, config, result, tuple(map(len, examples)), progress) | facts
+    row |= dict(atomic_init=init if kind == "atomic" else None, backbone=preset.name)
+    if is_main_process(): save_json(row, run_dir/"row.json")
+    return row
 
 # %% ../nbs/13_pipeline.ipynb #cd1ddf27
 def training_curve(run_dir:str|Path, # a GRACE run folder: checkpoints/ and model/
@@ -411,6 +432,15 @@ def table2_markdown(rows:list[dict], # the full rows and the ablation rows of a 
                          f"{' / '.join(map(str, paper)) if paper else '–'} | {where} |")
     return "\n".join(lines)
 
+# %% ../nbs/13_pipeline.ipynb #a7202613
+_ABLATION_ORDER = ("w/o learning to memorize", "w/o constrained generation", "w/o pseudo-queries")
+
+def _table2_rows(full:list[dict], trained:list[dict], free:list[dict]) -> list[dict]:
+    "Table 2's rows: per identifier type (in `full`'s order) its full row, then its ablations in the paper's order."
+    ablated = trained + free
+    return [row for f in full for row in [f] + sorted((r for r in ablated if r["identifier"] == f["identifier"]),
+                                                      key=lambda r: _ABLATION_ORDER.index(r["variant"]))]
+
 # %% ../nbs/13_pipeline.ipynb #75f3264b
 def validation_view(dataset:KarpathyDataset, # the corpus
                    ) -> KarpathyDataset:
@@ -496,6 +526,7 @@ def plot_budget(rows:list[dict], # `budget_stage` rows
         ax.set_xticks(sorted({r["steps"] for r in rows}), [str(s) for s in sorted({r["steps"] for r in rows})])
     axes[0].legend(fontsize=8); fig.suptitle(title, fontsize=10); fig.tight_layout()
     if path is not None: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=120)
+    plt.close(fig)  # shown once, where it is returned
     return fig
 
 # %% ../nbs/13_pipeline.ipynb #1172269e
@@ -551,16 +582,32 @@ def plot_length_penalty(rows:list[dict], # `length_penalty_stage` rows
     for ax in axes: ax.grid(alpha=0.3); ax.set_xticks(sorted({r["length_penalty"] for r in rows}))
     axes[0].legend(fontsize=8); fig.suptitle(title, fontsize=10); fig.tight_layout()
     if path is not None: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=120)
+    plt.close(fig)  # shown once, where it is returned
     return fig
 
-# %% ../nbs/13_pipeline.ipynb #763bcdee
-def _format_table(rows:list[dict]) -> str:
-    "A plain-text table of dict rows (same keys), right-aligned numbers."
-    keys = list(rows[0])
-    cells = [["–" if r[k] is None else str(r[k]) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
-    return "\n".join([line(keys), line(["-" * w for w in widths]), *map(line, cells)])
+# %% ../nbs/13_pipeline.ipynb #4ce3796f
+def _ints(value) -> list[int]: return [int(v) for v in str(value).split()]
+
+def _cached(path:Path, resume:bool, make):
+    "`make()`'s JSON value, saved to `path`; with `resume`, the saved value when there is one."
+    if resume and path.is_file(): return load_json(path)
+    value = make()
+    if is_main_process(): save_json(value, path)
+    return value
+
+def free_stage(row:dict, # a GRACE run's metrics row (its `model` folder)
+               profile:Profile, dataset:KarpathyDataset, resume:bool=False, progress:bool=True) -> dict:
+    "Table 2's 'w/o constrained generation' row of a trained model (saved as free.json beside it)."
+    return _cached(Path(row["model"]).parent/"free.json", resume,
+                   lambda: evaluate_stage(row["model"], profile, dataset, constrained=False, progress=progress))
+
+def sweep_stage(row:dict, # a GRACE run's metrics row (its `model` folder)
+                profile:Profile, dataset:KarpathyDataset, resume:bool=False, progress:bool=True) -> list[dict]:
+    "Figure 6's rows of a trained model at the profile's beam_sizes (saved as beams_<sizes>.json beside it)."
+    sizes = _ints(profile.beam_sizes)
+    return _cached(Path(row["model"]).parent/f"beams_{'-'.join(map(str, sizes))}.json", resume,
+                   lambda: beam_sweep(load_grace_model(row["model"]), dataset.queries("test"), beams=sizes,
+                                      batch_size=profile.eval_batch_size, length_penalty=profile.length_penalty, progress=progress))
 
 # %% ../nbs/13_pipeline.ipynb #7d242ec8
 _EXACT = "faiss flat (exact), 1 thread"
@@ -599,45 +646,23 @@ def efficiency_stage(profile:Profile, # model_preset picks the backbone's size; 
                                            f"latency of one query (ms):\n\n{efficiency_table(run, 'latency_ms')}\n")
     return dict(summary=summary, rows=run.rows, settings=run.settings)
 
-# %% ../nbs/13_pipeline.ipynb #4ce3796f
-def _cached(path:Path, resume:bool, make):
-    "`make()`'s JSON value, saved to `path`; with `resume`, the saved value when there is one."
-    if resume and path.is_file(): return load_json(path)
-    value = make()
-    if is_main_process(): save_json(value, path)
-    return value
+# %% ../nbs/13_pipeline.ipynb #763bcdee
+def _format_table(rows:list[dict]) -> str:
+    "A plain-text table of dict rows (same keys), right-aligned numbers."
+    keys = list(rows[0])
+    cells = [["–" if r[k] is None else str(r[k]) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+    return "\n".join([line(keys), line(["-" * w for w in widths]), *map(line, cells)])
 
-def free_stage(row:dict, # a GRACE run's metrics row (its `model` folder)
-               profile:Profile, dataset:KarpathyDataset, resume:bool=False, progress:bool=True) -> dict:
-    "Table 2's 'w/o constrained generation' row of a trained model (saved as free.json beside it)."
-    return _cached(Path(row["model"]).parent/"free.json", resume,
-                   lambda: evaluate_stage(row["model"], profile, dataset, constrained=False, progress=progress))
-
-def sweep_stage(row:dict, # a GRACE run's metrics row (its `model` folder)
-                profile:Profile, dataset:KarpathyDataset, resume:bool=False, progress:bool=True) -> list[dict]:
-    "Figure 6's rows of a trained model at the profile's beam_sizes (saved as beams_<sizes>.json beside it)."
-    sizes = _ints(profile.beam_sizes)
-    return _cached(Path(row["model"]).parent/f"beams_{'-'.join(map(str, sizes))}.json", resume,
-                   lambda: beam_sweep(load_grace_model(row["model"]), dataset.queries("test"), beams=sizes,
-                                      batch_size=profile.eval_batch_size, length_penalty=profile.length_penalty, progress=progress))
-
-# %% ../nbs/13_pipeline.ipynb #a7981c49
-def _ints(value) -> list[int]: return [int(v) for v in str(value).split()]
-
+# %% ../nbs/13_pipeline.ipynb #736039ed
 def _markdown_rows(rows:list[dict]) -> str:
     "A markdown table of dict rows (same keys)."
     keys = list(rows[0])
     return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] +
                      ["| " + " | ".join("–" if r[k] is None else str(r[k]) for k in keys) + " |" for r in rows])
 
-_ABLATION_ORDER = ("w/o learning to memorize", "w/o constrained generation", "w/o pseudo-queries")
-
-def _table2_rows(full:list[dict], trained:list[dict], free:list[dict]) -> list[dict]:
-    "Table 2's rows: per identifier type (in `full`'s order) its full row, then its ablations in the paper's order."
-    ablated = trained + free
-    return [row for f in full for row in [f] + sorted((r for r in ablated if r["identifier"] == f["identifier"]),
-                                                      key=lambda r: _ABLATION_ORDER.index(r["variant"]))]
-
+# %% ../nbs/13_pipeline.ipynb #4aa33922
 class _Laps:
     "Wall seconds of consecutive stages: `laps(name)` closes the stage that ran since the last call."
     def __init__(self): self.last, self.seconds = time.perf_counter(), {}
@@ -645,6 +670,158 @@ class _Laps:
         now = time.perf_counter()
         self.seconds[name], self.last = round(now - self.last, 1), now
 
+# %% ../nbs/13_pipeline.ipynb #003f3adf
+@dataclass
+class Job:
+    "One `reproduce` call: its profile and settings, the GRACE runs it plans, and the seconds of each stage."
+    profile:Profile # the loaded profile
+    out:Path # the run folder
+    seed:int # corpus, initialisation and data order
+    kinds:list[str] # the main job's identifier types
+    plan:list[dict] # the GRACE runs to train, in order (`_run_plan`)
+    n_train:int|None=None # generated corpus sizes (None: the profile's)
+    n_val:int|None=None
+    n_test:int|None=None
+    train_steps:int|None=None # overrides the profile's GRACE train_steps
+    clip_steps:int|None=None # overrides the profile's clip_steps
+    caption_steps:int|None=None # overrides the profile's caption_steps
+    pretrain:dict|None=None # PretrainConfig fields to override (tiny profiles)
+    resume:bool=False # reuse what an earlier call saved in `out`
+    progress:bool=True # progress bars and the final tables (rank 0 only)
+    table1:bool=False # the experiments asked for, as `reproduce`'s flags
+    ablations:bool=False
+    beams:bool=False
+    efficiency:bool=False
+    budget:bool=False
+    length_penalties:bool=False
+    run_all:bool=False
+    efficiency_sizes:list[int]|None=None # Figure 4's corpus sizes (None: the profile's)
+    start:float=field(default_factory=time.perf_counter) # when the call began
+    laps:_Laps=field(default_factory=_Laps) # seconds per stage
+
+    def __repr__(self): return f"Job({self.profile.name!r}, {str(self.out)!r}, seed={self.seed}, runs={[p['name'] for p in self.plan]})"
+
+# %% ../nbs/13_pipeline.ipynb #eaf6842a
+_EXPERIMENTS = ("table1", "ablations", "beams", "efficiency", "budget", "length_penalties")  # what run_all turns on
+
+def plan_job(profile:str="shapes", # profile name in settings.ini
+             out:str|Path="runs/shapes", # run folder
+             seed:int|None=None, # overrides the profile's seed
+             identifiers:list[str]|None=None, # GRACE runs to train (default: the profile's train_identifiers)
+             verbose:bool=True, # progress bars and the final tables, on rank 0
+             run_all:bool=False, # every experiment, and findings.md
+             **settings, # the other arguments of `reproduce`: fields of `Job`
+            ) -> Job:
+    "Load the profile, join a launcher's ranks, seed, check the identifier types and plan the GRACE runs."
+    start, prof = time.perf_counter(), load_profile(profile)
+    init_ranks()  # under a launcher: join its process group (00_core's rank helpers decide who writes)
+    if run_all: settings |= dict.fromkeys(_EXPERIMENTS, True)
+    seed = prof.seed if seed is None else seed
+    seed_everything(seed)
+    kinds = str(prof.train_identifiers).split() if identifiers is None else list(identifiers)
+    if unknown := [k for k in kinds if k not in str(prof.identifier_types).split()]:
+        raise GraceError(f"cannot train {unknown[0]!r} identifiers: profile [{prof.name}] builds {prof.identifier_types}")
+    plan = _run_plan(kinds, prof, table1=settings.get("table1", False), ablations=settings.get("ablations", False))
+    return Job(prof, Path(out), seed, kinds, plan, progress=verbose and is_main_process(), run_all=run_all, start=start, **settings)
+
+# %% ../nbs/13_pipeline.ipynb #67dbf8c0
+@patch
+def files(self:Job) -> list[Path]:
+    "The metrics, tables and figures the job writes in its run folder (model folders aside)."
+    asked = [(True, "metrics.json table1.md"), (self.ablations, "table2.md"), (self.beams, "beams.md fig6_beams.png"),
+             (self.length_penalties, "length_penalty.md fig_length_penalty.png"), (self.budget, "budget.md fig_budget.png"),
+             (self.efficiency, "efficiency.md fig4_efficiency.png"), (self.run_all, "findings.md")]
+    return [self.out/name for flag, names in asked if flag for name in names.split()]
+
+# %% ../nbs/13_pipeline.ipynb #af75be1c
+@patch
+def corpus(self:Job) -> KarpathyDataset:
+    "The job's corpus (generated into out/data, or read), with train and test images."
+    folder = self.out/"data" if self.profile.corpus == "shapes" else None
+    dataset = prepare_corpus(self.profile, folder, seed=self.seed, n_train=self.n_train, n_val=self.n_val, n_test=self.n_test,
+                             progress=self.progress)
+    for split in ("train", "test"):  # training needs train images; the retrieval corpus is the test split
+        if not dataset.split(split): raise GraceError(f"the main job needs at least one {split} image; {dataset.summary()}")
+    self.laps("corpus")
+    return dataset
+
+# %% ../nbs/13_pipeline.ipynb #c3c313b7
+@patch
+def clip(self:Job, dataset:KarpathyDataset) -> tuple[dict, dict]:
+    "The CLIP baseline's Table 1 row and its image embeddings (image id -> vector)."
+    clip_run, clip_row = clip_stage(self.profile, dataset, self.out, self.seed, steps=self.clip_steps, resume=self.resume,
+                                    progress=self.progress)
+    clip_table = image_embedding_table(clip_run, dataset, progress=self.progress)
+    self.laps("clip")
+    return clip_row, clip_table
+
+# %% ../nbs/13_pipeline.ipynb #55ea8176
+@patch
+def backbone(self:Job, dataset:KarpathyDataset) -> tuple[dict[str, Preset], object]:
+    "The run's presets ({'pretrained': ...}, with its from-scratch twin at tutorial scale) and the pretrained Flamingo."
+    presets = backbone_stage(self.profile, self.out, corpus_seed=self.seed, corpus_images=len(dataset), overrides=self.pretrain,
+                             progress=self.progress)
+    base = load_flamingo(presets["pretrained"])
+    self.laps("backbone (pretraining unless cached)")
+    return presets, base
+
+# %% ../nbs/13_pipeline.ipynb #9e78bda9
+@patch
+def vision_features(self:Job, base, # the pretrained Flamingo (its vision encoder)
+                    dataset:KarpathyDataset, # the corpus
+                    splits:tuple[str, ...]=("train", "test"), # whose images
+                    lap:str|None="vision features", # the stage this closes (None: none)
+                   ) -> FeatureCache:
+    "Frozen vision features of the images of `splits`: a FeatureCache in RAM (tutorial scale) or BatchFeatures (paper scale)."
+    records = [r for r in dataset.records if r.split in splits]
+    features = feature_source(base, dataset, records, self.profile.feature_cache, progress=self.progress, device="auto",
+                              dtype=pick_dtype(pick_device(self.profile.device), self.profile.precision))
+    if lap: self.laps(lap)
+    return features
+
+# %% ../nbs/13_pipeline.ipynb #6ed099fb
+@patch
+def captioner(self:Job, preset:Preset, dataset:KarpathyDataset, features:FeatureCache) -> tuple[dict|None, dict|None]:
+    "Test image id -> generated captions, and the captioner's report; (None, None) when no run needs captions."
+    needed = int(self.profile.pseudo_queries) > 0 or any(p["kind"] == "semantic" for p in self.plan)
+    generated, report = (captioner_stage(self.profile, preset, dataset, features, self.out, self.seed, steps=self.caption_steps,
+                                         resume=self.resume, progress=self.progress) if needed else (None, None))
+    self.laps("captioner")
+    return generated, report
+
+# %% ../nbs/13_pipeline.ipynb #164c679f
+@patch
+def identifiers(self:Job, dataset:KarpathyDataset, clip_table:dict, # the corpus; image id -> CLIP embedding
+                tokenizer, # the backbone's tokenizer (a copy gets the identifier tokens)
+                generated:dict[int, list[str]]|None, # the captioner's captions of the test images
+               ) -> tuple[dict[str, IdentifierMap], list[dict], list[tuple[str, int]]|None]:
+    "Every identifier type's map, their token and trie report, and the pseudo-queries (caption, test image id)."
+    captions = semantic_captions(dataset, generated) if generated else None
+    embeddings = np.stack([clip_table[r.image_id] for r in dataset.records])
+    identifier_maps = identifier_stage(dataset, self.profile, embeddings, self.out, captions=captions, seed=self.seed,
+                                       progress=self.progress)
+    id_rows, _ = identifier_report(identifier_maps, copy.deepcopy(tokenizer), [r.image_id for r in dataset.split("test")])
+    pseudo = pseudo_queries(generated) if generated and int(self.profile.pseudo_queries) > 0 else None
+    self.laps("identifiers")
+    return identifier_maps, id_rows, pseudo
+
+# %% ../nbs/13_pipeline.ipynb #61d78939
+@patch
+def grace_runs(self:Job, presets:dict[str, Preset], dataset:KarpathyDataset, identifier_maps:dict[str, IdentifierMap],
+               features:FeatureCache, clip_table:dict, pseudo:list[tuple[str, int]]|None) -> list[dict]:
+    "Train and evaluate the planned runs in order (with `resume`, finished ones are read back); each row gets its `table`."
+    rows = []
+    for p in self.plan:
+        shared = dict(extra_queries=pseudo if p["pseudo"] else None, train_steps=self.train_steps, resume=self.resume,
+                      progress=self.progress, name=p["name"], variant=p["variant"])
+        if p.get("head"): row = classifier_stage(self.profile, presets[p["backbone"]], dataset, clip_table, self.out, self.seed, **shared)
+        else: row = grace_stage(p["kind"], self.profile, presets[p["backbone"]], dataset, identifier_maps[p["kind"]], features,
+                                self.out, self.seed, clip_table, memorize=p["memorize"], atomic_init=p["init"], **shared)
+        rows.append(row | {"table": p["table"]})
+    self.laps("GRACE runs (training, evaluation, memorization)")
+    return rows
+
+# %% ../nbs/13_pipeline.ipynb #2d2c323e
 def _pretraining_summary(preset:Preset) -> dict:
     "What the preset's pretraining.json says about how it was built (empty for presets not built here)."
     path = Path(preset.root)/"pretraining.json"
@@ -652,17 +829,131 @@ def _pretraining_summary(preset:Preset) -> dict:
     report = load_json(path)
     return dict(pretraining_seconds=report.get("seconds"), pretraining=report.get("config"), pretraining_final=report["history"][-1])
 
+@patch
+def main_metrics(self:Job, dataset:KarpathyDataset, clip_row:dict, rows:list[dict], identifier_maps:dict[str, IdentifierMap],
+                 id_rows:list[dict], caption_report:dict|None, preset:Preset) -> dict:
+    "metrics.json's main part: corpus, ceiling, Table 1's rows, identifier statistics, the captioner's report, the backbone."
+    test_ids = [r.image_id for r in dataset.split("test")]
+    # the best R@K any ranking can reach when captions fit several images (shapes scene graphs only)
+    ceiling = ambiguity_ceiling(dataset) if all(r.scene is not None for r in dataset.split("test")) else None
+    return dict(profile=self.profile.name, seed=self.seed, dataset=dataset.summary(), ceiling=ceiling,
+                runs=[clip_row] + [r for r in rows if r["table"] == 1], identifiers=id_rows,
+                semantic_captions=("gold first caption for train/val images, the captioner's best caption for test images"
+                                   if caption_report else "not built from generated captions (no captioner in this run)"),
+                semantic_collisions=identifier_maps["semantic"].subset(test_ids).collision_summary()
+                                    if "semantic" in identifier_maps else None,
+                captioner=caption_report, structured_embeddings=f"CLIP image embeddings ({clip_row['variant']})",
+                backbone=dict(preset=str(preset.root), name=preset.name, **_pretraining_summary(preset)))
+
+# %% ../nbs/13_pipeline.ipynb #8a4a0e23
+@patch
+def table2(self:Job, models:list[dict], # the main job's pretrained rows, one per identifier type
+           rows:list[dict], # every run's row (the ablation runs are table 2's)
+           dataset:KarpathyDataset) -> list[dict]:
+    "Table 2's rows: per type its full row, its ablation runs and its free generation (saved as free.json)."
+    free = [free_stage(r, self.profile, dataset, resume=self.resume, progress=self.progress) for r in models]
+    return _table2_rows(models, [r for r in rows if r["table"] == 2], free)
+
+# %% ../nbs/13_pipeline.ipynb #99c18360
+@patch
+def beam_sweep(self:Job, models:list[dict], dataset:KarpathyDataset) -> list[dict]:
+    "Figure 6's rows (each main model at each of the profile's beam sizes), and on rank 0 out/fig6_beams.png."
+    import matplotlib.pyplot as plt
+    rows = [row for r in models for row in sweep_stage(r, self.profile, dataset, resume=self.resume, progress=self.progress)]
+    if is_main_process():
+        title = f"Figure 6 at tutorial scale ({self.profile.name}, seed {self.seed})"
+        plt.close(plot_beam_sweep(rows, self.out/"fig6_beams.png", title=title))
+    return rows
+
+# %% ../nbs/13_pipeline.ipynb #a12e6815
+@patch
+def validation_sweeps(self:Job, presets:dict[str, Preset], base, dataset:KarpathyDataset,
+                      identifier_maps:dict[str, IdentifierMap], clip_table:dict,
+                      features:FeatureCache, # the main job's (train and test images): for the distinctness table
+                     ) -> dict:
+    "The length-penalty sweep and the training budget on the validation split (those asked for), with their figures."
+    val_features = self.vision_features(base, dataset, splits=("train", "val"), lap=None)
+    args = (self.profile, presets["pretrained"], dataset, identifier_maps, val_features, self.out, self.seed, clip_table)
+    shared, found, which = dict(train_steps=self.train_steps, resume=self.resume, progress=self.progress), {}, f"({self.profile.name}, seed {self.seed})"
+    if self.length_penalties:
+        rows = length_penalty_stage(*args, **shared)
+        found["length_penalty"] = dict(rows=rows, best=best_length_penalty(rows), used=self.profile.length_penalty)
+        if is_main_process(): plot_length_penalty(rows, self.out/"fig_length_penalty.png", title=f"Length penalty on the validation split {which}")
+    if self.budget:
+        found["budget"] = budget_stage(*args, **shared)
+        found["vision_distinctness"] = {name: vision_distinctness(load_flamingo(p), features) for name, p in presets.items()}
+        if is_main_process(): plot_budget(found["budget"], self.out/"fig_budget.png", title=f"Training budget on the validation split {which}")
+    return found
+
+# %% ../nbs/13_pipeline.ipynb #6201f877
+@patch
+def paper_findings(self:Job, metrics:dict, dataset:KarpathyDataset, features:FeatureCache) -> dict:
+    "The first main run's training curve, then each paper finding judged on the metrics (with that curve)."
+    kind = self.kinds[0]
+    curve = dict(run=f"grace-{kind}", rows=training_curve(self.out/f"grace-{kind}", self.profile, dataset, features))
+    return dict(training_curve=curve, findings=findings(metrics | {"training_curve": curve}))
+
+# %% ../nbs/13_pipeline.ipynb #52682b60
+@patch
+def experiments(self:Job, metrics:dict, rows:list[dict], presets:dict[str, Preset], base, dataset:KarpathyDataset,
+                identifier_maps:dict[str, IdentifierMap], clip_table:dict, features:FeatureCache) -> dict:
+    "`metrics` with the rows of each experiment asked for: Table 2, Figure 6, the validation sweeps, Figure 4, the findings."
+    models = [r for r in rows if r["table"] == 1 and r["backbone"] == presets["pretrained"].name  # one pretrained model per type
+              and not (r["identifier"] == "atomic" and r["atomic_init"] != self.profile.atomic_init)]
+    if self.ablations: metrics["table2"] = self.table2(models, rows, dataset)
+    if self.beams: metrics["beam_sweep"] = self.beam_sweep(models, dataset)
+    if self.length_penalties or self.budget:
+        metrics |= self.validation_sweeps(presets, base, dataset, identifier_maps, clip_table, features)
+    if self.efficiency:  # timed on rank 0 alone, its result shared with the others
+        metrics["efficiency"] = main_only(lambda: efficiency_stage(self.profile, self.out, sizes=self.efficiency_sizes,
+                                                                   resume=self.resume, progress=self.progress))
+    if self.run_all: metrics |= self.paper_findings(metrics, dataset, features)
+    self.laps("experiments")
+    return metrics
+
+# %% ../nbs/13_pipeline.ipynb #e77d0523
+def _title(prof:Profile, seed:int, metrics:dict, n_queries:int, table:str) -> str:
+    counts = ", ".join(f"{split} {c['images']}" for split, c in metrics["dataset"].items() if split != "total")
+    return (f"Profile `{prof.name}`, seed {seed}, corpus {counts} images. Ours: text-to-image Recall@K (%) over "
+            f"{n_queries} test captions. Paper: Flickr30K, {table}.")
+
+@patch
+def write(self:Job, metrics:dict):
+    "Rank 0's last stage: the job's seconds into `metrics`, then metrics.json and the markdown tables in the run folder."
+    metrics["seconds"], metrics["stage_seconds"] = round(time.perf_counter() - self.start, 1), self.laps.seconds
+    save_json(metrics, self.out/"metrics.json")
+    title = lambda table: _title(self.profile, self.seed, metrics, metrics["runs"][0]["n_queries"], table)  # CLIP's row: all captions
+    (self.out/"table1.md").write_text(table1_markdown(metrics["runs"], title("Table 1"), ceiling=metrics["ceiling"]) + "\n")
+    if self.ablations: (self.out/"table2.md").write_text(table2_markdown(metrics["table2"], title("Table 2")) + "\n")
+    if self.beams: (self.out/"beams.md").write_text(_markdown_rows(metrics["beam_sweep"]) + "\n")
+    if self.budget: (self.out/"budget.md").write_text(_markdown_rows(metrics["budget"]) + "\n")
+    if self.length_penalties: (self.out/"length_penalty.md").write_text(_markdown_rows(metrics["length_penalty"]["rows"]) + "\n")
+    if self.run_all: (self.out/"findings.md").write_text(findings_markdown(metrics["findings"]) + "\n")
+    if self.progress: self.report(metrics)
+
+# %% ../nbs/13_pipeline.ipynb #fe67a12b
 def _diagnostics(row:dict) -> dict:
     "Memorized train / test (top-1 %) and the collapse flag of a row, for the terminal table."
     mem, collapse = row.get("memorization") or {}, row.get("collapse") or {}
     return {"memorized": " / ".join(str(mem[s]["top1"]) for s in ("train", "test") if s in mem) or None,
             "collapsed": collapse.get("collapsed")}
 
-def _title(prof:Profile, seed:int, metrics:dict, n_queries:int, table:str) -> str:
-    counts = ", ".join(f"{split} {c['images']}" for split, c in metrics["dataset"].items() if split != "total")
-    return (f"Profile `{prof.name}`, seed {seed}, corpus {counts} images. Ours: text-to-image Recall@K (%) over "
-            f"{n_queries} test captions. Paper: Flickr30K, {table}.")
+@patch
+def report(self:Job, metrics:dict):
+    "Print Table 1 (with memorization and collapse), the experiments' tables, the seconds per stage and the files written."
+    keys = ("method", "identifier", "variant", "R@1", "R@5", "R@10", "n_queries", "train_seconds", "eval_seconds")
+    shown = [{k: r.get(k) for k in keys} | _diagnostics(r) for r in metrics["runs"]]
+    title = _title(self.profile, self.seed, metrics, metrics["runs"][0]["n_queries"], "Table 1")
+    print(f"\n{title} {metrics['seconds']} s in all.\n{_format_table(shown)}")
+    if self.ablations: print("\nTable 2\n" + _format_table([{k: r.get(k) for k in ("identifier", "variant", "R@1", "R@5", "R@10", "invalid_rate")}
+                                                          for r in metrics["table2"]]))
+    if self.beams: print("\nFigure 6\n" + _format_table(metrics["beam_sweep"]))
+    if self.budget: print("\nTraining budget (validation split)\n" + _format_table(metrics["budget"]))
+    if self.run_all: print("\n" + findings_markdown(metrics["findings"]))
+    print("seconds per stage: " + ", ".join(f"{k} {v}" for k, v in self.laps.seconds.items()))
+    print("written: " + ", ".join(str(p) for p in self.files()))
 
+# %% ../nbs/13_pipeline.ipynb #44c4b353
 def reproduce(profile:str="shapes", # profile name in settings.ini
               out:str|Path="runs/shapes", # run folder
               seed:int|None=None, # overrides the profile's seed
@@ -684,118 +975,15 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
               length_penalties:bool=False, # validation R@K of the multi-token identifier types at each length penalty
              ) -> dict:
     "The main job (and the paper's experiments on request): writes metrics.json, table1.md and the experiments' files."
-    start, prof, laps = time.perf_counter(), load_profile(profile), _Laps()
-    init_ranks()  # under a launcher: join its process group (00_core's rank helpers decide who writes)
-    verbose = verbose and is_main_process()  # and rank 0 reports
-    if run_all: table1 = ablations = beams = efficiency = budget = length_penalties = True
-    seed = prof.seed if seed is None else seed
-    seed_everything(seed)
-    kinds = str(prof.train_identifiers).split() if identifiers is None else list(identifiers)
-    if unknown := [k for k in kinds if k not in str(prof.identifier_types).split()]:
-        raise GraceError(f"cannot train {unknown[0]!r} identifiers: profile [{prof.name}] builds {prof.identifier_types}")
-    plan = _run_plan(kinds, prof, table1=table1, ablations=ablations)
-    out = Path(out)
-    dataset = prepare_corpus(prof, out/"data" if prof.corpus == "shapes" else None, seed=seed, n_train=n_train,
-                             n_val=n_val, n_test=n_test, progress=verbose)
-    for split in ("train", "test"):  # training needs train images; the retrieval corpus is the test split
-        if not dataset.split(split): raise GraceError(f"the main job needs at least one {split} image; {dataset.summary()}")
-    laps("corpus")
-    clip_run, clip_row = clip_stage(prof, dataset, out, seed, steps=clip_steps, resume=resume, progress=verbose)
-    clip_table = image_embedding_table(clip_run, dataset, progress=verbose)
-    laps("clip")
-    presets = backbone_stage(prof, out, corpus_seed=seed, corpus_images=len(dataset), overrides=pretrain, progress=verbose)
-    preset, base = presets["pretrained"], load_flamingo(presets["pretrained"])
-    laps("backbone (pretraining unless cached)")
-    memorized = [r for r in dataset.records if r.split in ("train", "test")]
-    # ram (tutorial scale): every memorized image encoded once; batch (paper scale): encoded per training batch
-    features = feature_source(base, dataset, memorized, prof.feature_cache, progress=verbose, device="auto",
-                              dtype=pick_dtype(pick_device(prof.device), prof.precision))
-    laps("vision features")
-    need_captions = int(prof.pseudo_queries) > 0 or any(p["kind"] == "semantic" for p in plan)
-    generated, caption_report = (captioner_stage(prof, preset, dataset, features, out, seed, steps=caption_steps,
-                                                 resume=resume, progress=verbose) if need_captions else (None, None))
-    laps("captioner")
-    captions = semantic_captions(dataset, generated) if generated else None
-    identifier_maps = identifier_stage(dataset, prof, np.stack([clip_table[r.image_id] for r in dataset.records]), out,
-                                       captions=captions, seed=seed, progress=verbose)
-    test_ids = [r.image_id for r in dataset.split("test")]
-    id_rows, _ = identifier_report(identifier_maps, copy.deepcopy(base.tokenizer), test_ids)
-    pseudo = pseudo_queries(generated) if generated and int(prof.pseudo_queries) > 0 else None
-    laps("identifiers")
-    rows = [(classifier_stage(prof, presets[p["backbone"]], dataset, clip_table, out, seed, extra_queries=pseudo if p["pseudo"] else None,
-                              train_steps=train_steps, resume=resume, progress=verbose, name=p["name"], variant=p["variant"])
-             if p.get("head") else
-             grace_stage(p["kind"], prof, presets[p["backbone"]], dataset, identifier_maps[p["kind"]], features, out, seed, clip_table,
-                         train_steps=train_steps, resume=resume, progress=verbose, extra_queries=pseudo if p["pseudo"] else None,
-                         memorize=p["memorize"], atomic_init=p["init"], variant=p["variant"], name=p["name"])) | {"table": p["table"]}
-            for p in plan]
-    laps("GRACE runs (training, evaluation, memorization)")
-    runs = [clip_row] + [r for r in rows if r["table"] == 1]
-    # the best R@K any ranking can reach when captions fit several images (shapes scene graphs only)
-    ceiling = ambiguity_ceiling(dataset) if all(r.scene is not None for r in dataset.split("test")) else None
-    metrics = dict(profile=prof.name, seed=seed, dataset=dataset.summary(), ceiling=ceiling, runs=runs, identifiers=id_rows,
-                   semantic_captions=("gold first caption for train/val images, the captioner's best caption for test images"
-                                      if captions else "not built from generated captions (no captioner in this run)"),
-                   semantic_collisions=identifier_maps["semantic"].subset(test_ids).collision_summary()
-                                       if "semantic" in identifier_maps else None,
-                   captioner=caption_report, structured_embeddings=f"CLIP image embeddings ({clip_row['variant']})",
-                   backbone=dict(preset=str(preset.root), name=preset.name, **_pretraining_summary(preset)))
-    written = [out/"metrics.json", out/"table1.md"]
-    main_models = [r for r in rows if r["table"] == 1 and r["backbone"] == preset.name
-                   and not (r["identifier"] == "atomic" and r["atomic_init"] != prof.atomic_init)]
-    if ablations:
-        free = [free_stage(r, prof, dataset, resume=resume, progress=verbose) for r in main_models]
-        metrics["table2"] = _table2_rows(main_models, [r for r in rows if r["table"] == 2], free)
-        written.append(out/"table2.md")
-    if beams:
-        metrics["beam_sweep"] = [row for r in main_models for row in sweep_stage(r, prof, dataset, resume=resume, progress=verbose)]
-        if is_main_process():
-            plot_beam_sweep(metrics["beam_sweep"], out/"fig6_beams.png", title=f"Figure 6 at tutorial scale ({prof.name}, seed {seed})")
-        written += [out/"beams.md", out/"fig6_beams.png"]
-    if budget or length_penalties:
-        val_features = feature_source(base, dataset, [r for r in dataset.records if r.split in ("train", "val")], prof.feature_cache,
-                                      progress=verbose, device="auto", dtype=pick_dtype(pick_device(prof.device), prof.precision))
-    if length_penalties:
-        lp_rows = length_penalty_stage(prof, preset, dataset, identifier_maps, val_features, out, seed, clip_table,
-                                       train_steps=train_steps, resume=resume, progress=verbose)
-        metrics["length_penalty"] = dict(rows=lp_rows, best=best_length_penalty(lp_rows), used=prof.length_penalty)
-        if is_main_process():
-            plot_length_penalty(lp_rows, out/"fig_length_penalty.png", title=f"Length penalty on the validation split ({prof.name}, seed {seed})")
-        written += [out/"length_penalty.md", out/"fig_length_penalty.png"]
-    if budget:
-        metrics["budget"] = budget_stage(prof, preset, dataset, identifier_maps, val_features, out, seed, clip_table,
-                                         train_steps=train_steps, resume=resume, progress=verbose)
-        metrics["vision_distinctness"] = {name: vision_distinctness(load_flamingo(p), features) for name, p in presets.items()}
-        if is_main_process():
-            plot_budget(metrics["budget"], out/"fig_budget.png", title=f"Training budget on the validation split ({prof.name}, seed {seed})")
-        written += [out/"budget.md", out/"fig_budget.png"]
-    if efficiency:
-        metrics["efficiency"] = main_only(lambda: efficiency_stage(prof, out, sizes=efficiency_sizes, resume=resume, progress=verbose))
-        written += [out/"efficiency.md", out/"fig4_efficiency.png"]
-    if run_all:  # memorization and R@K through the checkpoints of the first main-job run (the training notebook's curve)
-        metrics["training_curve"] = dict(run=f"grace-{kinds[0]}", rows=training_curve(out/f"grace-{kinds[0]}", prof, dataset, features))
-        metrics["findings"] = findings(metrics)
-        written.append(out/"findings.md")
-    laps("experiments")
-    if not is_main_process(): return metrics  # every collective step is done: the files and tables below are rank 0's
-    metrics["seconds"], metrics["stage_seconds"] = round(time.perf_counter() - start, 1), laps.seconds
-    save_json(metrics, out/"metrics.json")
-    n = clip_row["n_queries"]
-    (out/"table1.md").write_text(table1_markdown(runs, _title(prof, seed, metrics, n, "Table 1"), ceiling=ceiling) + "\n")
-    if ablations: (out/"table2.md").write_text(table2_markdown(metrics["table2"], _title(prof, seed, metrics, n, "Table 2")) + "\n")
-    if beams: (out/"beams.md").write_text(_markdown_rows(metrics["beam_sweep"]) + "\n")
-    if budget: (out/"budget.md").write_text(_markdown_rows(metrics["budget"]) + "\n")
-    if length_penalties: (out/"length_penalty.md").write_text(_markdown_rows(metrics["length_penalty"]["rows"]) + "\n")
-    if run_all: (out/"findings.md").write_text(findings_markdown(metrics["findings"]) + "\n")
-    if verbose:
-        shown = [{k: r.get(k) for k in ("method", "identifier", "variant", "R@1", "R@5", "R@10", "n_queries", "train_seconds",
-                                        "eval_seconds")} | _diagnostics(r) for r in runs]
-        print(f"\n{_title(prof, seed, metrics, n, 'Table 1')} {metrics['seconds']} s in all.\n{_format_table(shown)}")
-        if ablations: print("\nTable 2\n" + _format_table([{k: r.get(k) for k in ("identifier", "variant", "R@1", "R@5", "R@10", "invalid_rate")}
-                                                          for r in metrics["table2"]]))
-        if beams: print("\nFigure 6\n" + _format_table(metrics["beam_sweep"]))
-        if budget: print("\nTraining budget (validation split)\n" + _format_table(metrics["budget"]))
-        if run_all: print("\n" + findings_markdown(metrics["findings"]))
-        print("seconds per stage: " + ", ".join(f"{k} {v}" for k, v in laps.seconds.items()))
-        print("written: " + ", ".join(str(p) for p in written))
+    job = plan_job(**locals())  # every argument is a setting of the job
+    dataset = job.corpus()
+    clip_row, clip_table = job.clip(dataset)
+    presets, base = job.backbone(dataset)
+    features = job.vision_features(base, dataset)
+    generated, caption_report = job.captioner(presets["pretrained"], dataset, features)
+    identifier_maps, id_rows, pseudo = job.identifiers(dataset, clip_table, base.tokenizer, generated)
+    rows = job.grace_runs(presets, dataset, identifier_maps, features, clip_table, pseudo)
+    metrics = job.main_metrics(dataset, clip_row, rows, identifier_maps, id_rows, caption_report, presets["pretrained"])
+    metrics = job.experiments(metrics, rows, presets, base, dataset, identifier_maps, clip_table, features)
+    if is_main_process(): job.write(metrics)  # after every collective step: rank 0 alone writes the files
     return metrics
