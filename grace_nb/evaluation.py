@@ -27,8 +27,7 @@ from .inference import FlamingoDecoder, Ranked, beam_search, corpus_trie, retrie
 # %% auto #0
 __all__ = ['MODEL_FILES', 'PAPER_TABLE1', 'FINDINGS', 'ranked_images', 'EvaluationError', 'grace_recall', 'GraceModel',
            'save_grace_model', 'load_grace_model', 'evaluate_grace', 'consistent_counts', 'ambiguity_ceiling',
-           'collapse_report', 'memorize_rankings', 'memorization_accuracy', 'split_memorization', 'table1_markdown',
-           'findings', 'findings_markdown']
+           'collapse_report', 'memorize_rankings', 'memorization_accuracy', 'split_memorization', 'findings']
 
 # %% ../nbs/08_evaluation.ipynb #a34df7b0
 def ranked_images(result:Ranked, # one query's beam-search result from `retrieve`
@@ -282,39 +281,6 @@ PAPER_TABLE1 = {  # Flickr30K (1K test images), Li et al. 2024, Table 1
     ("grace", "vq"): (50.4, 73.2, 76.9),  # Table 3 (image-tokenization identifiers, Flickr30K)
 }
 
-# %% ../nbs/08_evaluation.ipynb #d1a90026
-def _memorized_cell(run:dict) -> str:
-    mem = run.get("memorization") or {}
-    return " / ".join(f"{mem[s]['top1']:.1f}" if s in mem else "–" for s in ("train", "test")) if mem else "–"
-
-def _collapse_cell(run:dict) -> str:
-    c = run.get("collapse")
-    return "–" if not c else f"**collapsed** (top-1 share {c['top1_share']:.1f}%)" if c.get("collapsed") else "no"
-
-def _ceiling_row(ceiling:dict, diagnostics:bool) -> str:
-    recall = " | ".join(f"{ceiling[k]:.1f}" if k in ceiling else "–" for k in ("R@1", "R@5", "R@10"))
-    return f"| best achievable | – | ceiling (scene graphs) | {recall} | {ceiling.get('n_queries', '–')} | – | – | – |" + (" – | – |" if diagnostics else "")
-
-# %% ../nbs/08_evaluation.ipynb #d1a90027
-def table1_markdown(runs:Sequence[dict], # metrics rows: method, identifier, variant, R@1, R@5, R@10, n_queries, ...
-                    title:str="", # a line above the table (scale, seed)
-                    ceiling:dict|None=None, # `ambiguity_ceiling` of the test split: printed as the first row
-                   ) -> str:
-    "A markdown table of the runs with the paper's Flickr30K numbers beside them (and the ceiling, memorization, collapse)."
-    diagnostics = any("memorization" in run or "collapse" in run for run in runs)
-    lines = ([title, ""] if title else []) + [
-        "| method | identifier | variant | R@1 | R@5 | R@10 | queries | paper R@1 | paper R@5 | paper R@10 |"
-        + (" memorized train/test (top-1 %) | collapsed |" if diagnostics else ""),
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---|" if diagnostics else "")]
-    if ceiling: lines.append(_ceiling_row(ceiling, diagnostics))
-    for run in runs:
-        paper = PAPER_TABLE1.get((run["method"], run.get("identifier")), ("–",) * 3)
-        ours = [f"{run[k]:.1f}" for k in ("R@1", "R@5", "R@10")]
-        lines.append(f"| {run['method'].upper() if run['method'] == 'clip' else 'GRACE'} | {run.get('identifier') or '–'} | "
-                     f"{run.get('variant', 'full')} | {' | '.join(ours)} | {run['n_queries']} | {' | '.join(map(str, paper))} |"
-                     + (f" {_memorized_cell(run)} | {_collapse_cell(run)} |" if diagnostics else ""))
-    return "\n".join(lines)
-
 # %% ../nbs/08_evaluation.ipynb #6f49c6e6
 def _verdict(hits:int, total:int) -> str:
     "Reproduced when every comparison holds, partly when some do, not reproduced when none does."
@@ -420,8 +386,3 @@ def findings(metrics:dict, # a run's metrics.json (from `grace reproduce --all`)
             ) -> list[dict]:
     "Each paper finding with its verdict on this run and the numbers behind it."
     return [dict(finding=name, paper=paper, verdict=(res := check(metrics))[0], ours=res[1]) for name, paper, check in FINDINGS]
-
-def findings_markdown(rows:list[dict]) -> str:
-    "The findings as a markdown table."
-    return "\n".join(["| paper finding | paper | verdict | ours |", "|---|---|---|---|"] +
-                     [f"| {r['finding']} | {r['paper']} | **{r['verdict']}** | {r['ours'] or '–'} |" for r in rows])
