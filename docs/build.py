@@ -112,7 +112,9 @@ def save_outputs(src: Path, skip_flags: list[str]):
     from fastcore.xtras import working_directory
     from nbdev.test import _skip_cell
     os.environ["IN_TEST"] = "1"   # quiet(): no progress bars in the saved outputs
+    from nbdev.process import NBProcessor
     notebook = read_nb(src)
+    NBProcessor(nb=notebook, rm_directives=False)   # parses each cell's `#|` directives (left in its source) for _skip_cell
     shell = CaptureShell(src)
     try:
         with working_directory(src.parent):
