@@ -21,7 +21,8 @@ from .identifiers import IdentifierMap, identifier_token_ids
 from .trie import TensorTrie
 from .backbone import Flamingo, Preset, load_flamingo
 from .clip import recall_at_k
-from .training import MEMORIZE_PROMPT, RETRIEVE_PROMPT, FeatureCache, _load_weights, _trainable_state
+from .training import MEMORIZE_PROMPT, RETRIEVE_PROMPT, FeatureCache
+from .checkpoints import _load_weights, _trainable_state
 from .inference import FlamingoDecoder, Ranked, beam_search, corpus_trie, retrieve
 
 # %% auto #0

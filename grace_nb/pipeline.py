@@ -23,7 +23,8 @@ from .backbone import Preset, grow_vocabulary, load_flamingo, openflamingo_prese
 from .clip import ClipRun, evaluate_clip, image_embedding_table, load_clip, save_clip, train_clip
 from .pretraining import PretrainConfig, pretrained_preset, scratch_preset
 from .classifier import ClassifierHead, classify, train_classifier
-from .training import (PROMPT_TEXTS, FeatureCache, TrainConfig, _load_weights, cache_features, feature_source,
+from .checkpoints import _load_weights
+from .training import (PROMPT_TEXTS, FeatureCache, TrainConfig, cache_features, feature_source,
                                memorize_examples, retrieve_examples, train_grace)
 from .evaluation import (PAPER_TABLE1, ambiguity_ceiling, collapse_report, evaluate_grace, findings,
                                  grace_recall, load_grace_model, save_grace_model, split_memorization)
