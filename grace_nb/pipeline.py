@@ -59,7 +59,7 @@ def prepare_corpus(profile:Profile, # the experiment profile
     if any(v is not None for v in (n_train, n_val, n_test)):
         raise GraceError(f"profile [{profile.name}] reads a fixed dataset; --n-train/--n-val/--n-test apply to generated corpora only")
     return load_karpathy(profile.path("dataset_json"), profile.path("image_root"), include_restval=profile.include_restval,
-                         progress=progress)
+                         on_error=profile.get("on_error", "raise"), progress=progress)
 
 # %% ../nbs/13_pipeline.ipynb #51b4fb4d
 def _pretrained_clip(profile:Profile) -> ClipRun:
@@ -665,7 +665,7 @@ def _title(prof:Profile, seed:int, metrics:dict, n_queries:int, table:str) -> st
     return (f"Profile `{prof.name}`, seed {seed}, corpus {counts} images. Ours: text-to-image Recall@K (%) over "
             f"{n_queries} test captions. Paper: Flickr30K, {table}.")
 
-def reproduce(profile:str="shapes", # profile name in settings.ini
+def reproduce(profile:str|Profile="shapes", # a profile, or its name (`load_profile` reads it)
               out:str|Path="runs/shapes", # run folder
               seed:int|None=None, # overrides the profile's seed
               n_train:int|None=None, n_val:int|None=None, n_test:int|None=None, # generated corpus sizes
@@ -686,7 +686,7 @@ def reproduce(profile:str="shapes", # profile name in settings.ini
               length_penalties:bool=False, # validation R@K of the multi-token identifier types at each length penalty
              ) -> dict:
     "The main job (and the paper's experiments on request): writes metrics.json, table1.md and the experiments' files."
-    start, prof, laps = time.perf_counter(), load_profile(profile), _Laps()
+    start, prof, laps = time.perf_counter(), load_profile(profile) if isinstance(profile, str) else profile, _Laps()
     init_ranks()  # under a launcher: join its process group (00_core's rank helpers decide who writes)
     verbose = verbose and is_main_process()  # and rank 0 reports
     if run_all: table1 = ablations = beams = efficiency = budget = length_penalties = True
