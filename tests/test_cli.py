@@ -120,6 +120,8 @@ def test_readme_is_generated_from_index(repo_root):
     readme = " ".join((repo_root/"README.md").read_text().split())
     cells = json.loads((repo_root/"nbs"/"index.ipynb").read_text())["cells"]
     prose = [" ".join("".join(c["source"]).split()) for c in cells if c["cell_type"] == "markdown"]
+    # make readme points the notebook's pictures (nbs/fig_*.png, shown by name) at nbs/
+    prose = [re.sub(r"\]\(([\w.-]+\.(?:png|jpg|svg))\)", r"](nbs/\1)", block) for block in prose]
     for block in prose[1:]:  # the title cell becomes the README's heading
         for paragraph in block.split("## "):
             first_sentence = paragraph.split(". ")[0].strip()
