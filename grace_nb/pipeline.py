@@ -18,6 +18,7 @@ from .core import init_ranks, is_main_process, main_first, main_only, shard_map,
 from .data import SHAPES_JSON, KarpathyDataset, load_karpathy, sample_scenes, write_shapes_corpus
 from .identifiers import (IdentifierMap, add_identifier_tokens, build_identifiers, identifier_token_ids,
                                   token_stats, train_bpe_tokenizer)
+import grace_nb.vq  # registers the vq identifier kind (11_vq_identifiers) with build_identifiers
 from .trie import TensorTrie
 from .backbone import Preset, grow_vocabulary, load_flamingo, openflamingo_preset, write_tiny_preset
 from .clip import ClipRun, evaluate_clip, image_embedding_table, load_clip, save_clip, train_clip
