@@ -568,7 +568,7 @@ _EXACT = "faiss flat (exact), 1 thread"
 
 def _efficiency_summary(run) -> dict:
     "Latency ratios (largest / smallest corpus) of GRACE structured and exact CLIP search, and their crossover."
-    from grace_nb.efficiency import crossover
+    from grace_nb.figure4 import crossover
     sizes = run.sizes()
     grace = [run.value("GRACE", "structured", n) for n in sizes]
     clip = [run.value("CLIP", _EXACT, n) for n in sizes]
@@ -585,7 +585,7 @@ def efficiency_stage(profile:Profile, # model_preset picks the backbone's size; 
                      progress:bool=True, **kwargs, # more `run_efficiency` settings
                     ) -> dict:
     "Figure 4 for the profile's model size: the timing rows, their summary and the figure."
-    from grace_nb.efficiency import EfficiencyRun, efficiency_table, plot_efficiency, run_efficiency, save_efficiency
+    from grace_nb.figure4 import EfficiencyRun, efficiency_table, plot_efficiency, run_efficiency, save_efficiency
     sizes, path = sorted(sizes or _ints(profile.efficiency_sizes)), Path(out)/"efficiency.json"
     saved = load_json(path) if resume and path.is_file() else None
     if saved and saved["settings"].get("sizes") == sizes: run = EfficiencyRun(**saved)
