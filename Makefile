@@ -60,9 +60,9 @@ bench: install
 	$(BIN)/python benchmarks/efficiency.py
 
 ## docs: the documentation website, built offline into _docs/ (nbdev's proc_nbs, then Sphinx + myst-nb; see
-## docs/build.py). Notebooks saved without outputs are run first (DOCS_EXECUTE=missing|all|none). Where Quarto is
-## installed, `nbdev-docs` builds nbdev's own Quarto site from nbs/_quarto.yml instead.
-DOCS_EXECUTE ?= missing
+## docs/build.py). It shows the outputs the notebooks were committed with (`make outputs`); DOCS_EXECUTE=missing|all
+## runs notebooks first. Where Quarto is installed, `nbdev-docs` builds nbdev's own Quarto site instead.
+DOCS_EXECUTE ?= none
 export DOCS_EXECUTE
 docs: install
 	$(BIN)/python docs/build.py --execute $(DOCS_EXECUTE)

@@ -24,7 +24,7 @@ from .evaluation import GraceModel, grace_recall
 # %% auto #0
 __all__ = ['CAPTION_PROMPT', 'QUALITY_KINDS', 'OUTCOMES', 'CaptionError', 'caption_examples', 'train_captioner',
            'generate_captions', 'caption_quality', 'semantic_captions', 'pseudo_queries', 'generation_outcomes',
-           'outcomes_markdown', 'beam_sweep', 'plot_beam_sweep']
+           'beam_sweep', 'plot_beam_sweep']
 
 # %% ../nbs/09_experiments.ipynb #45702b02
 CAPTION_PROMPT = "Predict the caption for the <image>"
@@ -161,20 +161,6 @@ def generation_outcomes(model:GraceModel, # the trained model (its identifier ma
     return dict(generated=total, **{f"{k} %": pct(counts[k], total) for k in OUTCOMES},
                 **{f"top-1 {k} %": pct(top1[k], first) for k in OUTCOMES},
                 counts={k: counts[k] for k in OUTCOMES}, top1_counts={k: top1[k] for k in OUTCOMES})
-
-# %% ../nbs/09_experiments.ipynb #7ae7e590
-def outcomes_markdown(rows:Sequence[dict], # free-generation rows: identifier, R@1, R@5, R@10 and `generation_outcomes`' dict
-                     ) -> str:
-    "Free generation per identifier type as markdown: Recall@K and where the generated sequences (all; top-1) landed."
-    shares = lambda o, top: [f"{o[f'{top}{k} %']:.1f}" for k in OUTCOMES]
-    lines = ["| identifier | R@1 | R@5 | R@10 | retrieval corpus (test) % | memorized, not in corpus (train) % | "
-             "never memorized (val) % | no image % | top-1: test / train / val / none % |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        o = r["outcomes"]
-        lines.append(f"| {r['identifier']} | {r['R@1']:.2f} | {r['R@5']:.2f} | {r['R@10']:.2f} | {' | '.join(shares(o, ''))} | "
-                     f"{' / '.join(shares(o, 'top-1 '))} |")
-    return "\n".join(lines)
 
 # %% ../nbs/09_experiments.ipynb #0b682b40
 def beam_sweep(model:GraceModel, # a trained model

@@ -24,8 +24,8 @@ from .clip_latency import (blas_from, clip_text_tower, flat_index, ivf_index, se
                                    time_clip_text, time_search, tune_nprobe)
 
 # %% auto #0
-__all__ = ['EfficiencyRun', 'run_efficiency', 'efficiency_table', 'crossover', 'crossovers', 'latency_ratios',
-           'efficiency_findings', 'plot_efficiency', 'save_efficiency']
+__all__ = ['EfficiencyRun', 'run_efficiency', 'crossover', 'crossovers', 'latency_ratios', 'efficiency_findings',
+           'plot_efficiency', 'save_efficiency']
 
 # %% ../nbs/10c_figure4.ipynb #c95d7cf7
 @dataclass
@@ -177,25 +177,6 @@ def _run(s:dict, dtype, prefill_all:bool, paired_rounds:int, progress:bool) -> E
         cases = {n: synthetic_identifiers("structured", n, base, eoc) for n in (s["sizes"][0], s["sizes"][-1])}
         run.paired = paired_latency(model, decoders["last"], singles, cases, eoc, paired_rounds, s["num_beams"])
     return run
-
-# %% ../nbs/10c_figure4.ipynb #00f44ebb
-def _fmt(value) -> str:
-    if value is None: return "-"
-    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
-
-def efficiency_table(run:EfficiencyRun, # from `run_efficiency`
-                     key:str="ms_per_query", # ms_per_query, qps, latency_ms, search_ms, recall_at_10, nprobe, steps, vocab
-                    ) -> str:
-    "A markdown table of `key`: a row per (system, method), a column per corpus size."
-    sizes = run.sizes()
-    head = ["system", "method"] + [f"{n:,}" for n in sizes]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for system in ("GRACE", "CLIP"):
-        for method in run.methods(system):
-            values = [run.value(system, method, n, key) for n in sizes]
-            if all(v is None for v in values): continue
-            lines.append("| " + " | ".join([system, method] + [_fmt(v) for v in values]) + " |")
-    return "\n".join(lines)
 
 # %% ../nbs/10c_figure4.ipynb #c702c0f0
 def crossover(sizes:list[int], # measured corpus sizes, increasing

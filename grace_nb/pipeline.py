@@ -585,7 +585,8 @@ def efficiency_stage(profile:Profile, # model_preset picks the backbone's size; 
                      progress:bool=True, **kwargs, # more `run_efficiency` settings
                     ) -> dict:
     "Figure 4 for the profile's model size: the timing rows, their summary and the figure."
-    from grace_nb.figure4 import EfficiencyRun, efficiency_table, plot_efficiency, run_efficiency, save_efficiency
+    from grace_nb.figure4 import EfficiencyRun, plot_efficiency, run_efficiency, save_efficiency
+    from grace_nb.tables import efficiency_table
     sizes, path = sorted(sizes or _ints(profile.efficiency_sizes)), Path(out)/"efficiency.json"
     saved = load_json(path) if resume and path.is_file() else None
     if saved and saved["settings"].get("sizes") == sizes: run = EfficiencyRun(**saved)
