@@ -26,8 +26,9 @@ from .pretraining import PretrainConfig, pretrained_preset, scratch_preset
 from .classifier import ClassifierHead, classify, train_classifier
 from .training import (PROMPT_TEXTS, FeatureCache, TrainConfig, _load_weights, cache_features, feature_source,
                                memorize_examples, retrieve_examples, train_grace)
-from .evaluation import (PAPER_TABLE1, ambiguity_ceiling, collapse_report, evaluate_grace, findings, findings_markdown,
-                                 grace_recall, load_grace_model, save_grace_model, split_memorization, table1_markdown)
+from .evaluation import (PAPER_TABLE1, ambiguity_ceiling, collapse_report, evaluate_grace, findings,
+                                 grace_recall, load_grace_model, save_grace_model, split_memorization)
+from .tables import findings_markdown, table1_markdown
 from .experiments import (OUTCOMES, CAPTION_PROMPT, beam_sweep, caption_quality, generate_captions, generation_outcomes,
                                   plot_beam_sweep, pseudo_queries, semantic_captions, train_captioner)
 
