@@ -168,6 +168,7 @@ def main(argv:list[str]|None=None) -> int:
 def _retrieve(args) -> None:
     "Print ranked image files for each query of `grace retrieve`."
     from grace_nb.evaluation import load_grace_model
+    import grace_nb.vq  # registers the vq identifier kind, so that a vq model folder loads
     if args.k < 1 or args.beams < 1: raise GraceError(f"--k and --beams must be positive, got {args.k} and {args.beams}")
     if any(not q.strip() for q in args.queries): raise GraceError("a query is empty")
     model = load_grace_model(args.model)

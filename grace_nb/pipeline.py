@@ -18,6 +18,7 @@ from .core import init_ranks, is_main_process, main_first, main_only, shard_map,
 from .data import SHAPES_JSON, KarpathyDataset, load_karpathy, sample_scenes, write_shapes_corpus
 from .identifiers import (IdentifierMap, add_identifier_tokens, build_identifiers, identifier_token_ids,
                                   token_stats, train_bpe_tokenizer)
+import grace_nb.vq  # registers the vq identifier kind (11_vq_identifiers) with build_identifiers
 from .trie import TensorTrie
 from .backbone import Preset, grow_vocabulary, load_flamingo, openflamingo_preset, write_tiny_preset
 from .clip import ClipRun, evaluate_clip, image_embedding_table, load_clip, save_clip, train_clip
@@ -569,7 +570,7 @@ _EXACT = "faiss flat (exact), 1 thread"
 
 def _efficiency_summary(run) -> dict:
     "Latency ratios (largest / smallest corpus) of GRACE structured and exact CLIP search, and their crossover."
-    from grace_nb.efficiency import crossover
+    from grace_nb.figure4 import crossover
     sizes = run.sizes()
     grace = [run.value("GRACE", "structured", n) for n in sizes]
     clip = [run.value("CLIP", _EXACT, n) for n in sizes]
@@ -586,7 +587,8 @@ def efficiency_stage(profile:Profile, # model_preset picks the backbone's size; 
                      progress:bool=True, **kwargs, # more `run_efficiency` settings
                     ) -> dict:
     "Figure 4 for the profile's model size: the timing rows, their summary and the figure."
-    from grace_nb.efficiency import EfficiencyRun, efficiency_table, plot_efficiency, run_efficiency, save_efficiency
+    from grace_nb.figure4 import EfficiencyRun, plot_efficiency, run_efficiency, save_efficiency
+    from grace_nb.tables import efficiency_table
     sizes, path = sorted(sizes or _ints(profile.efficiency_sizes)), Path(out)/"efficiency.json"
     saved = load_json(path) if resume and path.is_file() else None
     if saved and saved["settings"].get("sizes") == sizes: run = EfficiencyRun(**saved)
