@@ -1,4 +1,4 @@
-"""Benchmark of Figure 4 (`grace_nb.efficiency`): GRACE's constrained decoding against CLIP's search, 1K to 1M images.
+"""Benchmark of Figure 4 (`grace_nb.figure4`): GRACE's constrained decoding against CLIP's search, 1K to 1M images.
 
     python benchmarks/efficiency.py                   # tiny backbone on the CPU, 1K/10K/100K/1M images (about 10 minutes)
     python benchmarks/efficiency.py --quick           # 300 and 3,000 images, a few queries: a smoke run (seconds)
@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import transformers
-from grace_nb.efficiency import (GRACE_KINDS, crossovers, efficiency_findings, efficiency_table, latency_ratios,
-                                 plot_efficiency, run_efficiency, save_efficiency)
+from grace_nb.efficiency import GRACE_KINDS
+from grace_nb.figure4 import crossovers, efficiency_findings, latency_ratios, plot_efficiency, run_efficiency, save_efficiency
+from grace_nb.tables import efficiency_table
 
 TARGET = 1.3  # GRACE latency at the largest corpus / at the smallest, structured identifiers
 

@@ -3,14 +3,16 @@
 `nbdev-docs` renders the site with Quarto, which cannot be installed offline. This script renders the same
 nbdev-processed notebooks with Sphinx + myst-nb instead, in four steps:
 
-1. stage    nbs/*.ipynb -> _docs_build/nbs/. A notebook saved without any output is first run the way
-            `nbdev-test` runs it (cells flagged with one of pyproject's `tst_flags` are skipped), so that its page
-            shows values and figures (`--execute missing`, the default; `all` runs every notebook, `none` none).
-            Runs are cached by the notebook's checksum, so an unchanged notebook is not run again.
+1. stage    nbs/*.ipynb -> _docs_build/nbs/. Notebooks are committed with their outputs (`make outputs`), and the
+            site shows those: nothing is run (`--execute none`, the default; `make test` runs every notebook once,
+            in nbdev-test). `--execute missing` runs a notebook saved without any output the way `nbdev-test` runs
+            it, `all` runs every notebook; runs are cached by the notebook's checksum.
 2. process  nbdev's own `proc_nbs` (show_doc rendered, export/hidden cells removed, doc links added), with
             _docs_build/ as the project root, so the repository's _proc/ (used by `make readme`) is left alone.
-3. convert  Quarto front matter and cell options into what myst-nb reads; the home page (index.ipynb) gets the
-            table of contents: every other notebook, in the order of its number.
+3. convert  Quarto front matter and cell options into what myst-nb reads; show_doc's output (`output: asis`)
+            becomes page Markdown, so each API entry is a heading of the page menu, an entry of the index and a
+            search hit; nbdev's source links point to the module's source page that this build writes (source/);
+            the home page (index.ipynb) gets the table of contents: every other notebook, in number order.
 4. render   sphinx-build (which never executes a notebook) -> _docs_build/html -> _docs/, with nbdev's absolute
             doc links made relative so that the site works offline and on any host.
 """
@@ -31,6 +33,7 @@ HTML = BUILD/"html"            # Sphinx output, copied to _docs/
 OUT = ROOT/"_docs"
 STAMP_KEY = "grace_docs"       # notebook metadata key holding the checksum a staged notebook was made from
 # MathJax files the site needs (TeX input, CommonHTML output, lazily loaded extensions, menu)
+EXTRA = BUILD/"extra"          # files copied as they are to the site's root: the module source pages (source/)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp"}
 MATHJAX_PARTS = ["tex-chtml.js", "output/chtml", "input/tex/extensions", "ui", "a11y", "adaptors"]
 
@@ -109,7 +112,9 @@ def save_outputs(src: Path, skip_flags: list[str]):
     from fastcore.xtras import working_directory
     from nbdev.test import _skip_cell
     os.environ["IN_TEST"] = "1"   # quiet(): no progress bars in the saved outputs
+    from nbdev.process import NBProcessor
     notebook = read_nb(src)
+    NBProcessor(nb=notebook, rm_directives=False)   # parses each cell's `#|` directives (left in its source) for _skip_cell
     shell = CaptureShell(src)
     try:
         with working_directory(src.parent):
@@ -192,6 +197,34 @@ def page_name(notebook_path: Path, front: dict) -> str:
 
 
 _SOURCE_LINK = re.compile(r"\[source\]\((\S+?)\)\{[^}]*\}")
+_MODULE_URL = re.compile(r"https?://\S+?/blob/[^/]+/(?:[\w-]+/)*([\w]+)\.py(?:#L(\d+))?")
+
+
+def local_source(url: str) -> str:
+    "nbdev's repository link of a symbol (git_url/blob/branch/grace_nb/trie.py#L21) -> its line on the site's source page"
+    match = _MODULE_URL.fullmatch(url)
+    if not match: return url
+    return f"source/{match.group(1)}.py.html" + (f"#L-{match.group(2)}" if match.group(2) else "")
+
+
+def write_source_pages(lib: Path, target: Path) -> list[str]:
+    "A syntax-highlighted page per module of `lib` (target/<module>.py.html, a #L-<n> anchor per line): source links land here"
+    from pygments import highlight
+    from pygments.formatters import HtmlFormatter
+    from pygments.lexers import PythonLexer
+    target.mkdir(parents=True, exist_ok=True)
+    css = HtmlFormatter(style="default").get_style_defs(".highlight")
+    written = []
+    for module in sorted(lib.glob("*.py")):
+        if module.name.startswith("_"): continue
+        body = highlight(module.read_text(), PythonLexer(), HtmlFormatter(linenos="table", lineanchors="L", anchorlinenos=True))
+        page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{lib.name}/{module.name}</title>'
+                f'<link rel="icon" href="../_static/favicon.svg"><style>{css} body {{ font-family: monospace; margin: 1em; }} '
+                f'.linenos a {{ color: #999; }} :target {{ background: #ffc; }}</style></head>\n<body>'
+                f'<p><a href="../index.html">grace_nb</a> / {lib.name}/{module.name} (generated from the notebooks)</p>{body}</body></html>\n')
+        _write_if_changed(target/f"{module.name}.html", page)
+        written.append(module.name)
+    return written
 _NB_LINK = re.compile(r"\]\((?:nbs/)?([\w.-]+)\.ipynb(#[\w.-]+)?\)")
 _WIDGET = "application/vnd.jupyter.widget-view+json"
 
@@ -200,7 +233,7 @@ def convert(notebook: dict, pages: dict[str, str]) -> tuple[dict, dict]:
     "A processed notebook as myst-nb reads it: (notebook, front matter). `pages` maps notebook stems to page names"
     front, cells = {}, []
     def fix_links(text: str) -> str:
-        text = _SOURCE_LINK.sub(r'<a class="nbdev-source" href="\1">source</a>', text)
+        text = _SOURCE_LINK.sub(lambda m: f'<a class="nbdev-source" href="{local_source(m.group(1))}">source</a>', text)
         return _NB_LINK.sub(lambda m: f"]({pages.get(m.group(1), m.group(1))}.ipynb{m.group(2) or ''})"
                             if m.group(1) in pages else m.group(0), text)
     for cell in notebook["cells"]:
@@ -233,6 +266,9 @@ def convert(notebook: dict, pages: dict[str, str]) -> tuple[dict, dict]:
                     data["text/markdown"] = fix_links(text)
                 output = {**output, "data": data}
             outputs.append(output)
+        if directives.get("output") == "asis":   # show_doc: its Markdown joins the page (headings in the menu, the index)
+            cells.extend(_asis_cells(outputs))
+            continue
         if "remove-input" in tags and not outputs: continue
         metadata = {k: v for k, v in cell.get("metadata", {}).items() if k not in ("tags", "execution")}
         cells.append({"cell_type": "code", "execution_count": cell.get("execution_count"), "source": code.strip("\n"),
@@ -240,6 +276,23 @@ def convert(notebook: dict, pages: dict[str, str]) -> tuple[dict, dict]:
     for number, cell in enumerate(cells): cell["id"] = f"cell-{number}"   # nbformat 4.5 wants an id per cell
     metadata = {k: v for k, v in notebook["metadata"].items() if k not in ("widgets", STAMP_KEY, "jupytext")}
     return {"nbformat": 4, "nbformat_minor": 5, "metadata": metadata, "cells": cells}, front
+
+
+_HEADING = re.compile(r"^#{2,4} (\S+)\s*$", re.M)
+
+
+def _asis_cells(outputs: list[dict]) -> list[dict]:
+    "Markdown cells from the text/markdown outputs of an `output: asis` cell, each API heading also an index entry"
+    cells = []
+    for output in outputs:
+        text = _source({"source": output.get("data", {}).get("text/markdown", "")})
+        if not text.strip(): continue
+        names = _HEADING.findall(text)
+        # `__` would read as bold in the heading (PrefixTrie.__contains__): escaped, the title is the name itself
+        text = _HEADING.sub(lambda m: m.group(0).replace("_", "\\_"), text)
+        index = "".join(f"```{{index}} single: {name}\n```\n" for name in names)
+        cells.append({"cell_type": "markdown", "metadata": {}, "source": index + text})
+    return cells
 
 
 def write_sources(sources: list[Path]) -> list[str]:
@@ -266,6 +319,7 @@ def write_sources(sources: list[Path]) -> list[str]:
         _write_if_changed(SRC/f"{pages[src.stem]}.ipynb", json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
     for old in SRC.glob("*.ipynb"):
         if old.stem not in names: old.unlink()
+    write_source_pages(ROOT/"grace_nb", EXTRA/"source")
     for image in NBS.rglob("*"):   # pictures the notebooks' Markdown shows (a notebook may write one when it runs)
         relative = image.relative_to(NBS)
         if image.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith((".", "_")) for part in relative.parts):
@@ -313,8 +367,9 @@ def render(names: list[str], workers: int, strict: bool):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--execute", choices=["missing", "all", "none"], default=os.environ.get("DOCS_EXECUTE", "missing"),
-                        help="which notebooks to run before processing: those saved without outputs (default), all, none")
+    parser.add_argument("--execute", choices=["missing", "all", "none"], default=os.environ.get("DOCS_EXECUTE", "none"),
+                        help="which notebooks to run before processing: none (default: the saved outputs are shown), "
+                             "those saved without outputs, all")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("DOCS_WORKERS", min(2, os.cpu_count() or 1))))
     parser.add_argument("--strict", action="store_true", help="turn Sphinx warnings into errors")
     parser.add_argument("--save", nargs="+", metavar="NOTEBOOK", type=Path,

@@ -31,6 +31,10 @@ html_theme = "furo"
 # docs/_static holds site.css; build.py copies MathJax into _docs_build/static/mathjax
 html_static_path = ["_static", str(Path(__file__).resolve().parents[1]/"_docs_build"/"static")]
 html_css_files = ["site.css"]
+# the module source pages build.py writes (source/<module>.py.html), where nbdev's source links point
+html_extra_path = [str(Path(__file__).resolve().parents[1]/"_docs_build"/"extra")]
+# docs/_templates/page.html: furo's footer without its links to external sites (the site is checked offline)
+templates_path = ["_templates"]
 # an explicit icon, so browsers do not ask for a /favicon.ico the site does not have (a console error)
 html_favicon = "_static/favicon.svg"
 html_copy_source = False

@@ -20,14 +20,10 @@ from .core import GraceError, Profile, atomic_write, load_json, save_json
 from .identifiers import IdentifierMap, add_identifier_tokens
 
 # %% auto #0
-__all__ = ['OPENFLAMINGO_PRESETS', 'BackboneError', 'adapt_open_flamingo', 'tiny_clip_config', 'register_clip_config',
+__all__ = ['OPENFLAMINGO_PRESETS', 'adapt_open_flamingo', 'BackboneError', 'tiny_clip_config', 'register_clip_config',
            'tiny_lm_config', 'Preset', 'write_tiny_preset', 'openflamingo_preset', 'Flamingo', 'set_trainable',
            'load_flamingo', 'vision_features', 'flamingo_forward', 'grow_vocabulary', 'openflamingo_state_dict',
            'shrunken_openflamingo_preset']
-
-# %% ../nbs/04_backbone.ipynb #6c5318ee
-class BackboneError(GraceError, ValueError):
-    "A preset that cannot be built: a missing file, an unknown preset, a tokenizer that does not fit the model."
 
 # %% ../nbs/04_backbone.ipynb #adbc27d9
 def _flamingo_layer_forward(self, lang_x, *args, **decoder_layer_kwargs):
@@ -48,6 +44,10 @@ def adapt_open_flamingo() -> bool:
     return True
 
 adapt_open_flamingo();
+
+# %% ../nbs/04_backbone.ipynb #6c5318ee
+class BackboneError(GraceError, ValueError):
+    "A preset that cannot be built: a missing file, an unknown preset, a tokenizer that does not fit the model."
 
 # %% ../nbs/04_backbone.ipynb #938d9317
 def tiny_clip_config(image_size:int=64, # input side in pixels
@@ -165,12 +165,14 @@ _SOURCES = {"checkpoint_dir": "the OpenFlamingo checkpoint.pt (huggingface.co/op
             "clip_path": "CLIP ViT-L/14 (OpenAI) weights as an open_clip state dict: open_clip_model.safetensors from "
                          "huggingface.co/timm/vit_large_patch14_clip_224.openai"}
 
+# %% ../nbs/04_backbone.ipynb #b0e968d5
 def _is_torchscript(path:Path) -> bool:
     "True for a TorchScript archive (a zip with a code/ folder), which torch.load(weights_only=True) refuses."
     import zipfile
     if not zipfile.is_zipfile(path): return False
     with zipfile.ZipFile(path) as archive: return any("/code/" in f"/{name}" for name in archive.namelist())
 
+# %% ../nbs/04_backbone.ipynb #5d4f0859
 def openflamingo_preset(profile:Profile, # a profile with model_preset, checkpoint_dir, lm_path, clip_path
                         check:bool=True, # fail now if a file is missing
                        ) -> Preset:

@@ -27,14 +27,11 @@ from .evaluation import GraceModel, evaluate_grace, load_grace_model, save_grace
 
 # %% auto #0
 __all__ = ['COUNT_NAMES', 'POSITION_NAMES', 'PROMPTS', 'FORMS', 'PROMPT_TEXTS_BEYOND', 'ATTRIBUTE_KINDS', 'NOT_TUNED_NOTE',
-           'BeyondError', 'Question', 'scene_questions', 'dataset_questions', 'prompt_ids', 'instruction_examples',
+           'Question', 'scene_questions', 'BeyondError', 'dataset_questions', 'prompt_ids', 'instruction_examples',
            'instruction_tune', 'generate_texts', 'answer_questions', 'describe_images', 'qa_accuracy',
            'majority_answers', 'attribute_scores', 'beyond_scores', 'beyond_experiment', 'GraceApp', 'grace_app']
 
 # %% ../nbs/12_beyond_retrieval.ipynb #85f14051
-class BeyondError(GraceError, ValueError):
-    "Inputs of the describe / question-answering experiments that do not fit (no scene graph, unknown prompt form)."
-
 @dataclass(frozen=True)
 class Question:
     "One question about one image, with its exact answer."
@@ -68,6 +65,9 @@ def scene_questions(scene:dict, # a shapes scene graph (`ImageRecord.scene`)
     return out
 
 # %% ../nbs/12_beyond_retrieval.ipynb #d2511338
+class BeyondError(GraceError, ValueError):
+    "Inputs of the describe / question-answering experiments that do not fit (no scene graph, unknown prompt form)."
+
 def dataset_questions(dataset:KarpathyDataset, # a shapes corpus (records carry scene graphs)
                       split:str, # whose images are asked about
                      ) -> list[Question]:
@@ -409,6 +409,7 @@ def snapshot(self:GraceApp, path:str|Path|None=None, # save the figure here (PNG
     if text: fig.text(0.01, 0.01, text[:160], fontsize=7, wrap=True)
     fig.tight_layout(rect=(0, 0.08 if text else 0, 1, 0.95))
     if path is not None: fig.savefig(path, dpi=100)
+    plt.close(fig)  # shown where it is returned, once
     return fig
 
 # %% ../nbs/12_beyond_retrieval.ipynb #18e0ca6a

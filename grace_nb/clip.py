@@ -23,9 +23,9 @@ from .core import GraceError, atomic_write, load_json, save_json, progress_bar
 from .data import ImageRecord, KarpathyDataset
 
 # %% auto #0
-__all__ = ['ClipError', 'create_clip', 'image_tensor', 'caption_tokens', 'clip_batch', 'warmup_cosine', 'ClipRun', 'train_clip',
-           'encode_images', 'encode_texts', 'exact_search', 'recall_at_k', 'evaluate_clip', 'save_clip', 'load_clip',
-           'image_embedding_table']
+__all__ = ['ClipError', 'create_clip', 'image_tensor', 'caption_tokens', 'clip_batch', 'warmup_cosine', 'ClipRun', 'clip_step',
+           'train_clip', 'encode_images', 'encode_texts', 'exact_search', 'recall_at_k', 'evaluate_clip', 'save_clip',
+           'load_clip', 'image_embedding_table']
 
 # %% ../nbs/05_clip.ipynb #34d9ef6e
 class ClipError(GraceError, ValueError):
@@ -124,6 +124,21 @@ def _optimizer(model:nn.Module, lr:float, weight_decay:float) -> torch.optim.Opt
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
                              lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
 
+# %% ../nbs/05_clip.ipynb #5d2bdfa5
+def clip_step(model:nn.Module, # the open_clip CLIP being trained
+              optimizer:torch.optim.Optimizer, schedule, # AdamW (`_optimizer`) and its learning-rate schedule
+              pixels:torch.Tensor, tokens:torch.Tensor, # all training images and caption tokens (`image_tensor`, `caption_tokens`)
+              images:np.ndarray, captions:np.ndarray, # the batch: image indices and caption rows (`clip_batch`)
+              loss_fn:nn.Module=ClipLoss(), # the symmetric InfoNCE loss
+             ) -> float:
+    "One contrastive step on a batch; returns its loss."
+    image_emb, text_emb, scale = model(pixels[images], tokens[captions])
+    loss = loss_fn(image_emb, text_emb, scale)
+    optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step(); schedule.step()
+    with torch.no_grad(): model.logit_scale.clamp_(0, math.log(100))
+    return loss.item()
+
+# %% ../nbs/05_clip.ipynb #0674eb36
 def train_clip(dataset:KarpathyDataset, # the corpus
                split:str="train", # the split trained on
                steps:int=300, # optimizer steps
@@ -147,21 +162,14 @@ def train_clip(dataset:KarpathyDataset, # the corpus
     if not 0 < init_temperature <= 1: raise ClipError(f"init_temperature must be in (0, 1], got {init_temperature}")
     model, _, preprocess, tokenizer = create_clip(config, name=name, seed=seed)
     with torch.no_grad(): model.logit_scale.fill_(math.log(1 / init_temperature))
-    pixels = image_tensor(dataset, records, preprocess, progress)
-    tokens, first_caption, n_captions = caption_tokens(records, tokenizer)
+    pixels, (tokens, first_caption, n_captions) = image_tensor(dataset, records, preprocess, progress), caption_tokens(records, tokenizer)
     warmup = max(1, steps // 10) if warmup is None else warmup
     optimizer, loss_fn = _optimizer(model, lr, weight_decay), ClipLoss()
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
     history, window = [], []
     model.train()
-    bar = progress_bar(range(steps), desc="training CLIP", progress=progress)
-    for step in bar:
-        images, captions = clip_batch(first_caption, n_captions, batch_size, seed, step)
-        image_emb, text_emb, scale = model(pixels[images], tokens[captions])
-        loss = loss_fn(image_emb, text_emb, scale)
-        optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step(); schedule.step()
-        with torch.no_grad(): model.logit_scale.clamp_(0, math.log(100))
-        window.append(loss.item())
+    for step in (bar := progress_bar(range(steps), desc="training CLIP", progress=progress)):
+        window.append(clip_step(model, optimizer, schedule, pixels, tokens, *clip_batch(first_caption, n_captions, batch_size, seed, step), loss_fn))
         if (step + 1) % log_every == 0 or step + 1 == steps:
             history.append({"step": step + 1, "loss": float(np.mean(window))}); window = []
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
@@ -187,6 +195,7 @@ def _evaluating(model:nn.Module):
         with torch.no_grad(): yield model
     finally: model.train(was_training)
 
+# %% ../nbs/05_clip.ipynb #d34d57f6
 def encode_images(run_or_model:ClipRun|nn.Module, # a trained run or an open_clip model
                   dataset:KarpathyDataset, # the corpus the records belong to
                   records:list[ImageRecord], # images to encode, in order
@@ -202,6 +211,7 @@ def encode_images(run_or_model:ClipRun|nn.Module, # a trained run or an open_cli
             out.append(model.encode_image(pixels.to(device), normalize=True).float().cpu().numpy())
     return np.concatenate(out)
 
+# %% ../nbs/05_clip.ipynb #b9a35ce7
 def encode_texts(run_or_model:ClipRun|nn.Module, # a trained run or an open_clip model
                  tokenizer, # open_clip tokenizer (None: the run's)
                  texts:list[str], # queries or captions

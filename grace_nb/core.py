@@ -16,10 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['RANK_TIMEOUT', 'QUIET_LOGGERS', 'GraceError', 'settings_path', 'repo_root', 'Profile', 'list_profiles',
-           'load_profile', 'seed_everything', 'pick_device', 'pick_dtype', 'atomic_write', 'save_json', 'load_json',
-           'init_ranks', 'rank', 'world_size', 'is_main_process', 'barrier', 'shard_batches', 'gather_objects',
-           'shard_map', 'main_only', 'main_first', 'progress_bar', 'quiet']
+__all__ = ['RANK_TIMEOUT', 'QUIET_LOGGERS', 'GraceError', 'settings_path', 'packaged_settings', 'repo_root', 'Profile',
+           'list_profiles', 'load_profile', 'seed_everything', 'pick_device', 'pick_dtype', 'atomic_write', 'save_json',
+           'load_json', 'init_ranks', 'rank', 'world_size', 'is_main_process', 'barrier', 'shard_batches',
+           'gather_objects', 'shard_map', 'main_only', 'main_first', 'progress_bar', 'quiet']
 
 # %% ../nbs/00_core.ipynb #9bded674
 class GraceError(Exception):
@@ -27,23 +27,26 @@ class GraceError(Exception):
 
 # %% ../nbs/00_core.ipynb #7e5aef6d
 def settings_path(path:str|Path|None=None, # an explicit settings.ini; overrides the search
-                 ) -> Path:
-    "Locate the experiment-profile file `settings.ini`."
-    candidates = [Path(path)] if path is not None else []
-    if path is None:
-        if os.environ.get("GRACE_SETTINGS"): candidates.append(Path(os.environ["GRACE_SETTINGS"]))
-        here = Path.cwd().resolve()
-        candidates += [d/"settings.ini" for d in [here, *here.parents]]
-        if "__file__" in globals(): candidates.append(Path(__file__).resolve().parents[1]/"settings.ini")  # beside the package
-    for c in candidates:
-        if c.is_file(): return c.resolve()
-    raise GraceError(f"settings.ini not found (looked at: {', '.join(str(c) for c in candidates[:4])} ...). "
-                     "Set GRACE_SETTINGS=/path/to/settings.ini or run from the repository.")
+                 ) -> Path|None:
+    "Your `settings.ini`: `path`, else $GRACE_SETTINGS, else the nearest one in the current folder or its parents."
+    given, origin = (path, "given") if path is not None else (os.environ.get("GRACE_SETTINGS") or None, "GRACE_SETTINGS")
+    if given is not None:
+        if Path(given).expanduser().is_file(): return Path(given).expanduser().resolve()
+        raise GraceError(f"settings.ini not found: {given} ({origin}); name an existing file, or none to use the packaged profiles")
+    here = Path.cwd().resolve()
+    return next(((d/"settings.ini").resolve() for d in [here, *here.parents] if (d/"settings.ini").is_file()), None)
+
+# %% ../nbs/00_core.ipynb #5bec2c7e
+def packaged_settings() -> Path:
+    "The profiles shipped inside the package: `grace_nb/settings.ini` (in a checkout, a link to the repository's)."
+    import grace_nb
+    return Path(grace_nb.__file__).with_name("settings.ini")
 
 # %% ../nbs/00_core.ipynb #9554a59e
 def repo_root() -> Path:
-    "The folder that holds `settings.ini`: relative paths in profiles are resolved against it."
-    return settings_path().parent
+    "The folder of your `settings.ini` (in a checkout, the repository), else the current folder."
+    found = settings_path()
+    return found.parent if found is not None else Path.cwd()
 
 # %% ../nbs/00_core.ipynb #17024ef2
 def _parse_value(raw:str) -> Any:
@@ -53,12 +56,13 @@ def _parse_value(raw:str) -> Any:
 
 # %% ../nbs/00_core.ipynb #fde9b0b1
 class Profile:
-    "The typed settings of one experiment profile (a section of settings.ini)."
+    "The typed settings of one experiment profile (a section of a settings.ini)."
     def __init__(self, name:str, # the section name, e.g. "shapes"
                  values:dict, # parsed key -> value
                  root:Path, # folder that relative paths are resolved against
+                 source:Path|None=None, # the settings.ini that defines the profile (the last one, when several do)
                 ):
-        self.name, self._values, self.root = name, dict(values), Path(root)
+        self.name, self._values, self.root, self.source = name, dict(values), Path(root), source
 
     def __getitem__(self, key:str) -> Any:
         if key not in self._values:
@@ -80,7 +84,7 @@ from fastcore.basics import patch
 
 @patch
 def path(self:Profile, key:str) -> Path:
-    "The value of `key` as an absolute path (relative values are resolved against settings.ini's folder)."
+    "The value of `key` as an absolute path (relative values are resolved against the profile's `root`)."
     p = Path(str(self[key])).expanduser()
     return p if p.is_absolute() else (self.root/p).resolve()
 
@@ -88,32 +92,69 @@ def path(self:Profile, key:str) -> Path:
 def replace(self:Profile, **overrides) -> Profile:
     "A copy of the profile with some values overridden (e.g. from command-line flags); keys must exist."
     for k in overrides: self[k]  # unknown keys raise with the list of valid ones
-    return Profile(self.name, {**self._values, **overrides}, self.root)
+    return Profile(self.name, {**self._values, **overrides}, self.root, self.source)
 
 # %% ../nbs/00_core.ipynb #0fc36f21
-def _read_ini(path:Path) -> configparser.ConfigParser:
-    cfg = configparser.ConfigParser(interpolation=configparser.ExtendedInterpolation())
-    try: cfg.read(path, encoding="utf-8")
-    except configparser.Error as e: raise GraceError(f"{path}: cannot parse settings file: {e}") from e
+def _read_ini(paths:Sequence[Path], # settings files, read in order: a later file's keys win
+              raw:bool=False, # no interpolation, and [DEFAULT] kept as a plain section (each section's own keys)
+             ) -> configparser.ConfigParser:
+    cfg = (configparser.ConfigParser(interpolation=None, default_section="\0no defaults") if raw else
+           configparser.ConfigParser(interpolation=configparser.ExtendedInterpolation()))
+    for path in paths:
+        try: cfg.read(path, encoding="utf-8")
+        except configparser.Error as e: raise GraceError(f"{path}: cannot parse settings file: {e}") from e
     return cfg
 
-def list_profiles(path:str|Path|None=None, # settings.ini to read (default: found by `settings_path`)
+def _profile_files(path:str|Path|None=None) -> list[Path]:
+    "The settings files profiles are read from: the packaged one, then yours (which adds and overrides)."
+    packaged, yours = packaged_settings(), settings_path(path)
+    files = [packaged] if packaged.is_file() else []
+    if yours is not None: files = [f for f in files if f.resolve() != yours] + [yours]
+    if not files: raise GraceError(f"no profiles: {packaged} is missing and no settings.ini was found; set GRACE_SETTINGS")
+    return files
+
+def _profile_sources(files:Sequence[Path]) -> dict[str, Path]:
+    "Each profile's name -> the last of `files` that defines its section, in the order profiles first appear."
+    return {name: f for f in files for name in _read_ini([f], raw=True).sections() if name != "DEFAULT"}
+
+# %% ../nbs/00_core.ipynb #aab2d290
+def _extended(raw:configparser.ConfigParser, # the settings files read raw (each section's own keys)
+              name:str, # the profile
+              chain:tuple=(), # the profiles that extend this one, to catch a loop
+             ) -> dict:
+    "The raw keys profile `name` sets, over those of the profile it `extends` (and so on up)."
+    own = dict(raw[name])
+    base = own.pop("extends", None)
+    if base is None: return own
+    if base in chain + (name,):
+        raise GraceError(f"profile [{name}] extends {base!r}, which extends it: {' -> '.join(chain + (name, base))}")
+    if base == "DEFAULT" or not raw.has_section(base):
+        profiles = ", ".join(s for s in raw.sections() if s != "DEFAULT")
+        raise GraceError(f"profile [{name}] extends {base!r}, which is not a profile; profiles: {profiles}")
+    return {**_extended(raw, base, chain + (name,)), **own}
+
+# %% ../nbs/00_core.ipynb #e85500d2
+def list_profiles(path:str|Path|None=None, # your settings.ini (default: found by `settings_path`)
                  ) -> list[str]:
-    "Names of the experiment profiles defined in settings.ini."
-    return _read_ini(settings_path(path)).sections()
+    "Names of the experiment profiles: the packaged ones, then those your settings.ini adds."
+    return list(_profile_sources(_profile_files(path)))
 
 # %% ../nbs/00_core.ipynb #5bddc1d1
 def load_profile(name:str="shapes", # profile (section) name; `list_profiles()` shows them
-                 path:str|Path|None=None, # settings.ini to read (default: found by `settings_path`)
+                 path:str|Path|None=None, # your settings.ini (default: found by `settings_path`), read over the packaged one
                 ) -> Profile:
-    "Read the experiment profile `name` from settings.ini, with typed values."
-    spath = settings_path(path)
-    cfg = _read_ini(spath)
-    if not cfg.has_section(name):
-        raise GraceError(f"unknown profile {name!r} in {spath}; valid profiles: {', '.join(cfg.sections())}")
-    try: values = {k: _parse_value(v) for k, v in cfg.items(name)}
-    except configparser.Error as e: raise GraceError(f"{spath} [{name}]: {e}") from e
-    return Profile(name, values, spath.parent)
+    "Read the experiment profile `name` (packaged, or added or changed by your settings.ini), with typed values."
+    files = _profile_files(path)
+    sources = _profile_sources(files)
+    if name not in sources:
+        raise GraceError(f"unknown profile {name!r} in {' + '.join(map(str, files))}; valid profiles: {', '.join(sources)}")
+    cfg = _read_ini(files)
+    try:
+        cfg[name] = _extended(_read_ini(files, raw=True), name)
+        values = {k: _parse_value(v) for k, v in cfg.items(name)}
+    except (configparser.Error, ValueError) as e: raise GraceError(f"{sources[name]} [{name}]: {e}") from e
+    root = Path.cwd() if sources[name] == packaged_settings() else sources[name].parent
+    return Profile(name, values, root, source=sources[name])
 
 # %% ../nbs/00_core.ipynb #374d229d
 def seed_everything(seed:int, # the run's seed

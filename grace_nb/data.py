@@ -24,7 +24,7 @@ from .core import GraceError, load_json, save_json, progress_bar
 __all__ = ['KARPATHY_SPLITS', 'SHAPE_WORDS', 'COLORS', 'COLOR_WORDS', 'SIZE_WORDS', 'BACKGROUNDS', 'BACKGROUND_WORDS',
            'POSITION_WORDS', 'CAPTION_TEMPLATES', 'SHAPES_JSON', 'DataError', 'to_rgb', 'read_rgb', 'sample_scene',
            'draw_scene', 'caption_scene', 'caption_attributes', 'scene_graph_attributes', 'sample_scenes',
-           'write_shapes_corpus', 'ImageRecord', 'KarpathyDataset', 'load_karpathy', 'show_records']
+           'write_shapes_corpus', 'ImageRecord', 'KarpathyDataset', 'load_karpathy', 'show_records', 'check_karpathy']
 
 # %% ../nbs/01_data.ipynb #02fb33fb
 class DataError(GraceError, ValueError):
@@ -403,6 +403,23 @@ def _make_record(entry:dict, captions:list[str], path:Path, include_restval:bool
     return ImageRecord(entry["imgid"], entry["filename"], path, split, captions, entry.get("scene"), extra)
 
 # %% ../nbs/01_data.ipynb #fa95ceda
+_SKIP_HINT = ("(on_error='skip', the profile key `on_error = skip` or `grace reproduce --on-error skip` leave bad entries "
+             "out and report them; `grace data karpathy-check FILE` lists them all)")
+
+def _image_root(json_path:Path, image_root:str|Path|None, check:str) -> Path:
+    "The folder images are under (default: the JSON's); it must exist when images are checked."
+    root = json_path.parent if image_root is None else Path(image_root)
+    if check != "none" and not root.is_dir(): raise DataError(f"image root not found: {root} (images of {json_path})")
+    return root
+
+def _checked_entries(entries:list, image_root:Path, wanted:set, check:str, include_restval:bool, progress:bool, desc:str):
+    "Each entry as (label, problem, record): problem None for a good entry, whose record is None outside `wanted`."
+    seen_files, seen_ids = {}, {}
+    for i, entry in enumerate(progress_bar(entries, desc=desc, progress=progress and len(entries) >= 1000)):
+        problem, record = _load_entry(entry, i, image_root, wanted, check, include_restval, seen_files, seen_ids)
+        yield (f"entry {i} ({entry.get('filename')!r})" if isinstance(entry, dict) else f"entry {i}"), problem, record
+
+# %% ../nbs/01_data.ipynb #0153c92b
 def load_karpathy(json_path:str|Path, # dataset_flickr30k.json, dataset_coco.json, dataset_shapes.json, ...
                   image_root:str|Path|None=None, # folder the entries' filepath/filename are under (default: the JSON's folder)
                   splits:tuple=("train", "val", "test"), # which splits to load
@@ -415,19 +432,15 @@ def load_karpathy(json_path:str|Path, # dataset_flickr30k.json, dataset_coco.jso
     _check_options(splits, include_restval, check, on_error)
     json_path = Path(json_path)
     entries, name = _read_karpathy_file(json_path)
-    image_root = json_path.parent if image_root is None else Path(image_root)
-    if check != "none" and not image_root.is_dir(): raise DataError(f"image root not found: {image_root} (images of {json_path})")
+    image_root = _image_root(json_path, image_root, check)
     wanted = set(splits) | ({"restval"} if include_restval else set())
-    records, skipped, seen_files, seen_ids = [], {}, {}, {}
-    for i, entry in enumerate(progress_bar(entries, desc=f"checking {json_path.name}", progress=progress and len(entries) >= 1000)):
-        problem, record = _load_entry(entry, i, image_root, wanted, check, include_restval, seen_files, seen_ids)
+    records, skipped = [], {}
+    for label, problem, record in _checked_entries(entries, image_root, wanted, check, include_restval, progress,
+                                                   desc=f"checking {json_path.name}"):
         if problem is None:
             if record is not None: records.append(record)
-            continue
-        label = f"entry {i} ({entry.get('filename')!r})" if isinstance(entry, dict) else f"entry {i}"
-        if on_error == "raise":
-            raise DataError(f"{json_path}: {label}: {problem[1]} (on_error='skip' skips bad entries and reports them)")
-        skipped.setdefault(problem[0], []).append(label)
+        elif on_error == "raise": raise DataError(f"{json_path}: {label}: {problem[1]} {_SKIP_HINT}")
+        else: skipped.setdefault(problem[0], []).append(label)
     if skipped: print(_skip_report(skipped, len(entries), json_path))
     if not records: raise DataError(f"{json_path}: no usable entries in splits {tuple(splits)}")
     return KarpathyDataset(records, name, json_path, skipped)
@@ -513,3 +526,20 @@ def show_records(dataset:KarpathyDataset, # the dataset the records belong to
         ax.set_xlabel("\n".join(textwrap.wrap(text, 28)), fontsize=7)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/01_data.ipynb #1feb7f3d
+def check_karpathy(json_path:str|Path, # the dataset JSON
+                   image_root:str|Path|None=None, # folder the entries' filepath/filename are under (default: the JSON's folder)
+                   check:str="decode", # per image: "decode" (reads every pixel), "exists" or "none"
+                   progress:bool=True, # progress bar when checking 1000+ images
+                  ) -> dict:
+    "Check every entry of a Karpathy-format file (all splits) and its images: good entries per split, every bad one."
+    _check_options(KARPATHY_SPLITS, False, check, "skip")
+    json_path = Path(json_path)
+    entries, name = _read_karpathy_file(json_path)
+    usable, bad = {}, []
+    for label, problem, record in _checked_entries(entries, _image_root(json_path, image_root, check), set(KARPATHY_SPLITS),
+                                                   check, False, progress, desc=f"checking {json_path.name}"):
+        if problem is None: usable[record.split] = usable.get(record.split, 0) + 1
+        else: bad.append(f"{label}: {problem[0]}: {problem[1]}")
+    return {"dataset": name, "file": str(json_path), "entries": len(entries), "usable": usable, "bad": bad}

@@ -21,18 +21,14 @@ from .identifiers import IdentifierMap, identifier_token_ids
 from .trie import TensorTrie
 from .backbone import Flamingo, Preset, load_flamingo
 from .clip import recall_at_k
-from .training import MEMORIZE_PROMPT, RETRIEVE_PROMPT, FeatureCache, _load_weights, _trainable_state
+from .training import MEMORIZE_PROMPT, RETRIEVE_PROMPT, FeatureCache
+from .checkpoints import _load_weights, _trainable_state
 from .inference import FlamingoDecoder, Ranked, beam_search, corpus_trie, retrieve
 
 # %% auto #0
-__all__ = ['MODEL_FILES', 'PAPER_TABLE1', 'FINDINGS', 'EvaluationError', 'ranked_images', 'grace_recall', 'GraceModel',
+__all__ = ['MODEL_FILES', 'PAPER_TABLE1', 'FINDINGS', 'ranked_images', 'EvaluationError', 'grace_recall', 'GraceModel',
            'save_grace_model', 'load_grace_model', 'evaluate_grace', 'consistent_counts', 'ambiguity_ceiling',
-           'collapse_report', 'memorize_rankings', 'memorization_accuracy', 'split_memorization', 'table1_markdown',
-           'findings', 'findings_markdown']
-
-# %% ../nbs/08_evaluation.ipynb #8e01c2f3
-class EvaluationError(GraceError, ValueError):
-    "A saved model whose parts disagree or are missing, or evaluation inputs that do not fit."
+           'collapse_report', 'memorize_rankings', 'memorization_accuracy', 'split_memorization', 'findings']
 
 # %% ../nbs/08_evaluation.ipynb #a34df7b0
 def ranked_images(result:Ranked, # one query's beam-search result from `retrieve`
@@ -43,6 +39,9 @@ def ranked_images(result:Ranked, # one query's beam-search result from `retrieve
     return ranked
 
 # %% ../nbs/08_evaluation.ipynb #5c2d9c36
+class EvaluationError(GraceError, ValueError):
+    "A saved model whose parts disagree or are missing, or evaluation inputs that do not fit."
+
 def grace_recall(results:Sequence[Ranked], # one per query, from `retrieve`
                  gold:Sequence[int], # the relevant image of each query
                  ks:tuple=(1, 5, 10), # cut-offs
@@ -283,41 +282,9 @@ PAPER_TABLE1 = {  # Flickr30K (1K test images), Li et al. 2024, Table 1
     ("grace", "vq"): (50.4, 73.2, 76.9),  # Table 3 (image-tokenization identifiers, Flickr30K)
 }
 
-# %% ../nbs/08_evaluation.ipynb #d1a90026
-def _memorized_cell(run:dict) -> str:
-    mem = run.get("memorization") or {}
-    return " / ".join(f"{mem[s]['top1']:.1f}" if s in mem else "–" for s in ("train", "test")) if mem else "–"
-
-def _collapse_cell(run:dict) -> str:
-    c = run.get("collapse")
-    return "–" if not c else f"**collapsed** (top-1 share {c['top1_share']:.1f}%)" if c.get("collapsed") else "no"
-
-def _ceiling_row(ceiling:dict, diagnostics:bool) -> str:
-    recall = " | ".join(f"{ceiling[k]:.1f}" if k in ceiling else "–" for k in ("R@1", "R@5", "R@10"))
-    return f"| best achievable | – | ceiling (scene graphs) | {recall} | {ceiling.get('n_queries', '–')} | – | – | – |" + (" – | – |" if diagnostics else "")
-
-# %% ../nbs/08_evaluation.ipynb #d1a90027
-def table1_markdown(runs:Sequence[dict], # metrics rows: method, identifier, variant, R@1, R@5, R@10, n_queries, ...
-                    title:str="", # a line above the table (scale, seed)
-                    ceiling:dict|None=None, # `ambiguity_ceiling` of the test split: printed as the first row
-                   ) -> str:
-    "A markdown table of the runs with the paper's Flickr30K numbers beside them (and the ceiling, memorization, collapse)."
-    diagnostics = any("memorization" in run or "collapse" in run for run in runs)
-    lines = ([title, ""] if title else []) + [
-        "| method | identifier | variant | R@1 | R@5 | R@10 | queries | paper R@1 | paper R@5 | paper R@10 |"
-        + (" memorized train/test (top-1 %) | collapsed |" if diagnostics else ""),
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---|" if diagnostics else "")]
-    if ceiling: lines.append(_ceiling_row(ceiling, diagnostics))
-    for run in runs:
-        paper = PAPER_TABLE1.get((run["method"], run.get("identifier")), ("–",) * 3)
-        ours = [f"{run[k]:.1f}" for k in ("R@1", "R@5", "R@10")]
-        lines.append(f"| {run['method'].upper() if run['method'] == 'clip' else 'GRACE'} | {run.get('identifier') or '–'} | "
-                     f"{run.get('variant', 'full')} | {' | '.join(ours)} | {run['n_queries']} | {' | '.join(map(str, paper))} |"
-                     + (f" {_memorized_cell(run)} | {_collapse_cell(run)} |" if diagnostics else ""))
-    return "\n".join(lines)
-
-# %% ../nbs/08_evaluation.ipynb #e35131c0
+# %% ../nbs/08_evaluation.ipynb #6f49c6e6
 def _verdict(hits:int, total:int) -> str:
+    "Reproduced when every comparison holds, partly when some do, not reproduced when none does."
     return "not measured" if total == 0 else "reproduced" if hits == total else "partly" if hits else "not reproduced"
 
 def _collapsed(row:dict) -> bool: return bool((row.get("collapse") or {}).get("collapsed"))
@@ -329,6 +296,7 @@ def _judged(comparisons:list[tuple[bool, list[dict]]], # (does the paper's claim
     if comparisons and all(any(map(_collapsed, rows)) for _, rows in comparisons): return "not measured (collapsed)"
     return _verdict(sum(holds and not any(map(_collapsed, rows)) for holds, rows in comparisons), len(comparisons))
 
+# %% ../nbs/08_evaluation.ipynb #10d5b8b6
 def _rows_by(metrics:dict, table:str, variant:str) -> dict:
     return {r["identifier"]: r for r in metrics.get(table) or [] if r.get("method", "grace") == "grace" and r["variant"] == variant}
 
@@ -343,7 +311,7 @@ def _full_rows(metrics:dict) -> dict:
         rows[key] = r
     return rows
 
-# %% ../nbs/08_evaluation.ipynb #d1a90030
+# %% ../nbs/08_evaluation.ipynb #3e0f2be5
 def _finding_constrained(m):
     "Free generation is the same model decoded without the trie: its collapse is an outcome, so only the full row must not collapse."
     full, free = {r["identifier"]: r for r in m.get("table2") or [] if r["variant"].startswith("full")}, _rows_by(m, "table2", "w/o constrained generation")
@@ -351,7 +319,9 @@ def _finding_constrained(m):
     return (_judged([(f["R@1"] > u["R@1"], [f]) for _, f, u in pairs]),
             "; ".join(f"{k} {f['R@1']:.1f}{_mark(f)} → {u['R@1']:.1f}{_mark(u)}" for k, f, u in pairs))
 
+# %% ../nbs/08_evaluation.ipynb #2f364d6d
 def _finding_memorize(m):
+    "Without the memorize task R@1 is lower for every type, by at most a third of the full R@1."
     full, nomem = {r["identifier"]: r for r in m.get("table2") or [] if r["variant"].startswith("full")}, _rows_by(m, "table2", "w/o learning to memorize")
     pairs = [(k, full[k], nomem[k]) for k in nomem if k in full]
     clean = [(f["R@1"], w["R@1"]) for _, f, w in pairs if not (_collapsed(f) or _collapsed(w))]
@@ -360,8 +330,9 @@ def _finding_memorize(m):
                "reproduced" if little == len(pairs) else "partly" if lower else "not reproduced")
     return verdict, "; ".join(f"{k} {f['R@1']:.1f}{_mark(f)} → {w['R@1']:.1f}{_mark(w)}" for k, f, w in pairs)
 
-# %% ../nbs/08_evaluation.ipynb #d1a90031
+# %% ../nbs/08_evaluation.ipynb #07812c00
 def _finding_order(m):
+    "Structured > string > numeric on R@1 and on R@10 (Table 1 rows of the paper's model)."
     full = _full_rows(m)
     if not all(k in full for k in ("structured", "string", "numeric")): return "not measured", ""
     rows = [full["structured"], full["string"], full["numeric"]]
@@ -369,7 +340,9 @@ def _finding_order(m):
     return _judged(holds), "; ".join(f"{k}: " + ", ".join(f"{name} {r[k]:.1f}{_mark(r)}" for name, r in
                                                           zip(("structured", "string", "numeric"), rows)) for k in ("R@1", "R@10"))
 
+# %% ../nbs/08_evaluation.ipynb #c5c6b898
 def _finding_atomic(m):
+    "The paper's atomic identifiers (random new tokens) at least match CLIP on R@1 and R@10."
     clip = next((r for r in m.get("runs", []) if r["method"] == "clip"), None)
     atomic = {("classifier head" if r.get("head") else f"{r.get('atomic_init')} init"): r for r in m.get("runs", [])
               if r["method"] == "grace" and r["identifier"] == "atomic" and not _from_scratch(r)}
@@ -380,15 +353,18 @@ def _finding_atomic(m):
     return verdict, f"CLIP {clip['R@1']:.1f} / {clip['R@10']:.1f}; " + "; ".join(
         f"atomic ({name}) {r['R@1']:.1f} / {r['R@10']:.1f}{_mark(r)}" for name, r in atomic.items()) + " (R@1 / R@10)"
 
-# %% ../nbs/08_evaluation.ipynb #d1a90032
+# %% ../nbs/08_evaluation.ipynb #0e2a950a
 def _finding_latency(m):
+    "GRACE structured latency grows at most 1.3x from the smallest to the largest corpus, and less than CLIP's."
     s = (m.get("efficiency") or {}).get("summary")
     if not s: return "not measured", ""
     flat, grows = s["grace_structured_ratio"] <= 1.3, s["clip_exact_ratio"] > s["grace_structured_ratio"]
     return _verdict(flat + grows, 2), (f"{s['smallest']:,} → {s['largest']:,} images: GRACE structured ×{s['grace_structured_ratio']:.2f}, "
                                        f"CLIP exact ×{s['clip_exact_ratio']:.2f}; crossover: {s.get('crossover') or 'none measured'}")
 
+# %% ../nbs/08_evaluation.ipynb #06271ea9
 def _finding_beams(m):
+    "From beam 10 to the widest beam, R@10 gains more than R@1, for every multi-token identifier type."
     rows = [r for r in m.get("beam_sweep") or [] if r["identifier"] != "atomic"]
     gains = []
     for kind in dict.fromkeys(r["identifier"] for r in rows):
@@ -411,8 +387,3 @@ def findings(metrics:dict, # a run's metrics.json (from `grace reproduce --all`)
             ) -> list[dict]:
     "Each paper finding with its verdict on this run and the numbers behind it."
     return [dict(finding=name, paper=paper, verdict=(res := check(metrics))[0], ours=res[1]) for name, paper, check in FINDINGS]
-
-def findings_markdown(rows:list[dict]) -> str:
-    "The findings as a markdown table."
-    return "\n".join(["| paper finding | paper | verdict | ours |", "|---|---|---|---|"] +
-                     [f"| {r['finding']} | {r['paper']} | **{r['verdict']}** | {r['ours'] or '–'} |" for r in rows])

@@ -6,7 +6,7 @@ Docs: https://grace-nb.github.io/grace_nb/experiments.html.md"""
 
 # %% ../nbs/09_experiments.ipynb #6ebfa9e1
 from __future__ import annotations
-import re, time
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from .core import GraceError, progress_bar
-from .data import BACKGROUND_WORDS, COLOR_WORDS, SHAPE_WORDS, KarpathyDataset
+from .data import KarpathyDataset, caption_attributes, scene_graph_attributes
 from .identifiers import IdentifierMap, identifier_token_ids
 from .backbone import Flamingo
 from .training import Example, FeatureCache, TrainConfig, train_grace
@@ -22,9 +22,9 @@ from .inference import FlamingoDecoder, beam_search
 from .evaluation import GraceModel, grace_recall
 
 # %% auto #0
-__all__ = ['CAPTION_PROMPT', 'OUTCOMES', 'CaptionError', 'caption_examples', 'train_captioner', 'generate_captions',
-           'scene_attributes', 'scene_truth', 'caption_quality', 'semantic_captions', 'pseudo_queries',
-           'generation_outcomes', 'outcomes_markdown', 'beam_sweep', 'plot_beam_sweep']
+__all__ = ['CAPTION_PROMPT', 'QUALITY_KINDS', 'OUTCOMES', 'CaptionError', 'caption_examples', 'train_captioner',
+           'generate_captions', 'caption_quality', 'semantic_captions', 'pseudo_queries', 'generation_outcomes',
+           'beam_sweep', 'plot_beam_sweep']
 
 # %% ../nbs/09_experiments.ipynb #45702b02
 CAPTION_PROMPT = "Predict the caption for the <image>"
@@ -92,29 +92,11 @@ def generate_captions(flamingo:Flamingo, # a trained captioner
     return captions
 
 # %% ../nbs/09_experiments.ipynb #a94db807
-def _phrases(words:dict) -> list[tuple[str, str]]:
-    "(phrase, canonical name) pairs, longest phrase first so 'plus sign' wins over shorter matches."
-    return sorted(((p, name) for name, ps in words.items() for p in ps), key=lambda x: -len(x[0]))
+QUALITY_KINDS = ("color", "shape", "background")  # the attribute kinds `caption_quality` scores
 
-_BACKGROUND = re.compile(r"(" + "|".join(p for p, _ in _phrases(BACKGROUND_WORDS)) + r") background")
-
-def scene_attributes(text:str, # a caption
-                    ) -> set[tuple[str, str]]:
-    "The (kind, value) attributes a shapes caption names: object colours and shapes, and the background colour."
-    text, found = " " + text.lower() + " ", set()
-    if m := _BACKGROUND.search(text):
-        found.add(("background", dict(_phrases(BACKGROUND_WORDS))[m.group(1)]))
-        text = text[:m.start()] + " " + text[m.end():]
-    for kind, words in (("shape", SHAPE_WORDS), ("color", COLOR_WORDS)):
-        for phrase, name in _phrases(words):
-            if f" {phrase} " in text or f" {phrase}s " in text:
-                found.add((kind, name)); text = text.replace(f" {phrase}", " ")
-    return found
-
-def scene_truth(scene:dict) -> set[tuple[str, str]]:
-    "Every attribute of a scene graph in `scene_attributes`' terms."
-    return ({("shape", o["shape"]) for o in scene["objects"]} | {("color", o["color"]) for o in scene["objects"]}
-            | {("background", scene["background"])})
+def _scored(attributes:set) -> set:
+    "The attributes of `QUALITY_KINDS` among `attributes` (from `caption_attributes` or `scene_graph_attributes`)."
+    return {a for a in attributes if a[0] in QUALITY_KINDS}
 
 # %% ../nbs/09_experiments.ipynb #12952891
 def caption_quality(captions:dict[int, Sequence[str]], # image id -> captions (generated or gold), best first
@@ -126,9 +108,9 @@ def caption_quality(captions:dict[int, Sequence[str]], # image id -> captions (g
     for image_id, texts in captions.items():
         record = dataset.by_id(image_id)
         if record.scene is None: raise CaptionError(f"image {image_id} has no scene graph: caption quality needs the shapes corpus")
-        truth, gold = scene_truth(record.scene), {c.strip().lower() for c in record.captions}
+        truth, gold = _scored(scene_graph_attributes(record.scene)), {c.strip().lower() for c in record.captions}
         for text in list(texts)[:top]:
-            attrs = scene_attributes(text)
+            attrs = _scored(caption_attributes(text))
             named, correct = named + len(attrs), correct + len(attrs & truth)
             truth_total, truth_found = truth_total + len(truth), truth_found + len(attrs & truth)
             exact, n = exact + (text.strip().lower() in gold), n + 1
@@ -180,20 +162,6 @@ def generation_outcomes(model:GraceModel, # the trained model (its identifier ma
                 **{f"top-1 {k} %": pct(top1[k], first) for k in OUTCOMES},
                 counts={k: counts[k] for k in OUTCOMES}, top1_counts={k: top1[k] for k in OUTCOMES})
 
-# %% ../nbs/09_experiments.ipynb #7ae7e590
-def outcomes_markdown(rows:Sequence[dict], # free-generation rows: identifier, R@1, R@5, R@10 and `generation_outcomes`' dict
-                     ) -> str:
-    "Free generation per identifier type as markdown: Recall@K and where the generated sequences (all; top-1) landed."
-    shares = lambda o, top: [f"{o[f'{top}{k} %']:.1f}" for k in OUTCOMES]
-    lines = ["| identifier | R@1 | R@5 | R@10 | retrieval corpus (test) % | memorized, not in corpus (train) % | "
-             "never memorized (val) % | no image % | top-1: test / train / val / none % |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        o = r["outcomes"]
-        lines.append(f"| {r['identifier']} | {r['R@1']:.2f} | {r['R@5']:.2f} | {r['R@10']:.2f} | {' | '.join(shares(o, ''))} | "
-                     f"{' / '.join(shares(o, 'top-1 '))} |")
-    return "\n".join(lines)
-
 # %% ../nbs/09_experiments.ipynb #0b682b40
 def beam_sweep(model:GraceModel, # a trained model
                queries:Sequence[tuple[str, int]], # (caption, gold image id)
@@ -231,4 +199,5 @@ def plot_beam_sweep(rows:Sequence[dict], # `beam_sweep` rows of one or more mode
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10); fig.tight_layout()
     if path is not None: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=120)
+    plt.close(fig)  # shown where it is returned, once
     return fig

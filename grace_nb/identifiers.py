@@ -8,8 +8,9 @@ Docs: https://grace-nb.github.io/grace_nb/identifiers.html.md"""
 from __future__ import annotations
 import json, warnings
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from fastcore.basics import patch
@@ -21,19 +22,15 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from .core import GraceError, load_json, save_json, progress_bar
 
 # %% auto #0
-__all__ = ['KINDS', 'IdentifierError', 'MissingImageError', 'IdentifierMap', 'string_identifiers', 'numeric_identifiers',
-           'normalize_caption', 'semantic_identifiers', 'structured_identifiers', 'atomic_identifiers',
-           'build_identifiers', 'train_bpe_tokenizer', 'add_identifier_tokens', 'identifier_token_ids', 'token_stats']
+__all__ = ['IdentifierError', 'IdentifierKind', 'register_identifier_kind', 'identifier_kinds', 'identifier_kind',
+           'IdentifierMap', 'MissingImageError', 'string_identifiers', 'numeric_identifiers', 'normalize_caption',
+           'semantic_identifiers', 'structured_identifiers', 'atomic_identifiers', 'build_identifiers',
+           'train_bpe_tokenizer', 'add_identifier_tokens', 'identifier_token_ids', 'token_stats']
 
-# %% ../nbs/02_identifiers.ipynb #158b9be5
+# %% ../nbs/02_identifiers.ipynb #eeff4a62
 class IdentifierError(GraceError, ValueError):
     "A malformed identifier map, bad builder input, or a map that does not match the tokenizer."
 
-class MissingImageError(IdentifierError, KeyError):
-    "An image id that the identifier map does not hold."
-    def __str__(self): return str(self.args[0]) if self.args else ""
-
-# %% ../nbs/02_identifiers.ipynb #eeff4a62
 def _check_image_ids(image_ids:Iterable, # image ids, in the order the builder should see them
                     ) -> list[int]:
     "Image ids as a list of distinct Python ints, or a clear `IdentifierError`."
@@ -48,19 +45,50 @@ def _check_image_ids(image_ids:Iterable, # image ids, in the order the builder s
     return ids
 
 # %% ../nbs/02_identifiers.ipynb #65ca0d38
-KINDS = ("numeric", "string", "semantic", "structured", "atomic", "vq")
-_UNIQUE_KINDS = ("numeric", "string", "structured", "atomic", "vq")
-_NEW_TOKEN_KINDS = ("structured", "atomic", "vq")
+@dataclass
+class IdentifierKind:
+    "An identifier type: the rules its maps obey and the function that builds them."
+    name:str # as profiles and saved maps spell it, e.g. "atomic"
+    unique:bool=True # no two images may share an identifier
+    new_tokens:bool=False # identifiers are new vocabulary tokens (the map lists them in `new_tokens`)
+    builder:Callable|None=field(default=None, repr=False) # (image ids, *, captions, embeddings, k, c, codebook_size, seed) -> map
+
+_KINDS:dict[str, IdentifierKind] = {}
+
+def register_identifier_kind(name:str, # the kind's name
+                             unique:bool=True, new_tokens:bool=False, # its rules (see `IdentifierKind`)
+                             builder:Callable|None=None, # what `build_identifiers` calls for this kind
+                            ) -> IdentifierKind:
+    "Add identifier kind `name` to the registry (replacing one of that name): maps and `build_identifiers` accept it."
+    _KINDS[name] = IdentifierKind(name, unique, new_tokens, builder)
+    return _KINDS[name]
+
+# %% ../nbs/02_identifiers.ipynb #33ddcd9a
+def identifier_kinds() -> tuple[str, ...]:
+    "The registered kind names, in registration order."
+    return tuple(_KINDS)
+
+def identifier_kind(name:str, # a kind name
+                   ) -> IdentifierKind:
+    "The registered kind `name`, or an `IdentifierError` listing the registered kinds."
+    if name not in _KINDS:
+        raise IdentifierError(f"unknown identifier kind {name!r}; registered kinds: {', '.join(_KINDS)}"
+                              + ("" if "vq" in _KINDS else " (vq registers when grace_nb.vq is imported)"))
+    return _KINDS[name]
+
+register_identifier_kind("numeric"); register_identifier_kind("string")
+register_identifier_kind("semantic", unique=False)
+register_identifier_kind("structured", new_tokens=True); register_identifier_kind("atomic", new_tokens=True)
 
 # %% ../nbs/02_identifiers.ipynb #73285712
 class IdentifierMap:
     "Image id ⇄ identifier string for one identifier type, plus the vocabulary tokens it needs."
-    def __init__(self, kind:str, # one of `KINDS`
+    def __init__(self, kind:str, # a registered kind (`identifier_kinds()`)
                  identifiers:dict, # image id (int) -> identifier string
                  new_tokens:Sequence[str]=(), # tokens to add to the vocabulary (structured: C_l_j, atomic: I_n)
                  params:dict|None=None, # how the map was built (seed, k, c, ...), saved with it
                 ):
-        if kind not in KINDS: raise IdentifierError(f"unknown identifier kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+        identifier_kind(kind)  # an unknown kind raises here
         if not isinstance(identifiers, dict): raise IdentifierError(f"identifiers must be a dict, got {type(identifiers).__name__}")
         ids = _check_image_ids(identifiers)
         self.kind, self.params = kind, dict(params or {})
@@ -75,19 +103,20 @@ class IdentifierMap:
 @patch
 def _validate(self:IdentifierMap):
     "Raise `IdentifierError` unless identifiers and new tokens are well-formed for this kind."
+    rules = identifier_kind(self.kind)
     for image_id, ident in self.identifiers.items():
         if not isinstance(ident, str) or not ident.strip():
             raise IdentifierError(f"image {image_id}: identifier must be a non-empty string, got {ident!r}")
     bad = [t for t in self.new_tokens if not isinstance(t, str) or not t or len(t.split()) != 1]
     if bad: raise IdentifierError(f"new token {bad[0]!r} must be a non-empty string without spaces")
     if len(set(self.new_tokens)) != len(self.new_tokens): raise IdentifierError("new_tokens contains duplicates")
-    if self.kind in _UNIQUE_KINDS:
+    if rules.unique:
         seen = {}
         for image_id, ident in self.identifiers.items():
             if ident in seen: raise IdentifierError(
                 f"{self.kind} identifiers must be unique: images {seen[ident]} and {image_id} share {ident!r}")
             seen[ident] = image_id
-    if self.kind in _NEW_TOKEN_KINDS:
+    if rules.new_tokens:
         vocab = set(self.new_tokens)
         for image_id, ident in self.identifiers.items():
             missing = [t for t in ident.split() if t not in vocab]
@@ -95,6 +124,10 @@ def _validate(self:IdentifierMap):
     elif self.new_tokens: raise IdentifierError(f"{self.kind} identifiers add no tokens, but new_tokens has {len(self.new_tokens)}")
 
 # %% ../nbs/02_identifiers.ipynb #500e5e14
+class MissingImageError(IdentifierError, KeyError):
+    "An image id that the identifier map does not hold."
+    def __str__(self): return str(self.args[0]) if self.args else ""
+
 @patch
 def __len__(self:IdentifierMap): return len(self.identifiers)
 
@@ -277,7 +310,27 @@ def atomic_identifiers(image_ids:Iterable[int], # images in a stable order
     return IdentifierMap("atomic", dict(zip(ids, tokens)), tokens)
 
 # %% ../nbs/02_identifiers.ipynb #88175aa4
-def build_identifiers(kind:str, # one of `KINDS`
+def _needs(kind:str, name:str, value, what:str):
+    "`value`, or an `IdentifierError` saying that `kind` identifiers need the input `name` (`what` it is)."
+    if value is None: raise IdentifierError(f"{kind} identifiers need `{name}` ({what})")
+    return value
+
+def _build_semantic(ids:list[int], captions:dict|None=None, **_) -> IdentifierMap:
+    captions = _needs("semantic", "captions", captions, "image id -> caption")
+    if missing := [i for i in ids if i not in captions]: raise IdentifierError(f"captions missing for {len(missing)} images, e.g. {missing[:5]}")
+    return semantic_identifiers({i: captions[i] for i in ids})
+
+def _build_structured(ids:list[int], embeddings=None, k:int=30, c:int=30, seed:int=42, **_) -> IdentifierMap:
+    return structured_identifiers(ids, _needs("structured", "embeddings", embeddings, "N x d, one row per image id"), k=k, c=c, seed=seed)
+
+identifier_kind("numeric").builder = lambda ids, seed=42, **_: numeric_identifiers(ids, seed)
+identifier_kind("string").builder = lambda ids, seed=42, **_: string_identifiers(ids, seed)
+identifier_kind("semantic").builder = _build_semantic
+identifier_kind("structured").builder = _build_structured
+identifier_kind("atomic").builder = lambda ids, **_: atomic_identifiers(ids)
+
+# %% ../nbs/02_identifiers.ipynb #68f64ec4
+def build_identifiers(kind:str, # a registered kind (`identifier_kinds()`)
                       image_ids:Iterable[int], # images in a stable order
                       *,
                       captions:dict|None=None, # image id -> caption; semantic only
@@ -287,23 +340,11 @@ def build_identifiers(kind:str, # one of `KINDS`
                       codebook_size:int=256, # codes per residual-quantization level; vq only
                       seed:int=42, # shuffle (numeric, string) or k-means (structured, vq) seed
                      ) -> IdentifierMap:
-    "Build the identifier map of `kind` for `image_ids`."
-    ids = _check_image_ids(image_ids)
-    if kind in ("numeric", "string"): return (numeric_identifiers if kind == "numeric" else string_identifiers)(ids, seed)
-    if kind == "atomic": return atomic_identifiers(ids)
-    if kind == "semantic":
-        if captions is None: raise IdentifierError("semantic identifiers need `captions` (image id -> caption)")
-        missing = [i for i in ids if i not in captions]
-        if missing: raise IdentifierError(f"captions missing for {len(missing)} images, e.g. {missing[:5]}")
-        return semantic_identifiers({i: captions[i] for i in ids})
-    if kind == "structured":
-        if embeddings is None: raise IdentifierError("structured identifiers need `embeddings` (N x d, one row per image id)")
-        return structured_identifiers(ids, embeddings, k=k, c=c, seed=seed)
-    if kind == "vq":
-        if embeddings is None: raise IdentifierError("vq identifiers need `embeddings` (N x d, one row per image id)")
-        from grace_nb.vq import vq_identifiers  # grace_nb.vq builds on this module: imported here, not at the top
-        return vq_identifiers(ids, embeddings, codebook_size=codebook_size, seed=seed)
-    raise IdentifierError(f"unknown identifier kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    "Build the identifier map of `kind` for `image_ids` with the builder registered for the kind."
+    builder = identifier_kind(kind).builder
+    if builder is None: raise IdentifierError(f"identifier kind {kind!r} is registered without a builder")
+    return builder(_check_image_ids(image_ids), captions=captions, embeddings=embeddings, k=k, c=c,
+                   codebook_size=codebook_size, seed=seed)
 
 # %% ../nbs/02_identifiers.ipynb #0cc3d73e
 _FORMAT, _VERSION = "grace_nb.identifier_map", 1
@@ -390,7 +431,7 @@ def add_identifier_tokens(tokenizer:PreTrainedTokenizerBase, # tokenizer to exte
 def _encode_identifiers(identifier_map:IdentifierMap, tokenizer:PreTrainedTokenizerBase) -> dict[str, list[int]]:
     "Distinct identifier string -> token ids (without the end token)."
     distinct = list(dict.fromkeys(identifier_map.identifiers.values()))
-    if identifier_map.kind in _NEW_TOKEN_KINDS:
+    if identifier_kind(identifier_map.kind).new_tokens:
         vocab = tokenizer.get_vocab()
         missing = [t for t in identifier_map.new_tokens if t not in vocab]
         if missing: raise IdentifierError(

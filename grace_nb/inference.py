@@ -7,7 +7,7 @@ Docs: https://grace-nb.github.io/grace_nb/inference.html.md"""
 # %% ../nbs/07_inference.ipynb #6dc30b5d
 from __future__ import annotations
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -19,12 +19,9 @@ from .training import RETRIEVE_PROMPT
 from .backbone import Flamingo, flamingo_forward
 
 # %% auto #0
-__all__ = ['DEFAULT_RETRIEVE_PROMPT', 'InferenceError', 'Decoder', 'beam_search', 'exhaustive_scores', 'exhaustive_top',
-           'same_ranking', 'FlamingoState', 'FlamingoDecoder', 'Ranked', 'corpus_trie', 'retrieve']
-
-# %% ../nbs/07_inference.ipynb #c7b47d48
-class InferenceError(GraceError, ValueError):
-    "Bad arguments to the search or to retrieval: widths, prompts, candidates, identifiers without the end token."
+__all__ = ['DEFAULT_RETRIEVE_PROMPT', 'Decoder', 'Beams', 'start_beams', 'beam_step', 'InferenceError', 'beam_search',
+           'exhaustive_scores', 'exhaustive_top', 'same_ranking', 'FlamingoState', 'FlamingoDecoder', 'Ranked',
+           'corpus_trie', 'retrieve']
 
 # %% ../nbs/07_inference.ipynb #5fe20e78
 class Decoder(Protocol):
@@ -90,7 +87,67 @@ def _best_attainable(best_live:torch.Tensor, # [A] raw sum of each prompt's best
     longest = max_new_tokens if length_penalty > 0 else generated + 1
     return best_live / longest ** length_penalty
 
+# %% ../nbs/07_inference.ipynb #ed139b4e
+@dataclass
+class Beams:
+    "A batched beam search between two steps: the live beams of the prompts still searching, every prompt's finished pool."
+    active:torch.Tensor # [A] the prompts still searching (indices into the batch)
+    scores:torch.Tensor # [A * w] raw sums of log-probs of their live beams, w per prompt
+    states:torch.Tensor # [A * w] the beams' trie states (-1: off the trie)
+    seqs:torch.Tensor # [A, w, t] the beams' tokens, t generated so far
+    pool:torch.Tensor # [B, R] normalised scores of each prompt's finished sequences, best first (-inf: empty slot)
+    pool_seqs:torch.Tensor # [B, R, L] their tokens, -1 padded
+
+    def results(self) -> list[list[tuple[list[int], float]]]:
+        "Per prompt its finished sequences, best first, as (tokens including the end token, score)."
+        return [[([tok for tok in seq if tok >= 0], score) for seq, score in zip(seqs, scores) if score > -math.inf]
+                for seqs, scores in zip(self.pool_seqs.tolist(), self.pool.tolist())]
+
+def start_beams(num_prompts:int, # B
+                num_return:int, # R, the pool's size
+                max_new_tokens:int, # L, the longest sequence
+                device=None,
+               ) -> Beams:
+    "The search before its first step: one empty beam per prompt at the trie's root (state 0), sum 0, empty pools."
+    return Beams(torch.arange(num_prompts, device=device), torch.zeros(num_prompts, device=device),
+                 torch.zeros(num_prompts, dtype=torch.long, device=device),
+                 torch.zeros(num_prompts, 1, 0, dtype=torch.long, device=device),
+                 torch.full((num_prompts, num_return), -math.inf, device=device),
+                 torch.full((num_prompts, num_return, max_new_tokens), -1, dtype=torch.long, device=device))
+
+# %% ../nbs/07_inference.ipynb #ee7f2f0c
+def beam_step(beams:Beams, # the search so far (left unchanged)
+              log_probs:torch.Tensor, # [A * w, V] next-token log-probs after each live beam, from the decoder
+              trie:TensorTrie|None, # None: unconstrained
+              eos_token_id:int, num_beams:int, max_new_tokens:int,
+              length_penalty:float=1.0, keep_unfinished:bool=False, # as in `beam_search`
+             ) -> tuple[Beams, torch.Tensor|None, torch.Tensor|None]:
+    "One step: the new `Beams`, and each new beam's parent row and token for `Decoder.advance` (None, None: search over)."
+    active, t = beams.active, beams.seqs.shape[2] + 1  # t: tokens generated after this step
+    scores, parents, tokens, children, finished = _top_candidates(
+        log_probs, beams.scores, beams.states, trie, eos_token_id, len(active), 2 * num_beams)
+    cand_seqs = torch.cat([beams.seqs.flatten(0, 1)[parents], tokens[..., None]], 2)  # [A, k, t]
+    pool, pool_seqs = _add_finished(beams.pool[active], beams.pool_seqs[active], scores, cand_seqs, finished, length_penalty)
+    live_scores, live = scores.masked_fill(finished, -math.inf).topk(min(num_beams, scores.shape[1]), dim=1)
+    live_seqs = cand_seqs.gather(1, live[..., None].expand(-1, -1, t))
+    if t == max_new_tokens and keep_unfinished:  # the cut beams join the pool, as Hugging Face's generate does
+        pool, pool_seqs = _add_finished(pool, pool_seqs, live_scores, live_seqs, live_scores.isfinite(), length_penalty)
+    beams = replace(beams, pool=beams.pool.index_put((active,), pool), pool_seqs=beams.pool_seqs.index_put((active,), pool_seqs))
+    best = _best_attainable(live_scores[:, 0], t, max_new_tokens, length_penalty)
+    done = live_scores[:, 0].isneginf() | (pool[:, -1] >= best)
+    if t == max_new_tokens or bool(done.all()): return replace(beams, active=active[:0]), None, None
+    go = ~done
+    live_scores, live = live_scores[go], live[go]
+    rows = parents[go].gather(1, live).flatten()
+    states = (torch.zeros_like(rows) if trie is None else
+              children[go].gather(1, live).flatten().masked_fill_(live_scores.isneginf().flatten(), -1))
+    beams = replace(beams, active=active[go], scores=live_scores.flatten(), states=states, seqs=live_seqs[go])
+    return beams, rows, tokens[go].gather(1, live).flatten()
+
 # %% ../nbs/07_inference.ipynb #ccd39028
+class InferenceError(GraceError, ValueError):
+    "Bad arguments to the search or to retrieval: widths, prompts, candidates, identifiers without the end token."
+
 def _check_prompts(input_ids, attention_mask, features):
     "InferenceError for prompts the search cannot run on."
     if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
@@ -127,40 +184,13 @@ def beam_search(decoder:Decoder, # the model behind the `Decoder` protocol
     _check_prompts(input_ids, attention_mask, features)
     _check_settings(trie, eos_token_id, num_beams, num_return, max_new_tokens, length_penalty)
     log_probs, state = decoder.start(input_ids, attention_mask, features)
-    dev, B = log_probs.device, len(input_ids)
-    if trie is not None and trie.device != dev: trie = trie.to(dev)
-    active = torch.arange(B, device=dev)                     # prompts still searching (A of them)
-    beam_scores = torch.zeros(B, device=dev)                  # [A * w] raw sums of the live beams, w per prompt
-    states = torch.zeros(B, dtype=torch.long, device=dev)    # their trie states (root)
-    seqs = torch.zeros(B, 1, 0, dtype=torch.long, device=dev)  # [A, w, t] their tokens
-    pool = torch.full((B, num_return), -math.inf, device=dev)
-    pool_seqs = torch.full((B, num_return, max_new_tokens), -1, dtype=torch.long, device=dev)
-    for t in range(max_new_tokens):
-        A = len(active)
-        scores, parents, tokens, children, finished = _top_candidates(
-            log_probs, beam_scores, states, trie, eos_token_id, A, 2 * num_beams)
-        cand_seqs = torch.cat([seqs.flatten(0, 1)[parents], tokens[..., None]], 2)  # [A, k, t+1]
-        pool[active], pool_seqs[active] = _add_finished(pool[active], pool_seqs[active], scores, cand_seqs,
-                                                        finished, length_penalty)
-        live_scores, live = scores.masked_fill(finished, -math.inf).topk(min(num_beams, scores.shape[1]), dim=1)
-        if t + 1 == max_new_tokens:
-            if keep_unfinished:
-                live_seqs = cand_seqs.gather(1, live[..., None].expand(-1, -1, t + 1))
-                pool[active], pool_seqs[active] = _add_finished(pool[active], pool_seqs[active], live_scores, live_seqs,
-                                                                live_scores.isfinite(), length_penalty)
-            break
-        best = _best_attainable(live_scores[:, 0], t + 1, max_new_tokens, length_penalty)
-        done = live_scores[:, 0].isneginf() | (pool[active][:, -1] >= best)
-        if bool(done.all()): break
-        go = ~done
-        live_scores, live = live_scores[go], live[go]
-        rows, tokens = parents[go].gather(1, live).flatten(), tokens[go].gather(1, live).flatten()
-        if trie is not None: states = children[go].gather(1, live).flatten().masked_fill_(live_scores.isneginf().flatten(), -1)
-        seqs = cand_seqs[go].gather(1, live[..., None].expand(-1, -1, t + 1))
-        beam_scores, active = live_scores.flatten(), active[go]
+    if trie is not None and trie.device != log_probs.device: trie = trie.to(log_probs.device)
+    beams = start_beams(len(input_ids), num_return, max_new_tokens, log_probs.device)
+    while True:
+        beams, rows, tokens = beam_step(beams, log_probs, trie, eos_token_id, num_beams, max_new_tokens,
+                                        length_penalty, keep_unfinished)
+        if rows is None: return beams.results()
         log_probs, state = decoder.advance(state, rows, tokens)
-    return [[([tok for tok in seq if tok >= 0], score) for seq, score in zip(seqs_b, scores_b) if score > -math.inf]
-            for seqs_b, scores_b in zip(pool_seqs.tolist(), pool.tolist())]
 
 # %% ../nbs/07_inference.ipynb #41ee9a9e
 def _right_padded(seqs:list[list[int]], pad:int, device) -> tuple[torch.Tensor, torch.Tensor]:

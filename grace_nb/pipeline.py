@@ -19,25 +19,27 @@ from .core import init_ranks, is_main_process, main_first, main_only, shard_map,
 from .data import SHAPES_JSON, KarpathyDataset, load_karpathy, sample_scenes, write_shapes_corpus
 from .identifiers import (IdentifierMap, add_identifier_tokens, build_identifiers, identifier_token_ids,
                                   token_stats, train_bpe_tokenizer)
+import grace_nb.vq  # registers the vq identifier kind (11_vq_identifiers) with build_identifiers
 from .trie import TensorTrie
 from .backbone import Preset, grow_vocabulary, load_flamingo, openflamingo_preset, write_tiny_preset
 from .clip import ClipRun, evaluate_clip, image_embedding_table, load_clip, save_clip, train_clip
 from .pretraining import PretrainConfig, pretrained_preset, scratch_preset
 from .classifier import ClassifierHead, classify, train_classifier
-from .training import (PROMPT_TEXTS, FeatureCache, TrainConfig, _load_weights, cache_features, feature_source,
+from .checkpoints import _load_weights
+from .training import (PROMPT_TEXTS, FeatureCache, TrainConfig, cache_features, feature_source,
                                memorize_examples, retrieve_examples, train_grace)
-from .evaluation import (PAPER_TABLE1, ambiguity_ceiling, collapse_report, evaluate_grace, findings, findings_markdown,
-                                 grace_recall, load_grace_model, save_grace_model, split_memorization, table1_markdown)
+from .evaluation import (PAPER_TABLE1, ambiguity_ceiling, collapse_report, evaluate_grace, findings,
+                                 grace_recall, load_grace_model, save_grace_model, split_memorization)
+from .tables import findings_markdown, markdown_table, table1_markdown, table2_markdown, text_table
 from .experiments import (OUTCOMES, CAPTION_PROMPT, beam_sweep, caption_quality, generate_captions, generation_outcomes,
                                   plot_beam_sweep, pseudo_queries, semantic_captions, train_captioner)
 
 # %% auto #0
-__all__ = ['PAPER_BUDGET', 'PAPER_TABLE2', 'prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_stage',
-           'identifier_report', 'pretrain_stage', 'backbone_stage', 'captioner_stage', 'training_budget',
-           'grace_examples', 'evaluate_stage', 'grace_row', 'grace_stage', 'training_curve', 'classifier_stage',
-           'table2_markdown', 'validation_view', 'budget_stage', 'nearest_cosine', 'vision_distinctness', 'plot_budget',
-           'length_penalty_stage', 'best_length_penalty', 'plot_length_penalty', 'free_stage', 'sweep_stage',
-           'efficiency_stage', 'Job', 'plan_job', 'reproduce']
+__all__ = ['PAPER_BUDGET', 'prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_stage', 'identifier_report',
+           'pretrain_stage', 'backbone_stage', 'captioner_stage', 'training_budget', 'grace_examples', 'evaluate_stage',
+           'grace_row', 'grace_stage', 'training_curve', 'classifier_stage', 'validation_view', 'budget_stage',
+           'nearest_cosine', 'vision_distinctness', 'plot_budget', 'length_penalty_stage', 'best_length_penalty',
+           'plot_length_penalty', 'free_stage', 'sweep_stage', 'efficiency_stage', 'Job', 'plan_job', 'reproduce']
 
 # %% ../nbs/13_pipeline.ipynb #def70bd5
 def prepare_corpus(profile:Profile, # the experiment profile
@@ -59,7 +61,7 @@ def prepare_corpus(profile:Profile, # the experiment profile
     if any(v is not None for v in (n_train, n_val, n_test)):
         raise GraceError(f"profile [{profile.name}] reads a fixed dataset; --n-train/--n-val/--n-test apply to generated corpora only")
     return load_karpathy(profile.path("dataset_json"), profile.path("image_root"), include_restval=profile.include_restval,
-                         progress=progress)
+                         on_error=profile.get("on_error", "raise"), progress=progress)
 
 # %% ../nbs/13_pipeline.ipynb #51b4fb4d
 def _pretrained_clip(profile:Profile) -> ClipRun:
@@ -408,30 +410,6 @@ def _run_plan(kinds:list[str], # the main job's identifier types
                                  init=None, table=2) for k in kinds]
     return [p if "backbone" in p else p | {"backbone": "pretrained"} for p in plan]
 
-# %% ../nbs/13_pipeline.ipynb #ac55bea9
-PAPER_TABLE2 = {  # Flickr30K, Li et al. 2024, Table 2 (the full rows are Table 1's)
-    ("numeric", "w/o learning to memorize"): (18.2, 24.3, 24.9), ("numeric", "w/o constrained generation"): (7.72, 16.7, 21.1),
-    ("string", "w/o learning to memorize"): (26.1, 33.3, 34.6), ("string", "w/o constrained generation"): (10.9, 22.3, 28.0),
-    ("semantic", "w/o learning to memorize"): (19.3, 31.2, 34.3), ("semantic", "w/o constrained generation"): (0.6, 2.3, 3.0),
-    ("structured", "w/o learning to memorize"): (36.5, 61.1, 68.2), ("structured", "w/o constrained generation"): (10.2, 22.3, 29.3),
-}
-
-def table2_markdown(rows:list[dict], # the full rows and the ablation rows of a run
-                    title:str="") -> str:
-    "Table 2 as markdown: per identifier type its full row, then the ablations, with the paper's numbers."
-    lines = ([title, ""] if title else []) + [
-        "| identifier | variant | R@1 | R@5 | R@10 | paper R@1 / R@5 / R@10 | free generation: corpus / memorized / never memorized / no image (%) |",
-        "|---|---|---:|---:|---:|---|---|"]
-    for kind in dict.fromkeys(r["identifier"] for r in rows if r["method"] == "grace"):
-        for r in [r for r in rows if r["method"] == "grace" and r["identifier"] == kind]:
-            full = r["variant"].startswith("full")
-            paper = PAPER_TABLE1.get(("grace", kind)) if full else PAPER_TABLE2.get((kind, r["variant"]))
-            o = r.get("outcomes")
-            where = " / ".join(str(o.get(f"{k} %", "–")) for k in OUTCOMES) if o else ""
-            lines.append(f"| {kind} | {r['variant']} | {r['R@1']:.1f} | {r['R@5']:.1f} | {r['R@10']:.1f} | "
-                         f"{' / '.join(map(str, paper)) if paper else '–'} | {where} |")
-    return "\n".join(lines)
-
 # %% ../nbs/13_pipeline.ipynb #a7202613
 _ABLATION_ORDER = ("w/o learning to memorize", "w/o constrained generation", "w/o pseudo-queries")
 
@@ -614,7 +592,7 @@ _EXACT = "faiss flat (exact), 1 thread"
 
 def _efficiency_summary(run) -> dict:
     "Latency ratios (largest / smallest corpus) of GRACE structured and exact CLIP search, and their crossover."
-    from grace_nb.efficiency import crossover
+    from grace_nb.figure4 import crossover
     sizes = run.sizes()
     grace = [run.value("GRACE", "structured", n) for n in sizes]
     clip = [run.value("CLIP", _EXACT, n) for n in sizes]
@@ -631,7 +609,8 @@ def efficiency_stage(profile:Profile, # model_preset picks the backbone's size; 
                      progress:bool=True, **kwargs, # more `run_efficiency` settings
                     ) -> dict:
     "Figure 4 for the profile's model size: the timing rows, their summary and the figure."
-    from grace_nb.efficiency import EfficiencyRun, efficiency_table, plot_efficiency, run_efficiency, save_efficiency
+    from grace_nb.figure4 import EfficiencyRun, plot_efficiency, run_efficiency, save_efficiency
+    from grace_nb.tables import efficiency_table
     sizes, path = sorted(sizes or _ints(profile.efficiency_sizes)), Path(out)/"efficiency.json"
     saved = load_json(path) if resume and path.is_file() else None
     if saved and saved["settings"].get("sizes") == sizes: run = EfficiencyRun(**saved)
@@ -645,22 +624,6 @@ def efficiency_stage(profile:Profile, # model_preset picks the backbone's size; 
     (Path(out)/"efficiency.md").write_text(f"ms per query (batches):\n\n{efficiency_table(run)}\n\n"
                                            f"latency of one query (ms):\n\n{efficiency_table(run, 'latency_ms')}\n")
     return dict(summary=summary, rows=run.rows, settings=run.settings)
-
-# %% ../nbs/13_pipeline.ipynb #763bcdee
-def _format_table(rows:list[dict]) -> str:
-    "A plain-text table of dict rows (same keys), right-aligned numbers."
-    keys = list(rows[0])
-    cells = [["–" if r[k] is None else str(r[k]) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
-    return "\n".join([line(keys), line(["-" * w for w in widths]), *map(line, cells)])
-
-# %% ../nbs/13_pipeline.ipynb #736039ed
-def _markdown_rows(rows:list[dict]) -> str:
-    "A markdown table of dict rows (same keys)."
-    keys = list(rows[0])
-    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] +
-                     ["| " + " | ".join("–" if r[k] is None else str(r[k]) for k in keys) + " |" for r in rows])
 
 # %% ../nbs/13_pipeline.ipynb #4aa33922
 class _Laps:
@@ -704,7 +667,7 @@ class Job:
 # %% ../nbs/13_pipeline.ipynb #eaf6842a
 _EXPERIMENTS = ("table1", "ablations", "beams", "efficiency", "budget", "length_penalties")  # what run_all turns on
 
-def plan_job(profile:str="shapes", # profile name in settings.ini
+def plan_job(profile:str|Profile="shapes", # a profile, or its name (`load_profile` reads it)
              out:str|Path="runs/shapes", # run folder
              seed:int|None=None, # overrides the profile's seed
              identifiers:list[str]|None=None, # GRACE runs to train (default: the profile's train_identifiers)
@@ -713,7 +676,7 @@ def plan_job(profile:str="shapes", # profile name in settings.ini
              **settings, # the other arguments of `reproduce`: fields of `Job`
             ) -> Job:
     "Load the profile, join a launcher's ranks, seed, check the identifier types and plan the GRACE runs."
-    start, prof = time.perf_counter(), load_profile(profile)
+    start, prof = time.perf_counter(), load_profile(profile) if isinstance(profile, str) else profile
     init_ranks()  # under a launcher: join its process group (00_core's rank helpers decide who writes)
     if run_all: settings |= dict.fromkeys(_EXPERIMENTS, True)
     seed = prof.seed if seed is None else seed
@@ -925,9 +888,9 @@ def write(self:Job, metrics:dict):
     title = lambda table: _title(self.profile, self.seed, metrics, metrics["runs"][0]["n_queries"], table)  # CLIP's row: all captions
     (self.out/"table1.md").write_text(table1_markdown(metrics["runs"], title("Table 1"), ceiling=metrics["ceiling"]) + "\n")
     if self.ablations: (self.out/"table2.md").write_text(table2_markdown(metrics["table2"], title("Table 2")) + "\n")
-    if self.beams: (self.out/"beams.md").write_text(_markdown_rows(metrics["beam_sweep"]) + "\n")
-    if self.budget: (self.out/"budget.md").write_text(_markdown_rows(metrics["budget"]) + "\n")
-    if self.length_penalties: (self.out/"length_penalty.md").write_text(_markdown_rows(metrics["length_penalty"]["rows"]) + "\n")
+    if self.beams: (self.out/"beams.md").write_text(markdown_table(metrics["beam_sweep"]) + "\n")
+    if self.budget: (self.out/"budget.md").write_text(markdown_table(metrics["budget"]) + "\n")
+    if self.length_penalties: (self.out/"length_penalty.md").write_text(markdown_table(metrics["length_penalty"]["rows"]) + "\n")
     if self.run_all: (self.out/"findings.md").write_text(findings_markdown(metrics["findings"]) + "\n")
     if self.progress: self.report(metrics)
 
@@ -944,17 +907,17 @@ def report(self:Job, metrics:dict):
     keys = ("method", "identifier", "variant", "R@1", "R@5", "R@10", "n_queries", "train_seconds", "eval_seconds")
     shown = [{k: r.get(k) for k in keys} | _diagnostics(r) for r in metrics["runs"]]
     title = _title(self.profile, self.seed, metrics, metrics["runs"][0]["n_queries"], "Table 1")
-    print(f"\n{title} {metrics['seconds']} s in all.\n{_format_table(shown)}")
-    if self.ablations: print("\nTable 2\n" + _format_table([{k: r.get(k) for k in ("identifier", "variant", "R@1", "R@5", "R@10", "invalid_rate")}
+    print(f"\n{title} {metrics['seconds']} s in all.\n{text_table(shown)}")
+    if self.ablations: print("\nTable 2\n" + text_table([{k: r.get(k) for k in ("identifier", "variant", "R@1", "R@5", "R@10", "invalid_rate")}
                                                           for r in metrics["table2"]]))
-    if self.beams: print("\nFigure 6\n" + _format_table(metrics["beam_sweep"]))
-    if self.budget: print("\nTraining budget (validation split)\n" + _format_table(metrics["budget"]))
+    if self.beams: print("\nFigure 6\n" + text_table(metrics["beam_sweep"]))
+    if self.budget: print("\nTraining budget (validation split)\n" + text_table(metrics["budget"]))
     if self.run_all: print("\n" + findings_markdown(metrics["findings"]))
     print("seconds per stage: " + ", ".join(f"{k} {v}" for k, v in self.laps.seconds.items()))
     print("written: " + ", ".join(str(p) for p in self.files()))
 
 # %% ../nbs/13_pipeline.ipynb #44c4b353
-def reproduce(profile:str="shapes", # profile name in settings.ini
+def reproduce(profile:str|Profile="shapes", # a profile, or its name (`load_profile` reads it)
               out:str|Path="runs/shapes", # run folder
               seed:int|None=None, # overrides the profile's seed
               n_train:int|None=None, n_val:int|None=None, n_test:int|None=None, # generated corpus sizes

@@ -6,41 +6,39 @@ Docs: https://grace-nb.github.io/grace_nb/training.html.md"""
 
 # %% ../nbs/06_training.ipynb #866d70ba
 from __future__ import annotations
-import copy, json, math, os, re, shutil, socket, time, warnings
+import copy, os, time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from fastcore.basics import patch
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from .core import (GraceError, Profile, atomic_write, barrier, gather_objects, is_main_process, load_json, main_only,
-                           rank, save_json, world_size, progress_bar)
+from .core import GraceError, Profile, gather_objects, rank, world_size, progress_bar
 from .data import KarpathyDataset, ImageRecord
 from .backbone import Flamingo, flamingo_forward, vision_features
+from .checkpoints import _resume_point, load_deepspeed_config, prune_checkpoints, save_checkpoint, start_engine
 
 # %% auto #0
 __all__ = ['MEMORIZE_PROMPT', 'RETRIEVE_PROMPT', 'PROMPT_TEXTS', 'TrainingError', 'Example', 'memorize_examples',
            'retrieve_examples', 'collate', 'FeatureCache', 'cache_features', 'BatchFeatures', 'feature_source',
-           'training_step', 'batch_indices', 'rank_batch', 'make_optimizer', 'TrainConfig', 'save_checkpoint',
-           'latest_checkpoint', 'prune_checkpoints', 'load_checkpoint', 'TorchEngine', 'load_deepspeed_config',
-           'deepspeed_engine', 'TrainResult', 'train_grace', 'deepspeed_config_path']
-
-# %% ../nbs/06_training.ipynb #29e66295
-class TrainingError(GraceError, ValueError):
-    "Training inputs that do not fit together: an image without features, an empty task, a bad DeepSpeed config."
+           'training_step', 'batch_indices', 'rank_batch', 'make_optimizer', 'TrainConfig', 'TrainResult',
+           'train_grace']
 
 # %% ../nbs/06_training.ipynb #0d3c7e18
 MEMORIZE_PROMPT = "Predict the identifier for the <image>"
 RETRIEVE_PROMPT = "Predict the image identifier corresponding to the given query: {query} Identifier:"
 PROMPT_TEXTS = (MEMORIZE_PROMPT, RETRIEVE_PROMPT.format(query=""))  # add to the tokenizer's training text
+
+# %% ../nbs/06_training.ipynb #29e66295
+class TrainingError(GraceError, ValueError):
+    "Training inputs that do not fit together: an image without features, an empty task, an example too long for the model."
 
 # %% ../nbs/06_training.ipynb #b4813a05
 @dataclass
@@ -276,229 +274,6 @@ class TrainConfig:
         if values.get("deepspeed_config") is not None: values["deepspeed_config"] = str(profile.path("deepspeed_config"))
         return cls(**(values | overrides))
 
-# %% ../nbs/06_training.ipynb #bbb7ab22
-def _zero_managed(p:torch.Tensor) -> bool:
-    "True for a parameter whose fp32 master copy and optimizer state DeepSpeed keeps in partitions (ZeRO 1-3, bf16)."
-    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
-
-def _named_trainable(model:nn.Module) -> list[tuple[str, nn.Parameter]]:
-    "Trainable parameters by name, tied weights once."
-    seen, out = set(), []
-    for name, p in model.named_parameters():
-        if p.requires_grad and id(p) not in seen: seen.add(id(p)); out.append((name, p))
-    return out
-
-# %% ../nbs/06_training.ipynb #f6d097ff
-_MOMENTS = ("exp_avg", "exp_avg_sq")
-
-def _trainable_state(model:nn.Module) -> dict[str, torch.Tensor]:
-    "Trainable parameters by name (tied weights once), full fp32 on the CPU; gathered from ZeRO partitions (call on every rank)."
-    from_zero = lambda p: __import__("deepspeed").utils.safe_get_full_fp32_param(p)
-    return {name: (from_zero(p) if _zero_managed(p) else p.detach()).float().cpu().contiguous() for name, p in _named_trainable(model)}
-
-def _base_optimizer(optimizer) -> torch.optim.Optimizer:
-    "The torch optimizer itself: DeepSpeed's ZeRO and bf16 wrappers keep it in `.optimizer`."
-    inner = getattr(optimizer, "optimizer", None)
-    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
-
-def _zero_moment(p:nn.Parameter, base:torch.optim.Optimizer, key:str) -> torch.Tensor:
-    "The full optimizer state `key` of a ZeRO-managed parameter, gathered from the flat partitions (collective)."
-    if hasattr(p, "ds_id"): return __import__("deepspeed").utils.safe_get_full_optimizer_state(p, key)  # ZeRO-3
-    # ZeRO-1/2 and the bf16 optimizer: read the parameter's slice of its group's flat state (DeepSpeed 0.19 links these
-    # slices once, after the first group's first step, so a second group's slices would be missing), then sum the ranks'
-    buffer, mapping = torch.zeros(p.numel(), dtype=torch.float32, device=p.device), p._hp_mapping
-    if mapping is not None:
-        flat = base.param_groups[mapping.param_group_index]["params"][0]
-        hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
-        buffer.narrow(0, lp.start, lp.numel).copy_(base.state[flat][key].narrow(0, hp.start, hp.numel))
-    torch.distributed.all_reduce(buffer, group=p._dp_group)
-    return buffer.view(p.shape)
-
-def _set_zero_moment(p:nn.Parameter, base:torch.optim.Optimizer, key:str, value:torch.Tensor) -> None:
-    "Scatter a full optimizer state `key` into a ZeRO-managed parameter's partition (the state must exist)."
-    if hasattr(p, "ds_id"): return __import__("deepspeed").utils.safe_set_full_optimizer_state(p, value.to(p.device), key)
-    if (mapping := p._hp_mapping) is None: return
-    flat = base.param_groups[mapping.param_group_index]["params"][0]
-    hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
-    base.state[flat][key].narrow(0, hp.start, hp.numel).copy_(value.to(flat.device).flatten().narrow(0, lp.start, lp.numel))
-
-def _optimizer_state(model:nn.Module, optimizer) -> dict[str, torch.Tensor]:
-    "AdamW's state per trainable parameter (`<key>.<name>`), full and on the CPU, from a plain or a ZeRO optimizer."
-    base, tensors = _base_optimizer(optimizer), {}
-    zero_step = next((st["step"] for st in base.state.values() if "step" in st), None)  # one count for all flat groups
-    for name, p in _named_trainable(model):
-        if _zero_managed(p):
-            if zero_step is None: continue  # no step taken yet: no state
-            for key in _MOMENTS: tensors[f"{key}.{name}"] = _zero_moment(p, base, key)
-            tensors[f"step.{name}"] = torch.as_tensor(zero_step).clone()
-        else: tensors |= {f"{key}.{name}": torch.as_tensor(v) for key, v in base.state.get(p, {}).items()}
-    return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-
-# %% ../nbs/06_training.ipynb #fed68360
-_CHECKPOINT_FORMAT = "grace_nb.checkpoint/2"
-
-def save_checkpoint(folder:str|Path, # e.g. run/checkpoints/step_000100
-                    model:nn.Module, optimizer, # what is saved (a torch optimizer or DeepSpeed's wrapper of one)
-                    step:int, # optimizer steps done
-                    history:list[dict], # logged losses
-                    extra:dict|None=None, # anything JSON-able (config)
-                   ) -> Path:
-    "Write a checkpoint folder atomically (safetensors + JSON); under DeepSpeed every rank gathers, rank 0 writes."
-    weights, moments = _trainable_state(model), _optimizer_state(model, optimizer)
-    if is_main_process():
-        plain = (int, float, bool, str, list, tuple, type(None))  # hyper-parameters, for the record (the config rebuilds them)
-        groups = [{k: v for k, v in g.items() if k != "params" and isinstance(v, plain)} for g in _base_optimizer(optimizer).param_groups]
-        with atomic_write(folder) as tmp:
-            tmp.mkdir(parents=True)
-            save_file(weights, str(tmp/"model.safetensors"))
-            save_file(moments, str(tmp/"optimizer.safetensors"))
-            save_json(dict(format=_CHECKPOINT_FORMAT, step=step, history=history, optimizer={"param_groups": groups},
-                           extra=extra or {}), tmp/"state.json")
-    barrier()
-    return Path(folder)
-
-def latest_checkpoint(folder:str|Path, # a run's checkpoints folder
-                     ) -> Path|None:
-    "The checkpoint with the most steps (complete ones only), or None."
-    found = [p for p in Path(folder).glob("step_*") if (p/"state.json").is_file()] if Path(folder).is_dir() else []
-    return max(found, key=lambda p: int(p.name.split("_")[1]), default=None)
-
-def prune_checkpoints(folder:str|Path, # a run's checkpoints folder
-                      keep:int, # newest checkpoints kept; 0 keeps all
-                     ) -> list[Path]:
-    "Delete all but the newest `keep` complete checkpoints (rank 0 only); returns the deleted folders."
-    found = sorted((p for p in Path(folder).glob("step_*") if (p/"state.json").is_file()), key=lambda p: int(p.name.split("_")[1]))
-    old = found[:-keep] if keep > 0 and is_main_process() else []
-    for p in old: shutil.rmtree(p, ignore_errors=True)
-    return old
-
-# %% ../nbs/06_training.ipynb #b17bd6d5
-def _load_weights(model:nn.Module, # filled in place
-                  path:Path, # a safetensors file of trainable weights (`_trainable_state`)
-                  error:type=TrainingError, # the exception to raise
-                 ) -> None:
-    "Copy saved weights into `model` (and ZeRO's fp32 masters), refusing unknown names, missing trainable names and shape mismatches."
-    weights, params = load_file(str(path)), dict(model.named_parameters())  # named_parameters lists tied weights once
-    if unknown := sorted(set(weights) - set(params)): raise error(f"{path}: weight {unknown[0]!r} is not in the model")
-    trainable = {name for name, p in params.items() if p.requires_grad}
-    if missing := sorted(trainable - set(weights)): raise error(f"{path}: no weights for {missing[0]!r} ({len(missing)} missing)")
-    with torch.no_grad():
-        for name, value in weights.items():
-            p = params[name]
-            shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps a partitioned parameter's shape in ds_shape
-            if shape != tuple(value.shape):
-                raise error(f"{path}: {name} has shape {tuple(value.shape)}, the model's is {shape}")
-            if p.shape == value.shape: p.copy_(value)
-            if _zero_managed(p): __import__("deepspeed").utils.safe_set_full_fp32_param(p, value.to(p.device))
-
-def _load_optimizer_state(model:nn.Module, optimizer, path:Path) -> None:
-    "Put the per-name AdamW state of `path` into a plain or a ZeRO optimizer."
-    by_name = {}
-    for key, value in load_file(str(path)).items():
-        state_key, name = key.split(".", 1)
-        by_name.setdefault(name, {})[state_key] = value
-    params, base = dict(_named_trainable(model)), _base_optimizer(optimizer)
-    if unknown := sorted(set(by_name) - set(params)):
-        raise TrainingError(f"{path}: optimizer state for {unknown[0]!r}, which is not a trainable parameter of the model")
-    zero = {n: st for n, st in by_name.items() if _zero_managed(params[n])}
-    if zero:  # create the flat partitions' state, then scatter each parameter's part into it
-        step = next(iter(zero.values()))["step"]
-        # ZeRO-3 empties the torch optimizer's groups between steps and keeps its flat partitions itself
-        flats = getattr(optimizer, "fp32_partitioned_groups_flat", None) or [f for g in base.param_groups for f in g["params"]]
-        for flat in flats: base.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in _MOMENTS}}
-        for name, st in zero.items():
-            for key in _MOMENTS: _set_zero_moment(params[name], base, key, st[key])
-    for name, st in by_name.items():
-        if name not in zero:
-            p = params[name]
-            base.state[p] = {k: v if k == "step" else v.to(p.device, p.dtype) for k, v in st.items()}
-
-def load_checkpoint(folder:str|Path, # a checkpoint folder
-                    model:nn.Module, optimizer=None, # filled in place (a torch optimizer or DeepSpeed's wrapper of one)
-                   ) -> dict:
-    "Load weights (and optimizer state) saved by `save_checkpoint`; returns state.json's content."
-    folder = Path(folder)
-    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
-        if not (folder/name).is_file(): raise TrainingError(f"checkpoint {folder} is missing {name}")
-    state = load_json(folder/"state.json")
-    if state.get("format") != _CHECKPOINT_FORMAT:
-        raise TrainingError(f"{folder/'state.json'}: format {state.get('format', 'grace_nb.checkpoint/1')!r}, this grace_nb reads "
-                            f"{_CHECKPOINT_FORMAT!r} (optimizer state by parameter name); start the run again")
-    _load_weights(model, folder/"model.safetensors")
-    if optimizer is not None: _load_optimizer_state(model, optimizer, folder/"optimizer.safetensors")
-    return state
-
-# %% ../nbs/06_training.ipynb #d5edd13f
-def _average_gradients(params:Sequence[nn.Parameter]) -> None:
-    "Replace each gradient by its mean over the ranks (one all-reduce of all gradients, flattened)."
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    torch.distributed.all_reduce(flat)
-    for p, g in zip(params, (flat / world_size()).split([g.numel() for g in grads])): p.grad = g.view_as(p).clone()
-
-class TorchEngine:
-    "Plain PyTorch backward/clip/step/schedule with DeepSpeed's engine interface (data-parallel over the ranks, if several)."
-    def __init__(self, model:nn.Module, optimizer:torch.optim.Optimizer, scheduler, grad_clip:float):
-        self.module, self.optimizer, self.scheduler, self.grad_clip = model, optimizer, scheduler, grad_clip
-        if world_size() > 1:  # every rank starts from rank 0's weights, as DeepSpeed's engine does
-            for g in optimizer.param_groups:
-                for p in g["params"]: torch.distributed.broadcast(p.data, src=0)
-    def backward(self, loss:torch.Tensor): loss.backward()
-    def step(self):
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if world_size() > 1: _average_gradients(params)
-        if self.grad_clip: torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        self.optimizer.step(); self.scheduler.step(); self.optimizer.zero_grad(set_to_none=True)
-    @property
-    def lr(self) -> float: return self.scheduler.get_last_lr()[0]
-
-# %% ../nbs/06_training.ipynb #9111dd83
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
-def _check_deepspeed_sections(config:dict, path) -> None:
-    "Validate the zero_optimization, bf16 and fp16 sections with DeepSpeed's own models; TrainingError naming the key."
-    import pydantic
-    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-    for section, model in (("zero_optimization", DeepSpeedZeroConfig), ("bf16", DeepSpeedBF16Config), ("fp16", DeepSpeedFP16Config)):
-        if section not in config: continue
-        if not isinstance(config[section], dict): raise TrainingError(f"{path}: {section} must be a JSON object, got {config[section]!r}")
-        try: model(**config[section])
-        except pydantic.ValidationError as e:
-            error = e.errors()[0]
-            key = ".".join([section, *map(str, error["loc"])])
-            raise TrainingError(f"{path}: {key}: {error['msg']} (value {error.get('input')!r})") from None
-
-def load_deepspeed_config(path:str|Path, # a DeepSpeed JSON config
-                         ) -> dict:
-    "Read a DeepSpeed config and check the keys grace_nb relies on (clear errors before DeepSpeed's own)."
-    config = load_json(path)
-    known = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
-             "zero_optimization", "bf16", "fp16", "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer",
-             "activation_checkpointing", "communication_data_type", "prescale_gradients", "optimizer", "scheduler"}
-    unknown = sorted(set(config) - known)
-    if unknown: raise TrainingError(f"{path}: unknown DeepSpeed config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    if "optimizer" in config or "scheduler" in config:
-        raise TrainingError(f"{path}: leave out 'optimizer'/'scheduler'; grace_nb passes its AdamW and linear schedule")
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3): raise TrainingError(f"{path}: zero_optimization.stage must be 0-3, got {stage!r}")
-    _check_deepspeed_sections(config, path)
-    return config
-
-def deepspeed_engine(model:nn.Module, optimizer:torch.optim.Optimizer, scheduler, # as for TorchEngine
-                     config:dict, # a DeepSpeed config (see `load_deepspeed_config`)
-                    ):
-    "A DeepSpeed engine over our model, optimizer and schedule (starts a 1-process group when not launched)."
-    import deepspeed
-    if "RANK" not in os.environ:  # not under the deepspeed launcher: a single local process
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
-    return engine
-
 # %% ../nbs/06_training.ipynb #610a910b
 @dataclass
 class TrainResult:
@@ -521,6 +296,15 @@ def _check_lengths(flamingo:Flamingo, examples:Sequence[Example]) -> None:
         raise TrainingError(f"the {what} of image {longest.image_id} is {n} tokens long, more than the language model's "
                             f"{limit} ({len(text)} characters: {text[:120]!r}...); shorten or drop that caption")
 
+def _check_inputs(flamingo:Flamingo, memorize:Sequence[Example], retrieve:Sequence[Example], features, config:TrainConfig,
+                  out:str|Path|None, resume:bool) -> dict|None:
+    "TrainingError (or DeepSpeedConfigError) for a run that cannot work, before any work; returns its DeepSpeed config, if any."
+    if not memorize and not retrieve: raise TrainingError("nothing to train on: no memorize and no retrieve examples")
+    if memorize and features is None: raise TrainingError("memorize examples need a FeatureCache (or BatchFeatures) of their images")
+    if resume and out is None: raise TrainingError("resume=True needs the run folder `out`")
+    _check_lengths(flamingo, [*memorize, *retrieve])
+    return load_deepspeed_config(config.deepspeed_config) if config.deepspeed_config else None
+
 # %% ../nbs/06_training.ipynb #0c996274
 def _step_batches(memorize:Sequence[Example], retrieve:Sequence[Example], features, config:TrainConfig, step:int, pad:int):
     "This rank's memorize batch (with features) and retrieve batch of `step`, and their loss weights."
@@ -534,12 +318,40 @@ def _step_batches(memorize:Sequence[Example], retrieve:Sequence[Example], featur
         ret = collate(picked, pad)
     return mem, ret, scale
 
-def _resume_point(folder:Path) -> Path|None:
-    "Rank 0 deletes cut-off checkpoints (atomic_write's hidden temporaries) and names the latest complete one to every rank."
-    def find():
-        for half in Path(folder).glob(".step_*"): shutil.rmtree(half, ignore_errors=True)
-        return latest_checkpoint(folder)
-    return main_only(find)
+# %% ../nbs/06_training.ipynb #b8ae1dea
+def _start_run(model:nn.Module, # the Flamingo model to train
+               config:TrainConfig, ds_config:dict|None, # the run's settings and DeepSpeed config (or None)
+               checkpoints:Path|None, resume:bool, # the run's checkpoints folder; continue from its latest checkpoint
+              ) -> tuple:
+    "The run's engine and schedule, resumed from the latest checkpoint when asked, and that checkpoint's state (or None)."
+    model.train()
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.train_steps)
+    latest = _resume_point(checkpoints) if resume else None
+    engine, state = start_engine(model, optimizer, scheduler, config.grad_clip, ds_config, latest)
+    return engine, scheduler, state
+
+def _train_step(engine, scheduler, batches:tuple) -> tuple[float, dict[str, float], float]:
+    "One optimizer step through `engine` on `_step_batches`' output: the loss, its two terms and the learning rate used."
+    loss, parts = training_step(engine.module, *batches)
+    engine.backward(loss)
+    loss, lr = float(loss.detach()), scheduler.get_last_lr()[0]
+    engine.step()
+    return loss, parts, lr
+
+# %% ../nbs/06_training.ipynb #b13840f9
+def _log_step(history:list[dict], step:int, loss:float, parts:dict[str, float], lr:float) -> float:
+    "Append `step`'s loss and terms, averaged over the ranks (every rank calls this), to `history`; returns the loss."
+    loss, *terms = np.mean(gather_objects([loss, *parts.values()]), axis=0).tolist()  # the ranks' mean: the step's loss
+    history.append(dict(step=step, loss=round(loss, 5), lr=lr, **{k: round(v, 5) for k, v in zip(parts, terms)}))
+    return loss
+
+def _save_step(checkpoints:Path|None, engine, done:int, history:list[dict], config:TrainConfig) -> None:
+    "A checkpoint after `done` steps when one is due (every `checkpoint_every` steps, and at the end); prunes old ones."
+    if checkpoints is None or not ((config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.train_steps): return
+    save_checkpoint(checkpoints/f"step_{done:06d}", engine.module, engine.optimizer, done, history,
+                    extra=asdict(config) | {"world_size": world_size()})
+    prune_checkpoints(checkpoints, config.keep_checkpoints)
 
 # %% ../nbs/06_training.ipynb #369d89bb
 def train_grace(flamingo:Flamingo, # model to train in place (vocabulary already grown)
@@ -552,57 +364,16 @@ def train_grace(flamingo:Flamingo, # model to train in place (vocabulary already
                 progress:bool=True, # tqdm bar with the loss
                ) -> TrainResult:
     "Train GRACE: per step one memorize batch and one retrieve batch, AdamW, linear warm-up, clipping."
-    if not memorize and not retrieve: raise TrainingError("nothing to train on: no memorize and no retrieve examples")
-    if memorize and features is None: raise TrainingError("memorize examples need a FeatureCache (or BatchFeatures) of their images")
-    if resume and out is None: raise TrainingError("resume=True needs the run folder `out`")
-    start, model, pad = time.perf_counter(), flamingo.model, flamingo.tokenizer.pad_token_id
-    _check_lengths(flamingo, [*memorize, *retrieve])
-    ds_config = load_deepspeed_config(config.deepspeed_config) if config.deepspeed_config else None  # fail before any work
-    model.train()
-    optimizer = make_optimizer(model, config.lr, config.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.train_steps)
-    step, history, resumed = 0, [], None
-    ckpt_dir = Path(out)/"checkpoints" if out is not None else None
-    latest = _resume_point(ckpt_dir) if resume else None
-    if latest is not None: _load_weights(model, latest/"model.safetensors")  # before the engine: ZeRO partitions these
-    if ds_config is not None: engine = deepspeed_engine(model, optimizer, scheduler, ds_config)
-    else: engine = TorchEngine(model, optimizer, scheduler, config.grad_clip)
-    if latest is not None:
-        state = load_checkpoint(latest, engine.module, engine.optimizer)
-        step, history, resumed = state["step"], state["history"], state["step"]
-        if (saved := state["extra"].get("world_size", 1)) != world_size():
-            warnings.warn(f"{latest} was written by {saved} rank(s), this run has {world_size()}: its steps' batches grow or shrink")
-        with warnings.catch_warnings():  # stepping the schedule alone, to where the saved run stood, is intended
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(step): scheduler.step()
+    start, pad = time.perf_counter(), flamingo.tokenizer.pad_token_id
+    ds_config = _check_inputs(flamingo, memorize, retrieve, features, config, out, resume)  # fail before any work
+    checkpoints = Path(out)/"checkpoints" if out is not None else None
+    engine, scheduler, state = _start_run(flamingo.model, config, ds_config, checkpoints, resume)
+    step, history = (state["step"], state["history"]) if state else (0, [])
     bar = progress_bar(range(step, config.train_steps), desc="training", progress=progress, initial=step, total=config.train_steps)
     for step in bar:
-        mem, ret, scale = _step_batches(memorize, retrieve, features, config, step, pad)
-        loss, parts = training_step(engine.module, mem, ret, scale)
-        engine.backward(loss)
-        loss = float(loss.detach())
-        lr = scheduler.get_last_lr()[0]
-        engine.step()
+        loss, parts, lr = _train_step(engine, scheduler, _step_batches(memorize, retrieve, features, config, step, pad))
         if (step + 1) % config.log_every == 0 or step + 1 == config.train_steps:
-            loss, *terms = np.mean(gather_objects([loss, *parts.values()]), axis=0).tolist()  # the ranks' mean: the step's loss
-            parts = dict(zip(parts, terms))
-            history.append(dict(step=step + 1, loss=round(loss, 5), lr=lr, **{k: round(v, 5) for k, v in parts.items()}))
-            bar.set_postfix(loss=f"{loss:.3f}")
-        done = step + 1
-        if ckpt_dir is not None and ((config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.train_steps):
-            save_checkpoint(ckpt_dir/f"step_{done:06d}", engine.module, engine.optimizer, done, history,
-                            extra=asdict(config) | {"world_size": world_size()})
-            prune_checkpoints(ckpt_dir, config.keep_checkpoints)
-    model.eval()
-    return TrainResult(history, config.train_steps, round(time.perf_counter() - start, 2), resumed)
-
-# %% ../nbs/06_training.ipynb #0bfc9fe2
-def deepspeed_config_path(name:str, # file name in configs/deepspeed, e.g. "zero0_cpu.json"
-                         ) -> Path:
-    "A DeepSpeed config shipped with grace_nb (configs/deepspeed/ of the repository)."
-    from grace_nb.core import repo_root
-    path = repo_root()/"configs"/"deepspeed"/name
-    if not path.is_file():
-        have = sorted(p.name for p in path.parent.glob("*.json")) if path.parent.is_dir() else []
-        raise TrainingError(f"no DeepSpeed config {name!r} in {path.parent} (have: {', '.join(have) or 'none'})")
-    return path
+            bar.set_postfix(loss=f"{_log_step(history, step + 1, loss, parts, lr):.3f}")
+        _save_step(checkpoints, engine, step + 1, history, config)
+    flamingo.model.eval()
+    return TrainResult(history, config.train_steps, round(time.perf_counter() - start, 2), state["step"] if state else None)

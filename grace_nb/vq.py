@@ -17,7 +17,8 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
 from .core import progress_bar
-from .identifiers import IdentifierError, IdentifierMap, _check_embeddings, _check_image_ids, _l2_normalize
+from .identifiers import (IdentifierError, IdentifierMap, _check_embeddings, _check_image_ids, _l2_normalize, _needs,
+                                  register_identifier_kind)
 
 # %% auto #0
 __all__ = ['ResidualCodes', 'residual_quantize', 'code_collisions', 'break_collisions', 'vq_identifiers']
@@ -117,3 +118,11 @@ def vq_identifiers(image_ids:Iterable[int], # images in a stable order, one per 
                   last_codes_changed=int((codes[:, -1] != rq.codes[:, -1]).sum()),
                   relative_errors=[round(e, 5) for e in rq.relative_errors])
     return IdentifierMap("vq", identifiers, [_vq_token(l, c) for l, c in used], params=params)
+
+# %% ../nbs/11_vq_identifiers.ipynb #d2ed155a
+def _build_vq(ids:list[int], embeddings=None, codebook_size:int=256, seed:int=42, **_) -> IdentifierMap:
+    "`build_identifiers`' builder of the vq kind."
+    return vq_identifiers(ids, _needs("vq", "embeddings", embeddings, "N x d, one row per image id"),
+                          codebook_size=codebook_size, seed=seed)
+
+register_identifier_kind("vq", unique=True, new_tokens=True, builder=_build_vq)

@@ -22,6 +22,29 @@ def test_profiles_lists_settings():
     assert [l.split()[0] for l in out.stdout.splitlines()] == ["shapes", "flickr30k", "coco"]
 
 
+def test_profiles_say_which_file_each_comes_from(tmp_path):
+    (tmp_path/"my.ini").write_text("[mine]\nextends = shapes\n")
+    rows = [l.split() for l in run("profiles", "--settings", str(tmp_path/"my.ini")).stdout.splitlines()]
+    assert [r[0] for r in rows] == ["shapes", "flickr30k", "coco", "mine"]
+    assert rows[0][2].endswith("grace_nb/settings.ini") and "(packaged:" in rows[0]
+    assert rows[-1] == ["mine", "tiny", str((tmp_path/"my.ini").resolve())]
+
+
+def test_own_dataset_check_and_bad_entries(tmp_path):
+    assert run("data", "shapes", "--out", str(tmp_path/"d"), "--n-train", "4", "--n-val", "0", "--n-test", "2").returncode == 0
+    corpus = tmp_path/"d"/"dataset_shapes.json"
+    clean = run("data", "karpathy-check", str(corpus))
+    assert clean.returncode == 0 and "usable: train 4, test 2; bad: 0" in clean.stdout
+    (tmp_path/"d"/"images"/"shapes_000001.png").write_bytes(b"not a png")
+    found = run("data", "karpathy-check", str(corpus))
+    assert found.returncode == 1 and "entry 1 ('shapes_000001.png'): undecodable image" in found.stdout
+    assert run("data", "karpathy-check", str(corpus), "--check", "exists").returncode == 0
+    (tmp_path/"d"/"images"/"shapes_000001.png").unlink()
+    (tmp_path/"my.ini").write_text(f"[mine]\nextends = shapes\ncorpus = karpathy\ndata_dir = {tmp_path/'d'}\n")
+    stopped = run("reproduce", "--settings", str(tmp_path/"my.ini"), "--profile", "mine", "--out", str(tmp_path/"r"))
+    assert stopped.returncode == 2 and "image file not found" in stopped.stderr and "--on-error skip" in stopped.stderr
+
+
 def test_data_shapes_is_byte_identical_per_seed(tmp_path):
     sizes = ["--n-train", "8", "--n-val", "2", "--n-test", "4"]
     for name, seed in [("a", "5"), ("b", "5"), ("c", "6")]:
@@ -74,6 +97,8 @@ def test_reproduce_writes_metrics_table_and_models(tmp_path):
     (["reproduce", "--out", "RUN", "--n-train", "4", "--n-val", "0", "--n-test", "0"], "at least one test image"),
     (["data", "shapes", "--out", "RUN", "--n-train", "-5"], "n_train must be a non-negative integer"),
     (["retrieve", "--model", "RUN", "a red circle"], "does not exist"),
+    (["profiles", "--settings", "RUN/none.ini"], "settings.ini not found: "),
+    (["data", "karpathy-check", "RUN/none.json"], "JSON file not found"),
     (["reproduce", "--out", "RUN", "--identifiers", "atomik"], "cannot train 'atomik' identifiers"),
 ])
 def test_user_errors_are_one_line(tmp_path, args, message):
@@ -95,6 +120,8 @@ def test_readme_is_generated_from_index(repo_root):
     readme = " ".join((repo_root/"README.md").read_text().split())
     cells = json.loads((repo_root/"nbs"/"index.ipynb").read_text())["cells"]
     prose = [" ".join("".join(c["source"]).split()) for c in cells if c["cell_type"] == "markdown"]
+    # make readme points the notebook's pictures (nbs/fig_*.png, shown by name) at nbs/
+    prose = [re.sub(r"\]\(([\w.-]+\.(?:png|jpg|svg))\)", r"](nbs/\1)", block) for block in prose]
     for block in prose[1:]:  # the title cell becomes the README's heading
         for paragraph in block.split("## "):
             first_sentence = paragraph.split(". ")[0].strip()

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from grace_nb.core import (GraceError, atomic_write, list_profiles, load_json, load_profile, pick_device,
-                           pick_dtype, save_json, seed_everything, settings_path)
+from grace_nb.core import (GraceError, atomic_write, list_profiles, load_json, load_profile, packaged_settings,
+                           pick_device, pick_dtype, save_json, seed_everything, settings_path)
 
 
 def test_repository_profiles():
@@ -39,6 +39,47 @@ def test_settings_found_from_env_in_another_folder(tmp_path, repo_root):
     env = {**os.environ, "GRACE_SETTINGS": str(repo_root/"settings.ini")}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "10"
+
+
+def test_packaged_profiles_are_the_repository_file(repo_root):
+    "One source of truth: the package's settings.ini is a link to the repository's (the wheel stores its content)."
+    assert packaged_settings().is_symlink() and packaged_settings().resolve() == repo_root/"settings.ini"
+
+
+def test_packaged_profiles_alone_resolve_against_the_current_folder(tmp_path):
+    code = ("from grace_nb.core import load_profile, packaged_settings, settings_path; p = load_profile('coco'); "
+            "print(settings_path(), p.source == packaged_settings(), p.path('data_dir'))")
+    env = {k: v for k, v in os.environ.items() if k != "GRACE_SETTINGS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["None", "True", str(tmp_path.resolve()/"data"/"coco")]
+
+
+def test_your_settings_add_and_override_profiles(tmp_path):
+    ini = tmp_path/"settings.ini"
+    ini.write_text("[DEFAULT]\ndevice = cpu\n[shapes]\ntrain_steps = 7\n"
+                   "[mine]\nextends = shapes\ncorpus = karpathy\ndata_dir = own\non_error = skip\n")
+    assert list_profiles(ini) == ["shapes", "flickr30k", "coco", "mine"]
+    shapes, mine, coco = (load_profile(name, ini) for name in ("shapes", "mine", "coco"))
+    assert (shapes.train_steps, shapes.image_size, shapes.device, coco.device) == (7, 64, "cpu", "cpu")
+    assert (mine.train_steps, mine.model_preset, mine.corpus, mine.on_error, shapes.on_error) == (7, "tiny", "karpathy", "skip", "raise")
+    assert "extends" not in mine
+    assert mine.path("dataset_json") == tmp_path.resolve()/"own"/"dataset_shapes.json"  # shapes' ${data_dir} follows mine's
+    assert shapes.source == mine.source == ini.resolve() and coco.source == packaged_settings()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[a]\nextends = b\n[b]\nextends = a\n", "a -> b -> a"),
+    ("[a]\nextends = nope\n", "'nope', which is not a profile"),
+    ("[a]\nextends = DEFAULT\n", "'DEFAULT', which is not a profile"),
+])
+def test_extends_errors(tmp_path, text, message):
+    (tmp_path/"settings.ini").write_text(text)
+    with pytest.raises(GraceError, match=message): load_profile("a", tmp_path/"settings.ini")
+
+
+def test_missing_settings_file_named_by_env_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRACE_SETTINGS", str(tmp_path/"nope.ini"))
+    with pytest.raises(GraceError, match="nope.ini.*GRACE_SETTINGS"): load_profile("shapes")
 
 
 def test_seed_everything_repeats():

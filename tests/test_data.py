@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from grace_nb.core import GraceError, load_json, save_json
-from grace_nb.data import (SHAPES_JSON, DataError, KarpathyDataset, load_karpathy, read_rgb, to_rgb,
+from grace_nb.data import (SHAPES_JSON, DataError, KarpathyDataset, check_karpathy, load_karpathy, read_rgb, to_rgb,
                            write_shapes_corpus)
 
 SIZES = dict(n_train=12, n_val=2, n_test=4)
@@ -204,6 +204,33 @@ def test_skip_everything_is_an_error(copy_corpus):
     path = copy_corpus(lambda images: [e.update(sentences=[]) for e in images])
     with pytest.raises(DataError, match="no usable entries"):
         load_karpathy(path, on_error="skip")
+
+
+def test_error_names_every_way_to_skip(copy_corpus):
+    path = copy_corpus(_set(2, "split", "dev"))
+    with pytest.raises(DataError) as info: load_karpathy(path)
+    for way in ("on_error='skip'", "on_error = skip", "grace reproduce --on-error skip", "grace data karpathy-check"):
+        assert way in str(info.value)
+
+
+def test_check_reports_every_bad_entry_of_every_split(copy_corpus):
+    def break_several(images):
+        images[1]["sentences"] = []
+        images[3]["split"] = "dev"
+        images[4]["filename"] = "shapes_000000.png"
+        images[15]["sentences"][0]["raw"] = " "  # a test image
+    path = copy_corpus(break_several)
+    (path.parent / "images" / "shapes_000006.png").unlink()
+    png = path.parent / "images" / "shapes_000013.png"  # a val image, truncated: only decoding finds it
+    png.write_bytes(png.read_bytes()[:120])
+    report = check_karpathy(path, progress=False)
+    assert (report["dataset"], report["entries"], report["usable"]) == ("shapes", 18, {"train": 8, "val": 1, "test": 3})
+    assert [line.split(":")[0] for line in report["bad"]] == [
+        "entry 1 ('shapes_000001.png')", "entry 3 ('shapes_000003.png')", "entry 4 ('shapes_000000.png')",
+        "entry 6 ('shapes_000006.png')", "entry 13 ('shapes_000013.png')", "entry 15 ('shapes_000015.png')"]
+    assert "missing image: image file not found" in report["bad"][3] and "undecodable image" in report["bad"][4]
+    assert len(check_karpathy(path, check="exists", progress=False)["bad"]) == 5
+    with pytest.raises(DataError, match="check must be"): check_karpathy(path, check="full")
 
 
 def test_entries_outside_requested_splits_are_not_image_checked(copy_corpus):

@@ -3,9 +3,9 @@
 The site is (re)built by docs/build.py (incremental: a no-op when nothing changed), served from _docs/ on localhost
 and driven with headless Chromium through selenium. Chromium and chromedriver are Debian packages that
 .ci/setup-browser installs (`make test` runs it); without them these tests fail under CI=true and skip elsewhere.
-A screenshot of the home page is left in tests/artifacts/home.png.
+Screenshots of the home page and two notebook pages are left in tests/artifacts/ (home, inference, pipeline).
 """
-import functools, http.server, importlib.util, json, os, shutil, subprocess, sys, threading
+import functools, http.server, importlib.util, json, os, re, shutil, socket, subprocess, sys, threading
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.error import HTTPError
@@ -173,13 +173,23 @@ def test_sidebar_and_page_links_resolve(browser, base_url, site):
 
 @pytest.mark.parametrize("page,name", [("training.html", "train_grace"), ("inference.html", "beam_search")])
 def test_api_name_documented_on_its_page(browser, base_url, page, name):
-    "show_doc output is on the page: the entry (anchor as nbdev links it), its signature and its docstring"
+    """show_doc's entry is a section of the page (anchor as nbdev links it) with its signature and docstring, and a
+    heading of the page menu ("On this page")"""
     from selenium.webdriver.common.by import By
     _open(browser, urljoin(base_url, page))
-    entry = browser.find_element(By.ID, name)
-    assert name in entry.find_element(By.XPATH, "./..").text
-    block = entry.find_element(By.XPATH, "./ancestor::div[contains(@class, 'cell_output')]")
-    assert f"def {name}(" in block.text and block.find_elements(By.TAG_NAME, "em"), block.text[:500]
+    section = browser.find_element(By.ID, name).find_element(By.XPATH, "./ancestor-or-self::section[1]")
+    assert section.find_element(By.CSS_SELECTOR, "h2, h3, h4").text.startswith(name)
+    assert f"def {name}(" in section.text and section.find_elements(By.TAG_NAME, "em"), section.text[:500]
+    menu = [a.get_attribute("textContent").strip() for a in browser.find_elements(By.CSS_SELECTOR, ".toc-drawer a.reference")]
+    assert name in menu, menu
+
+
+def test_api_index_lists_every_entry(site):
+    "The site's index (genindex.html) lists the API entries of every page: each show_doc heading is an index entry"
+    entries = re.findall(r'<li><a href="([\w.-]+\.html)#index-\d+">([^<]+)</a>', (site/"genindex.html").read_text())
+    names = {name for _, name in entries}
+    assert {"train_grace", "beam_search", "load_profile", "TensorTrie", "reproduce"} <= names, sorted(names)[:50]
+    assert len({page for page, _ in entries}) >= 12, sorted({page for page, _ in entries})
 
 
 @pytest.mark.parametrize("query,page", [("train_grace", "training.html"), ("beam_search", "inference.html")])
@@ -194,13 +204,55 @@ def test_search_finds_api_name(browser, base_url, query, page):
     assert not errors, errors
 
 
-def test_home_page_screenshot(browser, base_url):
-    "A screenshot of the home page is kept as a test artefact (tests/artifacts/home.png)"
+PROGRESS = re.compile(r"\d+%\|.*\|\s*\d+/\d+|\d+(\.\d+)?(it/s|s/it)\]")
+RAW_TABLE = re.compile(r"^\|.*\|\s*\n\|(\s*:?-{3,}:?\s*\|)+", re.M)
+
+
+def test_pages_show_clean_outputs(browser, base_url):
+    """Every notebook page shows outputs (the notebooks are committed with them), and no page shows U+FFFD, a
+    progress bar or a Markdown table left as raw text"""
+    from selenium.webdriver.common.by import By
     _open(browser, base_url)
+    problems = {}
+    for url in [base_url] + _sidebar(browser):
+        _open(browser, url)
+        page, found = _page(url) or "index.html", []
+        outputs = [e.get_attribute("textContent") for e in browser.find_elements(By.CSS_SELECTOR, ".cell_output")]
+        if not outputs: found.append("no outputs: the notebook was committed without them (`make outputs NB=...`)")
+        if "\ufffd" in browser.find_element(By.TAG_NAME, "body").get_attribute("textContent"): found.append("U+FFFD")
+        found += [f"progress bar: {m.group(0)!r}" for text in outputs for m in [PROGRESS.search(text)] if m][:3]
+        raw = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".cell_output pre") if RAW_TABLE.search(e.text)]
+        found += [f"raw Markdown table: {text[:80]!r}" for text in raw[:3]]
+        if found: problems[page] = found
+    assert not problems, problems
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=5): return True
+    except OSError: return False
+
+
+def test_external_links_reach_their_hosts(site):
+    """Every link, script and image of the site that leaves it names a host this machine can reach (the site is
+    built and read offline: nbdev's source links point to the site's own source pages, not to a repository)"""
+    hosts = {}
+    for page in site.rglob("*.html"):
+        for url in re.findall(r'(?:href|src)="(https?://[^"]+)"', page.read_text()):
+            parts = urlsplit(url)
+            hosts.setdefault((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), f"{page.name}: {url}")
+    unreachable = [where for (host, port), where in hosts.items() if not _reachable(host, port)]
+    assert not unreachable, "links to hosts that cannot be reached:\n" + "\n".join(unreachable[:20])
+
+
+@pytest.mark.parametrize("page,shot", [("", "home.png"), ("inference.html", "inference.png"), ("pipeline.html", "pipeline.png")])
+def test_screenshots(browser, base_url, page, shot):
+    "Screenshots of the home page and two notebooks are kept as test artefacts (tests/artifacts/*.png)"
+    _open(browser, urljoin(base_url, page))
     browser.execute_script("localStorage.clear()")   # forget the search highlights of the tests above
-    _open(browser, base_url)
+    _open(browser, urljoin(base_url, page))
     ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS/"home.png"
-    shot.unlink(missing_ok=True)
-    assert browser.save_screenshot(str(shot))
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    path = ARTIFACTS/shot
+    path.unlink(missing_ok=True)
+    assert browser.save_screenshot(str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

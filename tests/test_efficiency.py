@@ -1,4 +1,4 @@
-"""Tests of grace_nb.efficiency: faiss exact search against numpy brute force, the strawman's ranking, IVF recall,
+"""Tests of Figure 4's modules (grace_nb.efficiency, grace_latency, clip_latency, figure4): faiss exact search against numpy brute force, the strawman's ranking, IVF recall,
 synthetic identifiers against the real builders, the last-position decoder, the GRACE timer, crossovers, and a
 smoke run of benchmarks/efficiency.py."""
 import importlib.util, logging, math
@@ -11,11 +11,12 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from grace_nb.core import GraceError
-from grace_nb.efficiency import (EfficiencyError, LastLogitsDecoder, blas_from, benchmark_queries, benchmark_tokenizer,
-                                 crossover, flat_index, ivf_index, prompt_batches, random_flamingo, recall_vs_exact,
-                                 run_efficiency, set_faiss_threads, set_vocab_size, strawman_search, structured_codes,
-                                 synthetic_embeddings, synthetic_identifiers, synthetic_queries, time_grace, time_search,
-                                 tune_nprobe)
+from grace_nb.efficiency import (EfficiencyError, benchmark_queries, benchmark_tokenizer, median_pass_ms, structured_codes,
+                                 synthetic_embeddings, synthetic_identifiers, synthetic_queries)
+from grace_nb.grace_latency import LastLogitsDecoder, prompt_batches, random_flamingo, set_vocab_size, time_grace
+from grace_nb.clip_latency import (blas_from, flat_index, ivf_index, recall_vs_exact, set_faiss_threads, strawman_search,
+                                   time_search, tune_nprobe)
+from grace_nb.figure4 import crossover, run_efficiency
 from grace_nb.identifiers import identifier_token_ids, numeric_identifiers, string_identifiers
 from grace_nb.inference import FlamingoDecoder, beam_search
 
@@ -228,3 +229,9 @@ def test_mpt1b_backbone_wiring(tokenizer):
     found = beam_search(LastLogitsDecoder(model, tokenizer.pad_token_id), batch.input_ids, batch.attention_mask, ids.trie(0), 0,
                         num_beams=2, num_return=2, max_new_tokens=2)
     assert all(seq[-1] == 0 and 50_280 <= seq[0] < 50_380 for r in found for seq, _ in r)
+
+
+def test_median_pass_ms_warms_up_once_and_takes_the_median():
+    calls = []
+    ms = median_pass_ms(calls.append, ["a", "b"], repeats=3, per=2)
+    assert calls == ["a"] + ["a", "b"] * 3 and ms >= 0

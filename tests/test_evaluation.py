@@ -12,7 +12,8 @@ from grace_nb.data import (ImageRecord, KarpathyDataset, caption_attributes, cap
                            scene_graph_attributes, write_shapes_corpus)
 from grace_nb.evaluation import (EvaluationError, GraceModel, ambiguity_ceiling, collapse_report, consistent_counts,
                                  evaluate_grace, findings, grace_recall, load_grace_model, memorization_accuracy,
-                                 memorize_rankings, ranked_images, save_grace_model, split_memorization, table1_markdown)
+                                 memorize_rankings, ranked_images, save_grace_model, split_memorization)
+from grace_nb.tables import table1_markdown
 from grace_nb.identifiers import IdentifierMap, build_identifiers, identifier_token_ids, train_bpe_tokenizer
 from grace_nb.inference import FlamingoDecoder, Ranked, corpus_trie, exhaustive_scores, exhaustive_top, same_ranking
 from grace_nb.training import MEMORIZE_PROMPT, PROMPT_TEXTS, cache_features

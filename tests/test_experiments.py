@@ -3,10 +3,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from grace_nb.data import DataError, load_karpathy, write_shapes_corpus
+from grace_nb.data import DataError, caption_attributes, load_karpathy, scene_graph_attributes, write_shapes_corpus
 from grace_nb.evaluation import findings
-from grace_nb.experiments import (OUTCOMES, CaptionError, caption_quality, generation_outcomes, scene_attributes, scene_truth,
-                                  semantic_captions)
+from grace_nb.experiments import OUTCOMES, CaptionError, caption_quality, generation_outcomes, semantic_captions
 from grace_nb.identifiers import build_identifiers, identifier_token_ids, train_bpe_tokenizer
 from grace_nb.inference import Ranked
 from grace_nb.pipeline import _run_plan, _table2_rows
@@ -23,7 +22,7 @@ def test_gold_captions_never_name_a_missing_attribute(corpus):
     "Every caption template, on 100 scenes: the parser finds only attributes the scene has (precision 100%)."
     for r in corpus.records:
         for caption in r.captions:
-            assert scene_attributes(caption) <= scene_truth(r.scene), (caption, r.scene)
+            assert caption_attributes(caption) <= scene_graph_attributes(r.scene), (caption, r.scene)
 
 
 def test_caption_quality_penalises_wrong_attributes(corpus):
@@ -31,7 +30,7 @@ def test_caption_quality_penalises_wrong_attributes(corpus):
     wrong = {}
     for r in test:  # name a colour no object has
         missing = next(c for c in ("red", "orange", "yellow", "green", "blue", "purple", "pink", "black")
-                       if ("color", c) not in scene_truth(r.scene))
+                       if ("color", c) not in scene_graph_attributes(r.scene))
         wrong[r.image_id] = [f"a {missing} heart"]
     q = caption_quality(wrong, corpus)
     assert q["attribute_precision"] < 50 and q["exact_gold_match"] == 0

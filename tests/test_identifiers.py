@@ -8,10 +8,14 @@ from hypothesis import given, settings, strategies as st
 from sklearn.datasets import make_blobs
 
 from grace_nb.core import GraceError
-from grace_nb.identifiers import (KINDS, IdentifierError, IdentifierMap, MissingImageError, add_identifier_tokens,
+from grace_nb.identifiers import _KINDS
+from grace_nb.identifiers import (IdentifierError, IdentifierMap, MissingImageError, add_identifier_tokens,
                                   atomic_identifiers, build_identifiers, identifier_token_ids, numeric_identifiers,
                                   semantic_identifiers, string_identifiers, structured_identifiers, token_stats,
-                                  train_bpe_tokenizer)
+                                  identifier_kind, identifier_kinds, register_identifier_kind, train_bpe_tokenizer)
+
+
+BUILT_IN = ("numeric", "string", "semantic", "structured", "atomic")  # the kinds 02_identifiers registers
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +144,7 @@ def test_structured_bad_input():
 
 # --- empty / duplicate input and the dispatcher ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", BUILT_IN)
 def test_empty_and_duplicate_input(kind):
     with pytest.raises(IdentifierError, match="no image ids"):
         build_identifiers(kind, [], captions={}, embeddings=np.zeros((0, 2)))
@@ -158,9 +162,33 @@ def test_empty_direct_builders():
 def test_dispatcher_names_missing_input():
     with pytest.raises(IdentifierError, match="captions"): build_identifiers("semantic", [1])
     with pytest.raises(IdentifierError, match="embeddings"): build_identifiers("structured", [1])
-    with pytest.raises(IdentifierError, match="embeddings"): build_identifiers("vq", [1])
-    with pytest.raises(IdentifierError, match="valid kinds"): build_identifiers("visual", [1])
+    with pytest.raises(IdentifierError, match="registered kinds: numeric, string, semantic, structured, atomic"):
+        build_identifiers("visual", [1])
     assert isinstance(build_identifiers("atomic", [1]), IdentifierMap)
+
+
+def test_registry_plugs_in_a_kind_and_forgets_it():
+    assert identifier_kinds()[:5] == BUILT_IN
+    assert (identifier_kind("semantic").unique, identifier_kind("structured").new_tokens) == (False, True)
+    register_identifier_kind("letters", new_tokens=False, builder=lambda ids, **_: IdentifierMap("letters", {i: "abc"[n] for n, i in enumerate(ids)}))
+    try: assert build_identifiers("letters", [5, 6]).identifiers == {5: "a", 6: "b"}
+    finally: _KINDS.pop("letters")
+    with pytest.raises(IdentifierError, match="unknown identifier kind 'letters'"): IdentifierMap("letters", {1: "a"})
+
+
+def test_identifiers_does_not_import_vq_and_the_pipeline_registers_it():
+    "02 knows nothing of 11: without grace_nb.vq, vq is unknown (and the error says how to get it); the main job imports it."
+    import subprocess, sys
+    code = """import sys
+from grace_nb.identifiers import IdentifierError, build_identifiers, identifier_kinds
+assert "grace_nb.vq" not in sys.modules and "vq" not in identifier_kinds()
+try: build_identifiers("vq", [1, 2])
+except IdentifierError as e: assert "vq registers when grace_nb.vq is imported" in str(e), e
+else: raise AssertionError("vq built without grace_nb.vq")
+import grace_nb.pipeline
+assert identifier_kinds()[-1] == "vq"
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
 # --- the map -------------------------------------------------------------------------------------------------------
@@ -191,7 +219,7 @@ def test_map_validation():
 def test_save_load_round_trip(tmp_path, blobs):
     ids, emb, _ = blobs
     captions = {i: f"caption {i % 7}" for i in ids}
-    for kind in KINDS:
+    for kind in BUILT_IN:
         m = build_identifiers(kind, ids, captions=captions, embeddings=emb, k=3, c=7, seed=5)
         back = IdentifierMap.load(m.save(tmp_path / f"{kind}.json"))
         assert back == m and all(isinstance(i, int) for i in back.identifiers)

@@ -14,9 +14,9 @@ from grace_nb.core import load_profile
 from grace_nb.data import load_karpathy, write_shapes_corpus
 from grace_nb.identifiers import build_identifiers, identifier_token_ids, train_bpe_tokenizer
 from grace_nb.paper_scale import feature_cache_gb, openflamingo_parameters, paper_files, zero_memory_gb
-from grace_nb.training import (PROMPT_TEXTS, BatchFeatures, TrainConfig, _trainable_state, cache_features,
-                               deepspeed_config_path, feature_source, load_checkpoint, make_optimizer, memorize_examples,
-                               retrieve_examples, train_grace)
+from grace_nb.checkpoints import _trainable_state, deepspeed_config_path, load_checkpoint
+from grace_nb.training import (PROMPT_TEXTS, BatchFeatures, TrainConfig, cache_features, feature_source, make_optimizer,
+                               memorize_examples, retrieve_examples, train_grace)
 
 torch.set_num_threads(1)
 

@@ -146,7 +146,7 @@ ENGINE_SCRIPT = '''
 import json, sys, torch
 from pathlib import Path
 from grace_nb.core import init_ranks, rank, world_size
-from grace_nb.training import TorchEngine
+from grace_nb.checkpoints import TorchEngine
 init_ranks()
 torch.manual_seed(rank())  # each rank starts from other weights: TorchEngine must start them all from rank 0's
 model = torch.nn.Linear(3, 2)

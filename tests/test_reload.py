@@ -16,8 +16,8 @@ from grace_nb.evaluation import evaluate_grace, grace_recall, load_grace_model, 
 from grace_nb.identifiers import build_identifiers, identifier_token_ids, train_bpe_tokenizer
 from grace_nb.inference import retrieve
 from grace_nb.pretraining import save_pretrained_preset
-from grace_nb.training import (PROMPT_TEXTS, TrainConfig, _trainable_state, cache_features, memorize_examples,
-                               retrieve_examples, train_grace)
+from grace_nb.checkpoints import _trainable_state
+from grace_nb.training import PROMPT_TEXTS, TrainConfig, cache_features, memorize_examples, retrieve_examples, train_grace
 from grace_nb.vq import vq_identifiers
 
 torch.set_num_threads(1)

@@ -16,9 +16,10 @@ from grace_nb.core import GraceError, load_json, save_json
 from grace_nb.data import SHAPES_JSON, DataError, load_karpathy, write_shapes_corpus
 from grace_nb.evaluation import EvaluationError, load_grace_model, save_grace_model
 from grace_nb.identifiers import IdentifierError, build_identifiers, identifier_token_ids, train_bpe_tokenizer
-from grace_nb.training import (PROMPT_TEXTS, BatchFeatures, TrainConfig, TrainingError, _trainable_state, cache_features,
-                               latest_checkpoint, load_checkpoint, load_deepspeed_config, make_optimizer, memorize_examples,
-                               retrieve_examples, save_checkpoint, train_grace)
+from grace_nb.checkpoints import (DeepSpeedConfigError, _trainable_state, latest_checkpoint, load_checkpoint,
+                                  load_deepspeed_config, save_checkpoint)
+from grace_nb.training import (PROMPT_TEXTS, BatchFeatures, TrainConfig, TrainingError, cache_features, make_optimizer,
+                               memorize_examples, retrieve_examples, train_grace)
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,10 +228,10 @@ def test_failed_save_keeps_the_previous_model_folder(trained, monkeypatch):
 
 
 def test_failed_checkpoint_keeps_the_previous_one(trained, tmp_path, monkeypatch):
-    import grace_nb.training as training
+    import grace_nb.checkpoints as checkpoints
     f = trained["fresh"](); opt = make_optimizer(f.model, 1e-3, 0.1)
     save_checkpoint(tmp_path/"ck"/"step_000001", f.model, opt, 1, [])
-    monkeypatch.setattr(training, "save_json", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    monkeypatch.setattr(checkpoints, "save_json", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(OSError): save_checkpoint(tmp_path/"ck"/"step_000002", f.model, opt, 2, [])
     assert latest_checkpoint(tmp_path/"ck").name == "step_000001"
     assert sorted(p.name for p in (tmp_path/"ck").iterdir()) == ["step_000001"]
@@ -248,10 +249,10 @@ def test_failed_checkpoint_keeps_the_previous_one(trained, tmp_path, monkeypatch
 ])
 def test_deepspeed_config_with_a_bad_key_is_named_before_any_work(trained, tmp_path, config, key):
     path = tmp_path/"ds.json"; save_json(config, path)
-    with pytest.raises(TrainingError) as info: load_deepspeed_config(path)
+    with pytest.raises(DeepSpeedConfigError) as info: load_deepspeed_config(path)
     assert str(path) in str(info.value) and key in str(info.value), str(info.value)
     f = trained["fresh"](); weights = {k: v.clone() for k, v in _trainable_state(f.model).items()}
-    with pytest.raises(TrainingError, match=re.escape(key)):
+    with pytest.raises(DeepSpeedConfigError, match=re.escape(key)):
         train_grace(f, [], trained["ret"], None, TrainConfig(train_steps=2, deepspeed_config=str(path)), out=tmp_path/"run",
                     progress=False)
     assert not (tmp_path/"run").exists()

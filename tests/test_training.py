@@ -9,9 +9,10 @@ import torch
 from grace_nb.backbone import grow_vocabulary, load_flamingo, tiny_lm_config, write_tiny_preset
 from grace_nb.data import load_karpathy, write_shapes_corpus
 from grace_nb.identifiers import build_identifiers, identifier_token_ids, train_bpe_tokenizer
-from grace_nb.training import (PROMPT_TEXTS, TrainConfig, TrainingError, _trainable_state, batch_indices, cache_features,
-                               collate, deepspeed_config_path, latest_checkpoint, load_deepspeed_config, memorize_examples,
-                               retrieve_examples, train_grace, training_step)
+from grace_nb.checkpoints import (DeepSpeedConfigError, _trainable_state, deepspeed_config_path, latest_checkpoint,
+                                  load_deepspeed_config)
+from grace_nb.training import (PROMPT_TEXTS, TrainConfig, TrainingError, batch_indices, cache_features, collate,
+                               memorize_examples, retrieve_examples, train_grace, training_step)
 
 torch.set_num_threads(1)
 
@@ -100,10 +101,10 @@ def test_deepspeed_on_one_cpu_matches_plain_pytorch(setup, config):
 def test_bad_deepspeed_config_is_named(tmp_path):
     bad = tmp_path/"ds.json"
     bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zero_optimisation": {"stage": 2}}))
-    with pytest.raises(TrainingError, match="zero_optimisation"): load_deepspeed_config(bad)
+    with pytest.raises(DeepSpeedConfigError, match="zero_optimisation"): load_deepspeed_config(bad)
     bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 7}}))
-    with pytest.raises(TrainingError, match="stage must be 0-3"): load_deepspeed_config(bad)
-    with pytest.raises(TrainingError, match="no DeepSpeed config"): deepspeed_config_path("zero9.json")
+    with pytest.raises(DeepSpeedConfigError, match="stage must be 0-3"): load_deepspeed_config(bad)
+    with pytest.raises(DeepSpeedConfigError, match="no DeepSpeed config"): deepspeed_config_path("zero9.json")
 
 
 def test_clear_errors(setup):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from sklearn.datasets import make_blobs
 
-from grace_nb.identifiers import (KINDS, IdentifierError, IdentifierMap, add_identifier_tokens, build_identifiers,
-                                  identifier_token_ids, train_bpe_tokenizer)
+from grace_nb.identifiers import (IdentifierError, IdentifierMap, add_identifier_tokens, build_identifiers,
+                                  identifier_kind, identifier_kinds, identifier_token_ids, train_bpe_tokenizer)
 from grace_nb.vq import break_collisions, code_collisions, residual_quantize, vq_identifiers
 
 torch.set_num_threads(1)
@@ -92,7 +92,7 @@ def test_bad_input_is_named():
 
 def test_registered_kind_dispatch_and_validation(blobs, tmp_path):
     ids, emb, _ = blobs
-    assert "vq" in KINDS
+    assert "vq" in identifier_kinds() and identifier_kind("vq").unique and identifier_kind("vq").new_tokens
     with pytest.raises(IdentifierError, match="vq identifiers need `embeddings`"): build_identifiers("vq", ids)
     m = build_identifiers("vq", ids, embeddings=emb, codebook_size=8, seed=3)
     assert m == vq_identifiers(ids, emb, codebook_size=8, seed=3)

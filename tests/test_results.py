@@ -1,0 +1,90 @@
+"""Results shown in the README and the notebooks are computed from the committed metrics files (nbs/results/*.json),
+never typed by hand.
+
+A notebook shows a result with a cell that reads a file of nbs/results/ and starts with `#| echo: false` (the page
+and the README show its output only). Here those cells run again, from the files as committed, and what they show
+must be what the notebook was saved with, and what README.md (generated from index.ipynb) says.
+"""
+import json, re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = ROOT/"nbs"
+RESULTS = NBS/"results"
+
+
+def _source(cell: dict) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def _shown(outputs: list) -> str:
+    "The Markdown (else plain text) a cell's outputs show"
+    parts = []
+    for output in outputs:
+        data = output.get("data", {}) if isinstance(output, dict) else {}
+        for kind in ("text/markdown", "text/plain"):
+            if kind in data:
+                parts.append(_source({"source": data[kind]})); break
+    return "\n".join(parts).strip()
+
+
+def result_cells(notebook: dict) -> list[int]:
+    "The `#| echo: false` cells, from the first one that reads nbs/results/ on (later ones use what it loaded)"
+    cells = [i for i, c in enumerate(notebook["cells"]) if c["cell_type"] == "code" and _source(c).startswith("#| echo: false")]
+    reading = [i for i in cells if "results/" in _source(notebook["cells"][i])]
+    return [i for i in cells if reading and i >= reading[0]]
+
+
+NOTEBOOKS = [p for p in sorted(NBS.glob("*.ipynb")) if result_cells(json.loads(p.read_text()))]
+
+
+def test_results_files_are_committed_metrics():
+    "The reference runs' metrics are in the repository, each a JSON object"
+    files = sorted(RESULTS.glob("*.json"))
+    assert any(f.name == "shapes_seed42.json" for f in files), files
+    for f in files: assert isinstance(json.loads(f.read_text()), dict), f
+
+
+def test_some_notebooks_show_results():
+    assert {"index.ipynb", "13_pipeline.ipynb"} <= {p.name for p in NOTEBOOKS}, [p.name for p in NOTEBOOKS]
+
+
+@pytest.fixture(scope="module")
+def rerun():
+    "{notebook: {cell: what it shows now}}: each notebook's exported and hidden import cells, then its result cells, run again"
+    from execnb.shell import CaptureShell
+    from fastcore.xtras import working_directory
+    shown = {}
+    for path in NOTEBOOKS:
+        notebook = json.loads(path.read_text())
+        shell, now = CaptureShell(path), {}
+        with working_directory(NBS):
+            for i, cell in enumerate(notebook["cells"]):
+                src = _source(cell)
+                # the library's definitions and imports (exported cells), and the hidden import cells
+                if cell["cell_type"] == "code" and (src.startswith("#| export") or
+                                                    src.startswith("#| hide") and re.search(r"^(from|import) ", src, re.M)):
+                    shell.run(src)
+            for i in result_cells(notebook):
+                outputs = shell.run(_source(notebook["cells"][i]))
+                if shell.exc: raise AssertionError(f"{path.name} cell {i} failed on the committed results: {shell.exc!r}")
+                now[i] = _shown(outputs)
+        shown[path.name] = now
+    return shown
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_saved_results_match_the_files(rerun, path):
+    "Each result cell was saved showing what the committed files give (re-save the notebook after the files change)"
+    notebook = json.loads(path.read_text())
+    stale = [i for i, now in rerun[path.name].items() if _shown(notebook["cells"][i].get("outputs", [])) != now]
+    assert not stale, f"{path.name}: cells {stale} show other values than nbs/results/ gives: `make outputs NB=nbs/{path.name}`"
+
+
+def test_readme_shows_the_computed_results(rerun):
+    "Every result the home page computes stands in README.md as computed (`make readme` after `make outputs`)"
+    readme = (ROOT/"README.md").read_text()
+    missing = [i for i, now in rerun["index.ipynb"].items() if now and now not in readme]
+    assert not missing, f"README.md lacks the output of index.ipynb's result cells {missing}: run `make readme`"
