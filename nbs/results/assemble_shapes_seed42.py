@@ -3,22 +3,29 @@ typed by hand. The runs (seed 42, the `[shapes]` profile) and the commands that 
 
 - `runs/shapes-table1`: `grace reproduce --profile shapes --out runs/shapes-table1 --table1`, then
   `--table1 --length-penalties --resume` (adds the classifier-head row and the length-penalty sweep);
+- `runs/shapes-t2`: `grace reproduce --profile shapes --out runs/shapes-t2 --ablations --beams --resume`, its CLIP,
+  captions, identifiers and main-job runs linked from `runs/shapes-table1` (Table 2 for the main job's identifier
+  types, and Figure 6, whose image is copied to nbs/fig6_beams.png);
+- `nbs/results/efficiency_tiny_cpu.json`: Figure 4 at the profile's `efficiency_sizes` with the tiny backbone, the run
+  10c_figure4 made (what `--efficiency` measures; its image is nbs/fig4_efficiency.png);
 - `runs/shapes-budget`: `--budget` (numeric and atomic at 300 / 600 / 2400 steps, validation split);
 - `runs/shapes-lr`: `--budget` with `lr = 3e-3` in the profile (and 3e-4 among `budget_lrs`).
 
 Run from the repository root: `python nbs/results/assemble_shapes_seed42.py` (it loads the cached pretrained preset
 for the distinctness numbers)."""
-import json, logging
+import json, logging, shutil
 from pathlib import Path
 logging.disable(logging.WARNING)
 from grace_nb.core import load_json, save_json, load_profile
 from grace_nb.data import load_karpathy
 from grace_nb.backbone import load_flamingo, Preset
 from grace_nb.training import cache_features
-from grace_nb.pipeline import vision_distinctness, pretrain_stage, plot_budget, plot_length_penalty
+from grace_nb.pipeline import vision_distinctness, pretrain_stage, plot_budget, plot_length_penalty, _efficiency_summary
+from grace_nb.figure4 import EfficiencyRun
 
 ROOT = Path(__file__).resolve().parents[2]
 table1 = load_json(ROOT/"runs/shapes-table1/metrics.json")
+t2 = load_json(ROOT/"runs/shapes-t2/metrics.json") if (ROOT/"runs/shapes-t2/metrics.json").is_file() else {}
 previous = load_json(ROOT/"nbs/results/shapes_seed42.json")
 
 def budget_row(folder):
@@ -37,6 +44,7 @@ if (lr_run/"row.json").is_file(): rows.append(budget_row(lr_run))
 order = {"numeric": 0, "string": 1, "atomic": 2, "structured": 3}
 budget = dict(budget=sorted(rows, key=lambda r: (order[r["identifier"]], r["lr"] != 0.001, r["steps"], r["lr"])),
               seconds=sum(load_json(f/"row.json")["train_seconds"] for f in folders + [lr_run] if (f/"row.json").is_file()))
+figure4 = EfficiencyRun(**load_json(ROOT/"nbs/results/efficiency_tiny_cpu.json"))
 strip = lambda row: {k: v for k, v in row.items() if k not in ("model",)}
 prof = load_profile("shapes")
 preset = pretrain_stage(prof, progress=False)
@@ -47,22 +55,30 @@ feats = cache_features(base, ds, [r for r in ds.records if r.split in ("train", 
 scratch = load_flamingo(Preset.load(ROOT/"runs/shapes-table1/preset-scratch"))
 gold = [len(ids) + 1 for ids in base.tokenizer([c for r in ds.split("train") for c in r.captions], add_special_tokens=False).input_ids]
 out = dict(
-    source="grace reproduce --profile shapes --table1 --length-penalties, and --budget (numeric and atomic identifiers; "
-           "learning rates for atomic), seed 42",
+    source="grace reproduce --profile shapes --table1 --length-penalties, --ablations --beams (the main job's types), and "
+           "--budget (numeric and atomic identifiers; learning rates for atomic), seed 42; Figure 4 from 10c_figure4's run",
     profile=table1["profile"], seed=table1["seed"], dataset=table1["dataset"], ceiling=table1["ceiling"],
     runs=[strip(r) for r in table1["runs"]], identifiers=table1["identifiers"],
     captioner=table1["captioner"] | dict(longest_gold_tokens=max(gold), max_new_tokens=32, length_penalty=1.0),
     length_penalty=table1.get("length_penalty"),
+    table2=[strip(r) for r in t2.get("table2") or []] or None, beam_sweep=t2.get("beam_sweep"),
+    efficiency=dict(summary=_efficiency_summary(figure4), rows=figure4.rows, settings=figure4.settings,  # as --efficiency writes it
+                    source="nbs/results/efficiency_tiny_cpu.json"),
     budget=budget.get("budget"), budget_identifiers=sorted({r["identifier"] for r in budget.get("budget") or []}),
     vision_distinctness={"pretrained": vision_distinctness(base, feats), "scratch": vision_distinctness(scratch, feats)},
     pretraining=dict(config=report["config"], seconds=report["seconds"], final=report["history"][-1],
                      clip_final_loss=report["clip_history"][-1]["loss"], heldout_captions=report["heldout_captions"]),
-    # the first --table1 run's wall time; the --length-penalties --resume run (classifier head and sweep) separately
-    seconds=dict(table1_run=previous["seconds"]["table1_run"], resume_run=table1["seconds"], budget_training=round(budget["seconds"], 1)))
+    # wall times: the first --table1 run, the --length-penalties --resume run (classifier head and sweep), the
+    # --ablations --beams run (two w/o-pseudo-queries runs, free generation, the beam sweep; its two w/o-memorize runs
+    # were trained by an earlier --table1 --ablations run, stopped once it had them)
+    seconds=dict(table1_run=previous["seconds"]["table1_run"], resume_run=table1["seconds"], ablations_beams_run=t2.get("seconds"),
+                 budget_training=round(budget["seconds"], 1)))
 save_json(out, ROOT/"nbs/results/shapes_seed42.json")
 import matplotlib; matplotlib.use("Agg")
 if out["budget"]: plot_budget(out["budget"], ROOT/"nbs/fig_budget.png", title="Training budget on the validation split (shapes, seed 42)")
 if out["length_penalty"]:
     plot_length_penalty(out["length_penalty"]["rows"], ROOT/"nbs/fig_length_penalty.png",
                         title="Length penalty on the validation split (shapes, seed 42)")
+if (ROOT/"runs/shapes-t2/fig6_beams.png").is_file():  # drawn by the run itself
+    shutil.copyfile(ROOT/"runs/shapes-t2/fig6_beams.png", ROOT/"nbs/fig6_beams.png")
 print(json.dumps({k: out[k] for k in ("ceiling", "vision_distinctness", "seconds")}, indent=1))
