@@ -20,6 +20,7 @@ from grace_nb.core import load_json, save_json, load_profile
 from grace_nb.data import load_karpathy
 from grace_nb.backbone import load_flamingo, Preset
 from grace_nb.training import cache_features
+from grace_nb.experiments import caption_quality
 from grace_nb.pipeline import vision_distinctness, pretrain_stage, plot_budget, plot_length_penalty, _efficiency_summary
 from grace_nb.figure4 import EfficiencyRun
 
@@ -53,13 +54,16 @@ ds = load_karpathy(ROOT/"runs/shapes-table1/data/dataset_shapes.json", progress=
 base = load_flamingo(preset)
 feats = cache_features(base, ds, [r for r in ds.records if r.split in ("train", "test")], progress=False)
 scratch = load_flamingo(Preset.load(ROOT/"runs/shapes-table1/preset-scratch"))
+# the captioner's scores, by today's caption_quality (01_data's caption parser) on the run's captions and gold captions
+captions = {int(k): v for k, v in load_json(ROOT/"runs/shapes-table1/captioner/captions.json")["captions"].items()}
+scores = dict(quality=caption_quality(captions, ds), gold_reference=caption_quality({r.image_id: r.captions for r in ds.split("test")}, ds, top=None))
 gold = [len(ids) + 1 for ids in base.tokenizer([c for r in ds.split("train") for c in r.captions], add_special_tokens=False).input_ids]
 out = dict(
     source="grace reproduce --profile shapes --table1 --length-penalties, --ablations --beams (the main job's types), and "
            "--budget (numeric and atomic identifiers; learning rates for atomic), seed 42; Figure 4 from 10c_figure4's run",
     profile=table1["profile"], seed=table1["seed"], dataset=table1["dataset"], ceiling=table1["ceiling"],
     runs=[strip(r) for r in table1["runs"]], identifiers=table1["identifiers"],
-    captioner=table1["captioner"] | dict(longest_gold_tokens=max(gold), max_new_tokens=32, length_penalty=1.0),
+    captioner=table1["captioner"] | scores | dict(longest_gold_tokens=max(gold), max_new_tokens=32, length_penalty=1.0),
     length_penalty=table1.get("length_penalty"),
     table2=[strip(r) for r in t2.get("table2") or []] or None, beam_sweep=t2.get("beam_sweep"),
     efficiency=dict(summary=_efficiency_summary(figure4), rows=figure4.rows, settings=figure4.settings,  # as --efficiency writes it
