@@ -87,14 +87,16 @@ def mark_skipped_cells(notebook: dict, skip_flags: list[str]) -> dict:
 
 
 def run_notebook(src: Path, dst: Path, skip_flags: list[str]):
-    "Run notebook `src` as nbdev-test does (in its folder, `skip_flags` cells skipped); save it with outputs to `dst`"
+    """Run notebook `src` as nbdev-test does (in its folder; cells flagged with one of `skip_flags` are skipped and keep
+    the outputs they were saved with) and write it with its outputs to `dst`"""
     from execnb.shell import CaptureShell
-    from fastcore.nbio import write_nb
+    from fastcore.nbio import read_nb, write_nb
     from fastcore.xtras import working_directory
     from nbdev.process import NBProcessor
     from nbdev.test import _skip_cell
-    os.environ["IN_TEST"] = "1"
-    notebook = NBProcessor(src, rm_directives=False, process=True).nb
+    os.environ["IN_TEST"] = "1"   # quiet(): no progress bars in the outputs
+    notebook = read_nb(src)
+    NBProcessor(nb=notebook, rm_directives=False)   # parses each cell's `#|` directives (left in its source) for _skip_cell
     shell = CaptureShell(src)
     try:
         with working_directory(src.parent):
@@ -105,23 +107,8 @@ def run_notebook(src: Path, dst: Path, skip_flags: list[str]):
 
 
 def save_outputs(src: Path, skip_flags: list[str]):
-    """Run notebook `src` in place as nbdev-test does (cells flagged with `skip_flags` skipped: they keep the outputs
-    they were saved with) and save it with its new outputs (`make outputs NB=nbs/06_training.ipynb`)"""
-    from execnb.shell import CaptureShell
-    from fastcore.nbio import read_nb, write_nb
-    from fastcore.xtras import working_directory
-    from nbdev.test import _skip_cell
-    os.environ["IN_TEST"] = "1"   # quiet(): no progress bars in the saved outputs
-    from nbdev.process import NBProcessor
-    notebook = read_nb(src)
-    NBProcessor(nb=notebook, rm_directives=False)   # parses each cell's `#|` directives (left in its source) for _skip_cell
-    shell = CaptureShell(src)
-    try:
-        with working_directory(src.parent):
-            shell.run_all(notebook, exc_stop=True, preproc=_skip_cell(notebook, skip_flags))
-    except Exception:
-        sys.stderr.write((shell.prettytb(fname=src) or traceback.format_exc()) + "\n"); sys.exit(1)
-    write_nb(notebook, src)
+    "Run notebook `src` in place and save it with its new outputs, cleaned (`make outputs NB=nbs/06_training.ipynb`)"
+    run_notebook(src, src, skip_flags)
     subprocess.run([str(Path(sys.executable).parent/"nbdev-clean"), "--fname", str(src)], check=True)
     log(f"saved {src.name} with its outputs")
 
