@@ -194,14 +194,13 @@ def local_source(url: str) -> str:
     return f"source/{match.group(1)}.py.html" + (f"#L-{match.group(2)}" if match.group(2) else "")
 
 
-def write_source_pages(lib: Path, target: Path) -> list[str]:
+def write_source_pages(lib: Path, target: Path):
     "A syntax-highlighted page per module of `lib` (target/<module>.py.html, a #L-<n> anchor per line): source links land here"
     from pygments import highlight
     from pygments.formatters import HtmlFormatter
     from pygments.lexers import PythonLexer
     target.mkdir(parents=True, exist_ok=True)
     css = HtmlFormatter(style="default").get_style_defs(".highlight")
-    written = []
     for module in sorted(lib.glob("*.py")):
         if module.name.startswith("_"): continue
         body = highlight(module.read_text(), PythonLexer(), HtmlFormatter(linenos="table", lineanchors="L", anchorlinenos=True))
@@ -210,8 +209,8 @@ def write_source_pages(lib: Path, target: Path) -> list[str]:
                 f'.linenos a {{ color: #999; }} :target {{ background: #ffc; }}</style></head>\n<body>'
                 f'<p><a href="../index.html">grace_nb</a> / {lib.name}/{module.name} (generated from the notebooks)</p>{body}</body></html>\n')
         _write_if_changed(target/f"{module.name}.html", page)
-        written.append(module.name)
-    return written
+
+
 _NB_LINK = re.compile(r"\]\((?:nbs/)?([\w.-]+)\.ipynb(#[\w.-]+)?\)")
 _WIDGET = "application/vnd.jupyter.widget-view+json"
 

@@ -14,6 +14,8 @@ from urllib.request import Request, urlopen
 
 import pytest
 
+from test_notebooks import PROGRESS, RAW_TABLE   # a progress bar and a raw Markdown table, as the notebook checks see them
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT/"_docs"
 ARTIFACTS = ROOT/"tests"/"artifacts"
@@ -204,8 +206,6 @@ def test_search_finds_api_name(browser, base_url, query, page):
     assert not errors, errors
 
 
-PROGRESS = re.compile(r"\d+%\|.*\|\s*\d+/\d+|\d+(\.\d+)?(it/s|s/it)\]")
-RAW_TABLE = re.compile(r"^\|.*\|\s*\n\|(\s*:?-{3,}:?\s*\|)+", re.M)
 
 
 def test_pages_show_clean_outputs(browser, base_url):
