@@ -6,7 +6,7 @@ Docs: https://grace-nb.github.io/grace_nb/training.html.md"""
 
 # %% ../nbs/06_training.ipynb #866d70ba
 from __future__ import annotations
-import copy, os, time
+import contextlib, copy, os, time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -17,19 +17,21 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
+import torch.nn.functional as F
 from fastcore.basics import patch
-from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import DynamicCache, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from .core import GraceError, Profile, gather_objects, rank, world_size, progress_bar
 from .data import KarpathyDataset, ImageRecord
-from .backbone import Flamingo, flamingo_forward, vision_features
+from .backbone import Flamingo, _cache_kwarg, flamingo_forward, vision_features
 from .checkpoints import _resume_point, load_deepspeed_config, prune_checkpoints, save_checkpoint, start_engine
 
 # %% auto #0
 __all__ = ['MEMORIZE_PROMPT', 'RETRIEVE_PROMPT', 'PROMPT_TEXTS', 'TrainingError', 'Example', 'memorize_examples',
            'retrieve_examples', 'collate', 'FeatureCache', 'cache_features', 'BatchFeatures', 'feature_source',
-           'training_step', 'batch_indices', 'rank_batch', 'make_optimizer', 'TrainConfig', 'TrainResult',
-           'train_grace']
+           'training_step', 'logits_only_at', 'label_positions', 'text_only', 'length_groups', 'shared_prefix',
+           'prefix_cache', 'task_loss', 'fast_training_step', 'fast_step_supported', 'batch_indices', 'rank_batch',
+           'make_optimizer', 'TrainConfig', 'TrainResult', 'train_grace']
 
 # %% ../nbs/06_training.ipynb #0d3c7e18
 MEMORIZE_PROMPT = "Predict the identifier for the <image>"
@@ -203,6 +205,136 @@ def training_step(model:nn.Module, # open_flamingo.Flamingo (or a DeepSpeed engi
         parts[name] = float(loss.detach())
     return total, parts
 
+# %% ../nbs/06_training.ipynb #093a1589
+@contextlib.contextmanager
+def logits_only_at(model:nn.Module, # open_flamingo.Flamingo
+                   keep:torch.Tensor, # [B, T] bool: the positions whose logits are wanted
+                  ):
+    "Within the block, the language model's output layer sees only the hidden states at `keep`: logits [n, V]."
+    head = model.lang_encoder.get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda module, args: (args[0][keep],) + args[1:])
+    try: yield
+    finally: hook.remove()
+
+def label_positions(labels:torch.Tensor, # [B, T], -100 where no loss is taken
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    "Where each label is predicted from ([B, T] bool: the position before it) and the labels in that order."
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # targets[:, t] is predicted at position t
+    keep = targets != -100
+    return keep, targets[keep]
+
+# %% ../nbs/06_training.ipynb #a9fbcfbd
+def _no_attention(x, media, media_locations=None, use_cached_media=False):
+    "What MaskedCrossAttention returns for tokens with no image before them: zeros."
+    return torch.zeros_like(x)
+
+@contextlib.contextmanager
+def text_only(model:nn.Module, # open_flamingo.Flamingo
+             ):
+    "Within the block, the gated cross-attention blocks skip attending (for rows without an image only)."
+    blocks = [b for b in model.lang_encoder.gated_cross_attn_layers  # not those set by an enclosing block
+              if b is not None and "forward" not in vars(b.attn)]
+    for block in blocks: block.attn.forward = _no_attention
+    try: yield
+    finally:
+        for block in blocks: del block.attn.forward
+
+# %% ../nbs/06_training.ipynb #152b265d
+def length_groups(attention_mask:torch.Tensor, # [B, T] of a right-padded batch
+                  groups:int, # how many groups (fewer when the batch has fewer rows)
+                 ) -> list[torch.Tensor]:
+    "Row indices sorted by length, in `groups` groups of (nearly) equal size."
+    if groups < 1: raise TrainingError(f"groups must be at least 1, got {groups}")
+    order = attention_mask.sum(1).argsort(stable=True)
+    return [rows for rows in order.tensor_split(min(groups, len(order))) if len(rows)]
+
+# %% ../nbs/06_training.ipynb #2e7846c2
+def shared_prefix(input_ids:torch.Tensor, attention_mask:torch.Tensor, # [B, T] right-padded batch
+                  keep:torch.Tensor, # [B, T] labelled positions (`label_positions`)
+                  media_token_id:int, # `<image>`: the prefix stops before it
+                 ) -> int:
+    "Length of the longest prefix of real tokens that every row shares, before any image or labelled position."
+    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
+    same &= ~(input_ids == media_token_id).any(0) & ~keep.any(0)
+    return int(same.int().cumprod(0).sum())
+
+def prefix_cache(model:nn.Module, input_ids:torch.Tensor, # [1, p] the shared prefix
+                 rows:int, # how many rows attend to it
+                ) -> DynamicCache:
+    "The prefix's keys and values (text only, no logits), expanded to `rows` rows, as a transformers cache."
+    with text_only(model), logits_only_at(model, torch.zeros_like(input_ids, dtype=torch.bool)):
+        once = flamingo_forward(model, input_ids, torch.ones_like(input_ids), use_cache=True).cache
+    cache = DynamicCache(config=model.lang_encoder.config)
+    for i, layer in enumerate(once.layers):
+        cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), i)
+    return cache
+
+# %% ../nbs/06_training.ipynb #4c8308cf
+def _group_loss(model:nn.Module, rows:torch.Tensor, # the group's row indices
+                batch:dict, # input_ids, attention_mask, keep, targets (all [B, T]) on the model's device
+                features:torch.Tensor|None, # [B, tokens, d] or None (text-only rows)
+                prefix:int, # shared prefix length (its keys and values come from `prefix_cache`)
+                prefix_ids:torch.Tensor|None, # [1, prefix]
+               ) -> torch.Tensor:
+    "Sum of the cross-entropies of one group of rows, each cut to the group's longest row."
+    width = int(batch["attention_mask"][rows].sum(1).max())
+    ids, mask, keep = (batch[k][rows, :width] for k in ("input_ids", "attention_mask", "keep"))
+    cache = prefix_cache(model, prefix_ids, len(rows)) if prefix else None
+    with logits_only_at(model, keep[:, prefix:]), (text_only(model) if features is None else contextlib.nullcontext()):
+        logits = flamingo_forward(model, ids[:, prefix:], mask, None if features is None else features[rows],
+                                  cache=cache).logits
+    if len(logits) != int(keep.sum()):
+        raise TrainingError("the language model's output layer did not see the selected positions; "
+                            "use training_step for this model")
+    return F.cross_entropy(logits.float(), batch["targets"][rows, :width][keep], reduction="sum")
+
+# %% ../nbs/06_training.ipynb #092bf592
+def task_loss(model:nn.Module, # open_flamingo.Flamingo
+              batch:dict, # `collate` output
+              features:torch.Tensor|None, # [B, tokens, d] for memorize rows, None for text-only rows
+              groups:int=1, # length groups (`length_groups`)
+              share_prefix:bool=True, # run the rows' shared instruction prefix once
+             ) -> torch.Tensor:
+    "Mean cross-entropy over the batch's label tokens, as `out.loss` of `flamingo_forward` with labels."
+    device = next(model.parameters()).device
+    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    keep = F.pad(labels[:, 1:], (0, 1), value=-100) != -100
+    parts = dict(input_ids=ids, attention_mask=mask, keep=keep, targets=F.pad(labels[:, 1:], (0, 1), value=-100))
+    prefix = shared_prefix(ids, mask, keep, model.media_token_id) if share_prefix else 0
+    total = sum(_group_loss(model, rows, parts, features, prefix, ids[:1, :prefix])
+                for rows in length_groups(mask, groups))
+    return total / keep.sum()
+
+# %% ../nbs/06_training.ipynb #b1f511eb
+def fast_training_step(model:nn.Module, # open_flamingo.Flamingo (or a DeepSpeed engine's module)
+                       memorize_batch:dict|None, # `collate` output + "features", or None
+                       retrieve_batch:dict|None, # `collate` output, or None
+                       scale:dict[str, float]|None=None, # per-task loss weight, as in `training_step`
+                       groups:int=4, # length groups of the retrieve batch
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
+    "`training_step`'s loss and gradients with less arithmetic: labelled logits, length groups, text-only rows."
+    if memorize_batch is None and retrieve_batch is None: raise TrainingError("a step needs a memorize or a retrieve batch")
+    device, dtype = next(model.parameters()).device, model.perceiver.latents.dtype
+    parts, total = {}, 0.0
+    if memorize_batch is not None:
+        features = memorize_batch["features"].to(device, dtype)
+        loss = task_loss(model, memorize_batch, features) * (scale or {}).get("memorize", 1.0)
+        total, parts["memorize"] = total + loss, float(loss.detach())
+    if retrieve_batch is not None:
+        loss = task_loss(model, retrieve_batch, None, groups) * (scale or {}).get("retrieve", 1.0)
+        total, parts["retrieve"] = total + loss, float(loss.detach())
+    if memorize_batch is None:  # the plain step leaves zero gradients (not none) on the skipped attention
+        skipped = [p for b in model.lang_encoder.gated_cross_attn_layers if b is not None for p in b.attn.parameters()]
+        total = total + 0.0 * sum(p.sum() for p in skipped if p.requires_grad)
+    return total, parts
+
+# %% ../nbs/06_training.ipynb #72ce09e1
+def fast_step_supported(model:nn.Module, # open_flamingo.Flamingo
+                       ) -> bool:
+    "True when the language model takes a transformers cache and has a Linear output layer (the fast step's needs)."
+    lang = model.lang_encoder
+    return _cache_kwarg(lang) == "cache" and isinstance(lang.get_output_embeddings(), nn.Linear)
+
 # %% ../nbs/06_training.ipynb #caabc70d
 def batch_indices(num_examples:int, # examples in the task
                   batch_size:int, # examples per batch (capped at num_examples)
@@ -265,6 +397,7 @@ class TrainConfig:
     keep_checkpoints:int=0 # keep only the newest N checkpoints (0: keep all)
     deepspeed_config:str|None=None # a DeepSpeed JSON config: train with a DeepSpeed engine
     log_every:int=10 # history entries every N steps
+    fast_step:bool=True # `fast_training_step` where the model supports it (same gradients); False: `training_step`
 
     @classmethod
     def from_profile(cls, profile:Profile, **overrides) -> TrainConfig:
@@ -331,9 +464,9 @@ def _start_run(model:nn.Module, # the Flamingo model to train
     engine, state = start_engine(model, optimizer, scheduler, config.grad_clip, ds_config, latest)
     return engine, scheduler, state
 
-def _train_step(engine, scheduler, batches:tuple) -> tuple[float, dict[str, float], float]:
+def _train_step(engine, scheduler, batches:tuple, step_fn=training_step) -> tuple[float, dict[str, float], float]:
     "One optimizer step through `engine` on `_step_batches`' output: the loss, its two terms and the learning rate used."
-    loss, parts = training_step(engine.module, *batches)
+    loss, parts = step_fn(engine.module, *batches)
     engine.backward(loss)
     loss, lr = float(loss.detach()), scheduler.get_last_lr()[0]
     engine.step()
@@ -370,8 +503,10 @@ def train_grace(flamingo:Flamingo, # model to train in place (vocabulary already
     engine, scheduler, state = _start_run(flamingo.model, config, ds_config, checkpoints, resume)
     step, history = (state["step"], state["history"]) if state else (0, [])
     bar = progress_bar(range(step, config.train_steps), desc="training", progress=progress, initial=step, total=config.train_steps)
+    fast = config.fast_step and fast_step_supported(flamingo.model)
     for step in bar:
-        loss, parts, lr = _train_step(engine, scheduler, _step_batches(memorize, retrieve, features, config, step, pad))
+        batches = _step_batches(memorize, retrieve, features, config, step, pad)
+        loss, parts, lr = _train_step(engine, scheduler, batches, fast_training_step if fast else training_step)
         if (step + 1) % config.log_every == 0 or step + 1 == config.train_steps:
             bar.set_postfix(loss=f"{_log_step(history, step + 1, loss, parts, lr):.3f}")
         _save_step(checkpoints, engine, step + 1, history, config)
