@@ -45,7 +45,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--faiss-threads", type=_ints, default=(1, 2), help="a faiss exact-search line per thread count")
     parser.add_argument("--strawman-max", type=int, default=1_000_000, help="largest corpus the float64 strawman runs on")
-    parser.add_argument("--no-prefill-all", action="store_true", help="skip atomic with all-position prefill logits")
+    parser.add_argument("--no-prefill-all", action="store_true", help="skip atomic with the plain (reference) decoder")
     parser.add_argument("--layers", type=int, default=None, help="override the backbone's depth (wiring tests only)")
     parser.add_argument("--out", type=Path, default=None, help="folder for efficiency_<backbone>.json and figure4_<backbone>.png")
     args = parser.parse_args(argv)

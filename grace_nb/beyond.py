@@ -21,7 +21,7 @@ from .data import POSITION_WORDS, KarpathyDataset, caption_attributes, scene_gra
 from .backbone import Flamingo
 from .training import (Example, FeatureCache, TrainConfig, TrainResult, memorize_examples, retrieve_examples,
                                train_grace)
-from .inference import FlamingoDecoder, beam_search
+from .inference import beam_search, make_decoder
 from .identifiers import identifier_token_ids
 from .evaluation import GraceModel, evaluate_grace, load_grace_model, save_grace_model
 
@@ -151,7 +151,7 @@ def generate_texts(flamingo:Flamingo, # the instruction-tuned bundle
     "The best continuation of each prompt, decoded, without the end token."
     model, tok = flamingo.model, flamingo.tokenizer
     eoc, pad, device = tok.convert_tokens_to_ids("<|endofchunk|>"), tok.pad_token_id, next(model.parameters()).device
-    decoder, was_training, texts = FlamingoDecoder(model, pad), model.training, []
+    decoder, was_training, texts = make_decoder(model, pad), model.training, []
     model.eval()
     try:
         for start in progress_bar(range(0, len(prompts), batch_size), desc="generate", leave=False, progress=progress):

@@ -23,7 +23,7 @@ from .backbone import Flamingo, Preset, load_flamingo
 from .clip import recall_at_k
 from .training import MEMORIZE_PROMPT, RETRIEVE_PROMPT, FeatureCache
 from .checkpoints import _load_weights, _trainable_state
-from .inference import FlamingoDecoder, Ranked, beam_search, corpus_trie, retrieve
+from .inference import FlamingoDecoder, Ranked, beam_search, corpus_trie, make_decoder, retrieve
 
 # %% auto #0
 __all__ = ['MODEL_FILES', 'PAPER_TABLE1', 'FINDINGS', 'ranked_images', 'EvaluationError', 'grace_recall', 'GraceModel',
@@ -230,7 +230,7 @@ def memorize_rankings(model:GraceModel, # a trained model; its identifier map co
     search = dict(trie=corpus_trie(token_ids, eoc, device), eos_token_id=eoc, num_beams=num_beams, num_return=min(10, num_beams),
                   max_new_tokens=max(map(len, token_ids.values())), length_penalty=length_penalty)
     prompt = torch.tensor(tok(MEMORIZE_PROMPT, add_special_tokens=False).input_ids, device=device)
-    decoder, was_training = FlamingoDecoder(net, tok.pad_token_id), net.training
+    decoder, was_training = make_decoder(net, tok.pad_token_id), net.training
     def rankings(shown:list[int]) -> list:  # beam search over this rank's images, batch by batch
         found = []
         for start in progress_bar(range(0, len(shown), batch_size), desc="memorization", leave=False, progress=progress):

@@ -18,7 +18,7 @@ from .data import KarpathyDataset, caption_attributes, scene_graph_attributes
 from .identifiers import IdentifierMap, identifier_token_ids
 from .backbone import Flamingo
 from .training import Example, FeatureCache, TrainConfig, train_grace
-from .inference import FlamingoDecoder, beam_search
+from .inference import beam_search, make_decoder
 from .evaluation import GraceModel, grace_recall
 
 # %% auto #0
@@ -76,7 +76,7 @@ def generate_captions(flamingo:Flamingo, # a trained captioner
     model, tokenizer = flamingo.model, flamingo.tokenizer
     eoc, device = tokenizer.convert_tokens_to_ids("<|endofchunk|>"), next(model.parameters()).device
     prompt_ids = torch.tensor(tokenizer(prompt, add_special_tokens=False).input_ids, device=device)
-    decoder, was_training, captions = FlamingoDecoder(model, tokenizer.pad_token_id), model.training, {}
+    decoder, was_training, captions = make_decoder(model, tokenizer.pad_token_id), model.training, {}
     model.eval()
     try:
         for start in progress_bar(range(0, len(image_ids), batch_size), desc="captions", leave=False, progress=progress):

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from .core import save_json, progress_bar
-from .inference import FlamingoDecoder
+from .inference import FlamingoDecoder, make_decoder
 from .efficiency import (GRACE_KINDS, EfficiencyError, benchmark_queries, benchmark_tokenizer, synthetic_embeddings,
                                  synthetic_identifiers, synthetic_queries)
-from .grace_latency import (BACKBONES, LastLogitsDecoder, output_layer_ms, paired_latency, prompt_batches,
+from .grace_latency import (BACKBONES, output_layer_ms, paired_latency, prompt_batches,
                                     random_flamingo, set_vocab_size, time_grace)
 from .clip_latency import (blas_from, clip_text_tower, flat_index, ivf_index, set_faiss_threads, strawman_search,
                                    time_clip_text, time_search, tune_nprobe)
@@ -52,9 +52,9 @@ def _grace_rows(model, decoders, batches, singles, tokenizer, eoc, base_vocab, n
         ids = synthetic_identifiers(kind, n, base_vocab, eoc, tokenizer)
         set_vocab_size(model, ids.vocab_size)
         trie, device = ids.trie(eoc).to(batches[0].input_ids.device), batches[0].input_ids.device
-        for name in ["last"] + (["all"] if kind == "atomic" and prefill_all else []):
+        for name in ["lean"] + (["plain"] if kind == "atomic" and prefill_all else []):
             args = (trie, eoc, ids.max_new_tokens, num_beams, repeats)
-            method = kind if name == "last" else f"{kind}, all-position prefill logits"
+            method = kind if name == "lean" else f"{kind}, plain decoder"
             ms, latency = time_grace(decoders[name], batches, *args), time_grace(decoders[name], singles, *args)
             rows.append(dict(system="GRACE", method=method, n=n, ms_per_query=ms, qps=1e3 / ms, latency_ms=latency,
                              steps=ids.max_new_tokens, vocab=ids.vocab_size))
@@ -131,7 +131,7 @@ def run_efficiency(sizes:tuple=(1_000, 10_000, 100_000, 1_000_000), # corpus siz
                    ivf_target:float=0.95, # recall@10 against exact search the IVF nprobe is tuned to
                    strawman_max:int=1_000_000, # largest corpus the strawman runs on
                    strawman_queries:int=4, # queries the strawman is timed on
-                   prefill_all:bool=True, # also time atomic identifiers with the unchanged FlamingoDecoder
+                   prefill_all:bool=True, # also time atomic identifiers with the reference FlamingoDecoder
                    paired_rounds:int=5, # rounds of the paired structured-latency check (0: skip)
                    layers:int|None=None, # override the backbone's depth (wiring tests only; timings then mean nothing)
                    seed:int=0,
@@ -157,7 +157,7 @@ def _run(s:dict, dtype, prefill_all:bool, paired_rounds:int, progress:bool) -> E
     tokenizer, spec = benchmark_tokenizer(texts), BACKBONES[s["backbone"]]
     eoc, base = tokenizer.convert_tokens_to_ids("<|endofchunk|>"), spec["base_vocab"] or len(tokenizer)
     model = random_flamingo(s["backbone"], base, s["device"], dtype, eoc, tokenizer.convert_tokens_to_ids("<image>"), s["seed"], s["layers"])
-    decoders = dict(last=LastLogitsDecoder(model, tokenizer.pad_token_id), all=FlamingoDecoder(model, tokenizer.pad_token_id))
+    decoders = dict(lean=make_decoder(model, tokenizer.pad_token_id), plain=FlamingoDecoder(model, tokenizer.pad_token_id))
     batches = prompt_batches(tokenizer, texts[:s["queries"]], s["batch_size"], s["device"])
     singles = prompt_batches(tokenizer, texts[:s["latency_queries"]], 1, s["device"])
     clip_model, clip_tokenizer = clip_text_tower(s["backbone"], s["device"])
@@ -175,7 +175,7 @@ def _run(s:dict, dtype, prefill_all:bool, paired_rounds:int, progress:bool) -> E
             spec["d_model"], base + n, rows, s["device"], dtype, repeats=s["repeats"])))
     if paired_rounds and "structured" in s["kinds"] and len(s["sizes"]) > 1:
         cases = {n: synthetic_identifiers("structured", n, base, eoc) for n in (s["sizes"][0], s["sizes"][-1])}
-        run.paired = paired_latency(model, decoders["last"], singles, cases, eoc, paired_rounds, s["num_beams"])
+        run.paired = paired_latency(model, decoders["lean"], singles, cases, eoc, paired_rounds, s["num_beams"])
     return run
 
 # %% ../nbs/10c_figure4.ipynb #c702c0f0

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from fastcore.basics import patch
 
 from .core import GraceError, progress_bar
@@ -20,8 +21,9 @@ from .backbone import Flamingo, flamingo_forward
 
 # %% auto #0
 __all__ = ['DEFAULT_RETRIEVE_PROMPT', 'Decoder', 'Beams', 'start_beams', 'beam_step', 'InferenceError', 'beam_search',
-           'exhaustive_scores', 'exhaustive_top', 'same_ranking', 'FlamingoState', 'FlamingoDecoder', 'Ranked',
-           'corpus_trie', 'retrieve']
+           'exhaustive_scores', 'exhaustive_top', 'same_ranking', 'FlamingoState', 'FlamingoDecoder',
+           'mpt_alibi_slopes', 'LeanState', 'lean_supported', 'LeanDecoder', 'make_decoder', 'Ranked', 'corpus_trie',
+           'retrieve']
 
 # %% ../nbs/07_inference.ipynb #5fe20e78
 class Decoder(Protocol):
@@ -307,6 +309,208 @@ def log_probs(self:FlamingoDecoder, input_ids:torch.Tensor, # [N, S] whole seque
 # %% ../nbs/07_inference.ipynb #133a1a2a
 DEFAULT_RETRIEVE_PROMPT = RETRIEVE_PROMPT  # the instruction the model was trained with (training notebook)
 
+# %% ../nbs/07_inference.ipynb #6fd71bf1
+def mpt_alibi_slopes(n_heads:int, # attention heads
+                     alibi_bias_max:int=8, # MPT's attn_config.alibi_bias_max
+                    ) -> torch.Tensor:
+    "ALiBi slope of each head, as transformers' MPT computes them: [n_heads]."
+    padded = 2 ** math.ceil(math.log2(n_heads))
+    slopes = 1.0 / torch.pow(2, torch.arange(1, padded + 1).float() * (alibi_bias_max / padded))
+    return slopes if padded == n_heads else torch.cat([slopes[1::2], slopes[::2]])[:n_heads]
+
+# %% ../nbs/07_inference.ipynb #8b674487
+@dataclass
+class LeanState:
+    "The lean decoder's state: the prompts' keys and values once per prompt, the generated tokens' per row."
+    prompt_keys:list # per layer [P, H, head_dim, T] (transposed)
+    prompt_values:list # per layer [P, H, T, head_dim]
+    prompt_bias:torch.Tensor # [P, H, 1, T] ALiBi bias, the dtype's lowest number on padding
+    prompts:torch.Tensor # [P] the batch index of each stored prompt
+    row_prompt:torch.Tensor # [N] the batch index of each live row's prompt
+    generated:torch.Tensor # [N, layers, 2, H, t, head_dim] keys and values of the t generated tokens
+    media:list|None=None # per cross-attention layer ([P, h, d, L], [P, h, L, d]) image keys and values; None: text
+
+# %% ../nbs/07_inference.ipynb #c113c423
+def lean_supported(model:torch.nn.Module, # open_flamingo.Flamingo
+                  ) -> bool:
+    "True when the language model is transformers' MPT without biases, with ALiBi and unclipped keys (the lean path)."
+    from transformers.models.mpt.modeling_mpt import MptBlock
+    lang = model.lang_encoder
+    blocks = [getattr(layer, "decoder_layer", None) for layer in lang._get_decoder_layers()]
+    if not all(isinstance(b, MptBlock) for b in blocks): return False
+    linears = [m for b in blocks for m in (b.attn.Wqkv, b.attn.out_proj, b.ffn.up_proj, b.ffn.down_proj)]
+    head, attn = lang.get_output_embeddings(), lang.config.attn_config
+    return (bool(attn.alibi) and not attn.clip_qkv and all(m.bias is None for m in linears)
+            and isinstance(head, torch.nn.Linear) and head.bias is None)
+
+# %% ../nbs/07_inference.ipynb #e2c42890
+class LeanDecoder(FlamingoDecoder):
+    "The `Decoder` protocol over the same Flamingo with less work (MPT language models; `lean_supported`)."
+    def __init__(self, model:torch.nn.Module, # open_flamingo.Flamingo, in eval mode
+                 pad_token_id:int, # pads candidates in `exhaustive_scores` (inherited, teacher-forced)
+                ):
+        if not lean_supported(model): raise InferenceError("LeanDecoder needs transformers' MPT (see lean_supported); "
+                                                           "use FlamingoDecoder")
+        super().__init__(model, pad_token_id)
+        lang = self.lang = model.lang_encoder
+        self.heads, self.width = lang.config.n_heads, lang.config.d_model
+        self.head_dim = self.width // self.heads
+        self.scale = lang.config.attn_config.softmax_scale or 1 / math.sqrt(self.head_dim)
+        self.slopes = mpt_alibi_slopes(self.heads, lang.config.attn_config.alibi_bias_max)
+        self.layers = [(layer.gated_cross_attn_layer, layer.decoder_layer) for layer in lang._get_decoder_layers()]
+    def __repr__(self): return f"LeanDecoder({len(self.layers)} layers, {self.heads} heads, width {self.width})"
+
+# %% ../nbs/07_inference.ipynb #76c25b3e
+def _norm(norm, x): return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
+
+@patch
+def _gated_ff(self:LeanDecoder, block, x):
+    "The gated cross-attention block's feed-forward with its tanh gate (the block's attention part excluded)."
+    ff = block.ff
+    return x + F.linear(F.gelu(F.linear(_norm(ff[0], x), ff[1].weight)), ff[3].weight) * block.ff_gate.tanh()
+
+@patch
+def _mlp(self:LeanDecoder, mpt, x):
+    "MPT's second half: pre-norm feed-forward with its residual."
+    up = F.linear(_norm(mpt.norm_2, x), mpt.ffn.up_proj.weight)
+    return x + F.linear(F.gelu(up), mpt.ffn.down_proj.weight)
+
+@patch
+def _log_probs(self:LeanDecoder, x):
+    "Final norm, output layer, log-softmax: [N, V] in float32."
+    head = self.lang.get_output_embeddings().weight
+    return torch.log_softmax(F.linear(_norm(self.lang.transformer.norm_f, x), head).float(), -1)
+
+# %% ../nbs/07_inference.ipynb #4e691de6
+@patch
+def _prefill_bias(self:LeanDecoder, attention_mask:torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    "ALiBi over key positions with padding masked, [B, H, 1, T], and with the causal mask too, [B, H, T, T]."
+    B, T = attention_mask.shape
+    low, device = torch.finfo(dtype).min, attention_mask.device
+    bias = (self.slopes.to(device, dtype)[:, None] * torch.arange(T, device=device, dtype=dtype))[None, :, None]
+    bias = bias.masked_fill(~attention_mask.bool()[:, None, None], low)
+    future = torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
+    return bias, bias.masked_fill(future, low)
+
+@patch
+def _media_kv(self:LeanDecoder, block, vis:torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "One cross-attention layer's image keys [B, h, d, L] (transposed) and values [B, h, L, d] from Perceiver latents."
+    attn, B = block.attn, len(vis)
+    keys, values = F.linear(vis.flatten(1, 2), attn.to_kv.weight).chunk(2, -1)
+    keys, values = (t.reshape(B, -1, attn.heads, t.shape[-1] // attn.heads) for t in (keys, values))
+    return keys.permute(0, 2, 3, 1), values.transpose(1, 2)
+
+# %% ../nbs/07_inference.ipynb #e6f1567d
+@patch
+@torch.no_grad()
+def start(self:LeanDecoder, input_ids:torch.Tensor, # [B, T] left-padded prompts
+          attention_mask:torch.Tensor, # [B, T]
+          features:torch.Tensor|None=None, # [B, tokens, vis_dim] (one image per prompt), or None
+         ) -> tuple[torch.Tensor, LeanState]:
+    "Prefill the prompts: next-token log-probs [B, V] after each (output layer at the last position) and the state."
+    if features is not None and features.ndim != 3:  # several images per prompt: the reference decoder
+        return FlamingoDecoder.start(self, input_ids, attention_mask, features)
+    (B, T), H, d = input_ids.shape, self.heads, self.head_dim
+    x = F.embedding(input_ids, self.lang.transformer.wte.weight)
+    bias, mask = self._prefill_bias(attention_mask, x.dtype)
+    vis = None if features is None else self.model.perceiver(features[:, None, None].to(x.dtype))
+    keys, values, media = [], [], []
+    for block, mpt in self.layers:
+        if block is not None and vis is None: x = self._gated_ff(block, x)
+        elif block is not None:
+            x = block(x, vis, media_locations=input_ids == self.model.media_token_id)
+            media.append(self._media_kv(block, vis))
+        q, k, v = F.linear(_norm(mpt.norm_1, x), mpt.attn.Wqkv.weight).view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)
+        keys.append(k.transpose(-1, -2)); values.append(v)
+        scores = torch.baddbmm(mask.reshape(B * H, T, T), q.reshape(B * H, T, d), keys[-1].reshape(B * H, d, T),
+                               alpha=self.scale)
+        context = (scores.softmax(-1) @ v.reshape(B * H, T, d)).view(B, H, T, d).transpose(1, 2)
+        x = self._mlp(mpt, x + F.linear(context.reshape(B, T, self.width), mpt.attn.out_proj.weight))
+    prompts = torch.arange(B, device=x.device)
+    generated = x.new_zeros(B, len(self.layers), 2, H, 0, d)
+    state = LeanState(keys, values, bias, prompts, prompts, generated, media if vis is not None else None)
+    return self._log_probs(x[:, -1]), state
+
+# %% ../nbs/07_inference.ipynb #43f19056
+@patch
+def _group_rows(self:LeanDecoder, state:LeanState, row_prompt:torch.Tensor) -> tuple[int, int]:
+    "(A, w): the live rows are A prompts' blocks of w rows; the state keeps those A prompts' keys, in that order."
+    active = torch.unique_consecutive(row_prompt)
+    w = len(row_prompt) // len(active)
+    if w * len(active) != len(row_prompt) or not bool((row_prompt.view(-1, w) == active[:, None]).all()):
+        active, w = row_prompt, 1  # not in equal blocks: one group per row
+    if not torch.equal(active, state.prompts):
+        slot = torch.zeros(int(state.prompts.max()) + 1, dtype=torch.long, device=active.device)
+        slot[state.prompts] = torch.arange(len(state.prompts), device=active.device)
+        keep = slot[active]
+        state.prompt_keys, state.prompt_values = [k[keep] for k in state.prompt_keys], [v[keep] for v in state.prompt_values]
+        state.prompt_bias, state.prompts = state.prompt_bias[keep], active
+        if state.media is not None: state.media = [(k[keep], v[keep]) for k, v in state.media]
+    return len(active), w
+
+# %% ../nbs/07_inference.ipynb #80911237
+@patch
+def _attend(self:LeanDecoder, q:torch.Tensor, # [N, width] queries of the new tokens
+            state:LeanState, layer:int, own:torch.Tensor, # [N, 2, H, t + 1, d] the rows' generated keys, values
+            own_bias:torch.Tensor, # [1, H, t + 1] ALiBi of the generated positions
+            A:int, w:int) -> torch.Tensor:
+    "Self-attention output [N, width] of one new token per row."
+    N, H, d, T = len(q), self.heads, self.head_dim, state.prompt_bias.shape[-1]
+    q = q.view(A, w, H, d).transpose(1, 2)  # [A, H, w, d]
+    on_prompt = torch.matmul(q, state.prompt_keys[layer]) * self.scale + state.prompt_bias  # [A, H, w, T]
+    keys, values = own.unbind(1)
+    on_own = (q.transpose(1, 2).reshape(N, H, 1, d) @ keys.transpose(-1, -2)).view(N, H, -1) * self.scale + own_bias
+    weights = torch.cat([on_prompt, on_own.view(A, w, H, -1).transpose(1, 2)], -1).softmax(-1)
+    context = (weights[..., :T] @ state.prompt_values[layer]).transpose(1, 2).reshape(N, H, 1, d)
+    context = context + weights[..., T:].transpose(1, 2).reshape(N, H, 1, -1) @ values
+    return context.reshape(N, self.width)
+
+@patch
+def _cross_attend(self:LeanDecoder, block, x:torch.Tensor, media:tuple, A:int, w:int) -> torch.Tensor:
+    "The gated block's attention on the prompt's image (every new token follows the image), with its gate."
+    attn, (keys, values) = block.attn, media
+    q = F.linear(_norm(attn.norm, x), attn.to_q.weight).view(A, w, attn.heads, -1).transpose(1, 2)
+    out = ((q @ keys) * attn.scale).softmax(-1) @ values  # [A, h, w, d]
+    return x + F.linear(out.transpose(1, 2).reshape(len(x), -1), attn.to_out.weight) * block.attn_gate.tanh()
+
+# %% ../nbs/07_inference.ipynb #68b64b00
+@patch
+@torch.no_grad()
+def advance(self:LeanDecoder, state:LeanState, # from `start` or `advance` (updated in place)
+            rows:torch.Tensor, # [N] parent row of each new row in the previous call
+            tokens:torch.Tensor, # [N] the token each new row appends
+           ) -> tuple[torch.Tensor, LeanState]:
+    "Append one token per row: next-token log-probs [N, V] and the new state."
+    if isinstance(state, FlamingoState): return FlamingoDecoder.advance(self, state, rows, tokens)
+    rows = rows.to(state.row_prompt.device)
+    row_prompt = state.row_prompt[rows]
+    A, w = self._group_rows(state, row_prompt)
+    N, t, T = len(rows), state.generated.shape[4], state.prompt_bias.shape[-1]
+    generated = F.pad(state.generated[rows], (0, 0, 0, 1))  # the parents' tokens and room for the new one
+    x = F.embedding(tokens.to(rows.device), self.lang.transformer.wte.weight)  # [N, width]
+    positions = torch.arange(T, T + t + 1, device=x.device, dtype=x.dtype)
+    own_bias = (self.slopes.to(x)[:, None] * positions)[None]  # [1, H, t + 1]
+    media = iter(state.media or [])
+    for i, (block, mpt) in enumerate(self.layers):
+        if block is not None and state.media is not None: x = self._cross_attend(block, x, next(media), A, w)
+        if block is not None: x = self._gated_ff(block, x)
+        qkv = F.linear(_norm(mpt.norm_1, x), mpt.attn.Wqkv.weight)
+        generated[:, i, :, :, t] = qkv[:, self.width:].view(N, 2, self.heads, self.head_dim)
+        context = self._attend(qkv[:, :self.width], state, i, generated[:, i], own_bias, A, w)
+        x = self._mlp(mpt, x + F.linear(context, mpt.attn.out_proj.weight))
+    state.generated, state.row_prompt = generated, row_prompt
+    return self._log_probs(x), state
+
+# %% ../nbs/07_inference.ipynb #a9a59057
+def make_decoder(model:torch.nn.Module, # open_flamingo.Flamingo, in eval mode
+                 pad_token_id:int,
+                 kind:str="lean", # "lean" (`LeanDecoder` where supported) or "plain" (`FlamingoDecoder`)
+                ) -> FlamingoDecoder:
+    "The decoder named `kind` for `model`."
+    if kind not in ("lean", "plain"): raise InferenceError(f"decoder must be 'lean' or 'plain', got {kind!r}")
+    lean = kind == "lean" and lean_supported(model)
+    return (LeanDecoder if lean else FlamingoDecoder)(model, pad_token_id)
+
 # %% ../nbs/07_inference.ipynb #b9dad2c2
 @dataclass
 class Ranked:
@@ -350,8 +554,9 @@ def _rank(found:list[tuple[list[int], float]], images:dict[tuple, list[int]], en
                   sum(seq[-1] != end_token for seq, _ in found))
 
 # %% ../nbs/07_inference.ipynb #48b2b6c9
-def _check_lengths(lengths:list[int], start:int, queries:list[str], max_new_tokens:int, limit:int|None):
+def _check_lengths(lengths:list[int], start:int, queries:list[str], max_new_tokens:int, config):
     "InferenceError naming the first query whose prompt plus identifier would not fit the language model's context."
+    limit = getattr(config, "max_seq_len", None) or getattr(config, "max_position_embeddings", None)
     if not limit: return
     for i, n in enumerate(lengths):
         if n + max_new_tokens > limit:
@@ -369,7 +574,8 @@ def retrieve(flamingo:Flamingo, # the trained model bundle (tokenizer grown with
              constrained:bool=True, # False: free generation (Table 2's ablation); the trie is not used
              length_penalty:float=1.0, # score = sum of log-probs / length ** length_penalty
              max_new_tokens:int|None=None, # default: the longest identifier
-             progress:bool=True, # progress bar over batches
+             progress:bool=True, # progress bar over batches (when there is more than one)
+             decoder:str="lean", # "lean" (`LeanDecoder` where the model allows) or "plain" (`FlamingoDecoder`)
             ) -> list[Ranked]:
     "Rank the corpus' images for each query by generating identifiers with (constrained) beam search."
     tokenizer, model = flamingo.tokenizer, flamingo.model
@@ -385,16 +591,15 @@ def retrieve(flamingo:Flamingo, # the trained model bundle (tokenizer grown with
     search = dict(trie=trie if constrained else None, eos_token_id=eoc, num_beams=num_beams, num_return=num_return,
                   max_new_tokens=max(map(len, images)) if max_new_tokens is None else max_new_tokens, length_penalty=length_penalty,
                   keep_unfinished=True)
-    config = model.lang_encoder.config
-    limit = getattr(config, "max_seq_len", None) or getattr(config, "max_position_embeddings", None)
-    decoder, was_training, ranked = FlamingoDecoder(model, tokenizer.pad_token_id), model.training, []
+    search_with, was_training, ranked = make_decoder(model, tokenizer.pad_token_id, decoder), model.training, []
     model.eval()
     try:
-        for start in progress_bar(range(0, len(queries), batch_size), desc="retrieve", progress=progress):
+        batches = range(0, len(queries), batch_size)
+        for start in progress_bar(batches, desc="retrieve", progress=progress and len(batches) > 1):
             prompts = [prompt_template.format(query=q) for q in queries[start:start + batch_size]]
             batch = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt").to(device)
-            _check_lengths(batch.attention_mask.sum(1).tolist(), start, queries, search["max_new_tokens"], limit)
-            found = beam_search(decoder, batch.input_ids, batch.attention_mask, **search)
+            _check_lengths(batch.attention_mask.sum(1).tolist(), start, queries, search["max_new_tokens"], model.lang_encoder.config)
+            found = beam_search(search_with, batch.input_ids, batch.attention_mask, **search)
             ranked += [_rank(f, images, eoc) for f in found]
     finally: model.train(was_training)
     return ranked
