@@ -55,6 +55,8 @@ pytest:
 
 ## bench: the speed/memory benchmarks (not part of `make test`)
 bench: install
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/query_latency.py
 	$(BIN)/python benchmarks/trie.py
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/efficiency.py

@@ -327,7 +327,7 @@ class LeanState:
     prompt_bias:torch.Tensor # [P, H, 1, T] ALiBi bias, the dtype's lowest number on padding
     prompts:torch.Tensor # [P] the batch index of each stored prompt
     row_prompt:torch.Tensor # [N] the batch index of each live row's prompt
-    generated:torch.Tensor # [N, layers, 2, H, t, head_dim] keys and values of the t generated tokens
+    generated:torch.Tensor # [t, N, layers, 2, H, head_dim] keys and values of the t generated tokens
     media:list|None=None # per cross-attention layer ([P, h, d, L], [P, h, L, d]) image keys and values; None: text
 
 # %% ../nbs/07_inference.ipynb #c113c423
@@ -361,7 +361,7 @@ class LeanDecoder(FlamingoDecoder):
     def __repr__(self): return f"LeanDecoder({len(self.layers)} layers, {self.heads} heads, width {self.width})"
 
 # %% ../nbs/07_inference.ipynb #76c25b3e
-def _norm(norm, x): return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
+def _norm(norm, x): return torch.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 @patch
 def _gated_ff(self:LeanDecoder, block, x):
@@ -411,7 +411,7 @@ def start(self:LeanDecoder, input_ids:torch.Tensor, # [B, T] left-padded prompts
     if features is not None and features.ndim != 3:  # several images per prompt: the reference decoder
         return FlamingoDecoder.start(self, input_ids, attention_mask, features)
     (B, T), H, d = input_ids.shape, self.heads, self.head_dim
-    x = F.embedding(input_ids, self.lang.transformer.wte.weight)
+    x = torch.embedding(self.lang.transformer.wte.weight, input_ids)
     bias, mask = self._prefill_bias(attention_mask, x.dtype)
     vis = None if features is None else self.model.perceiver(features[:, None, None].to(x.dtype))
     keys, values, media = [], [], []
@@ -427,7 +427,7 @@ def start(self:LeanDecoder, input_ids:torch.Tensor, # [B, T] left-padded prompts
         context = (scores.softmax(-1) @ v.reshape(B * H, T, d)).view(B, H, T, d).transpose(1, 2)
         x = self._mlp(mpt, x + F.linear(context.reshape(B, T, self.width), mpt.attn.out_proj.weight))
     prompts = torch.arange(B, device=x.device)
-    generated = x.new_zeros(B, len(self.layers), 2, H, 0, d)
+    generated = x.new_zeros(0, B, len(self.layers), 2, H, d)
     state = LeanState(keys, values, bias, prompts, prompts, generated, media if vis is not None else None)
     return self._log_probs(x[:, -1]), state
 
@@ -451,19 +451,19 @@ def _group_rows(self:LeanDecoder, state:LeanState, row_prompt:torch.Tensor) -> t
 # %% ../nbs/07_inference.ipynb #80911237
 @patch
 def _attend(self:LeanDecoder, q:torch.Tensor, # [N, width] queries of the new tokens
-            state:LeanState, layer:int, own:torch.Tensor, # [N, 2, H, t + 1, d] the rows' generated keys, values
-            own_bias:torch.Tensor, # [1, H, t + 1] ALiBi of the generated positions
+            state:LeanState, layer:int, own:torch.Tensor, # [t + 1, N, 2, H, d] the rows' generated keys, values
+            own_bias:torch.Tensor, # [t + 1, 1, H] ALiBi of the generated positions
             A:int, w:int) -> torch.Tensor:
     "Self-attention output [N, width] of one new token per row."
     N, H, d, T = len(q), self.heads, self.head_dim, state.prompt_bias.shape[-1]
-    q = q.view(A, w, H, d).transpose(1, 2)  # [A, H, w, d]
-    on_prompt = torch.matmul(q, state.prompt_keys[layer]) * self.scale + state.prompt_bias  # [A, H, w, T]
-    keys, values = own.unbind(1)
-    on_own = (q.transpose(1, 2).reshape(N, H, 1, d) @ keys.transpose(-1, -2)).view(N, H, -1) * self.scale + own_bias
-    weights = torch.cat([on_prompt, on_own.view(A, w, H, -1).transpose(1, 2)], -1).softmax(-1)
-    context = (weights[..., :T] @ state.prompt_values[layer]).transpose(1, 2).reshape(N, H, 1, d)
-    context = context + weights[..., T:].transpose(1, 2).reshape(N, H, 1, -1) @ values
-    return context.reshape(N, self.width)
+    q = q.view(N, H, d) * self.scale
+    on_prompt = torch.matmul(q.view(A, w, H, d).transpose(1, 2), state.prompt_keys[layer]) + state.prompt_bias
+    keys, values = own.unbind(2)  # [t + 1, N, H, d]
+    on_own = (keys * q).sum(-1) + own_bias  # [t + 1, N, H]
+    weights = torch.cat([on_prompt, on_own.view(-1, A, w, H).permute(1, 3, 2, 0)], -1).softmax(-1)
+    context = (weights[..., :T] @ state.prompt_values[layer]).transpose(1, 2).reshape(N, H, d)
+    mine = weights[..., T:].permute(3, 0, 2, 1).reshape(-1, N, H, 1)  # [t + 1, N, H, 1]
+    return (context + (mine * values).sum(0)).reshape(N, self.width)
 
 @patch
 def _cross_attend(self:LeanDecoder, block, x:torch.Tensor, media:tuple, A:int, w:int) -> torch.Tensor:
@@ -485,18 +485,19 @@ def advance(self:LeanDecoder, state:LeanState, # from `start` or `advance` (upda
     rows = rows.to(state.row_prompt.device)
     row_prompt = state.row_prompt[rows]
     A, w = self._group_rows(state, row_prompt)
-    N, t, T = len(rows), state.generated.shape[4], state.prompt_bias.shape[-1]
-    generated = F.pad(state.generated[rows], (0, 0, 0, 1))  # the parents' tokens and room for the new one
-    x = F.embedding(tokens.to(rows.device), self.lang.transformer.wte.weight)  # [N, width]
+    N, (t, *rest), T = len(rows), state.generated.shape, state.prompt_bias.shape[-1]
+    generated = state.generated.new_empty(t + 1, N, *rest[1:])
+    torch.index_select(state.generated, 1, rows, out=generated[:t])  # the parents' tokens, then room for the new one
+    x = torch.embedding(self.lang.transformer.wte.weight, tokens.to(rows.device))  # [N, width]
     positions = torch.arange(T, T + t + 1, device=x.device, dtype=x.dtype)
-    own_bias = (self.slopes.to(x)[:, None] * positions)[None]  # [1, H, t + 1]
+    own_bias = (positions[:, None] * self.slopes.to(x))[:, None]  # [t + 1, 1, H]
     media = iter(state.media or [])
     for i, (block, mpt) in enumerate(self.layers):
         if block is not None and state.media is not None: x = self._cross_attend(block, x, next(media), A, w)
         if block is not None: x = self._gated_ff(block, x)
         qkv = F.linear(_norm(mpt.norm_1, x), mpt.attn.Wqkv.weight)
-        generated[:, i, :, :, t] = qkv[:, self.width:].view(N, 2, self.heads, self.head_dim)
-        context = self._attend(qkv[:, :self.width], state, i, generated[:, i], own_bias, A, w)
+        generated[t, :, i] = qkv[:, self.width:].view(N, 2, self.heads, self.head_dim)
+        context = self._attend(qkv[:, :self.width], state, i, generated[:, :, i], own_bias, A, w)
         x = self._mlp(mpt, x + F.linear(context, mpt.attn.out_proj.weight))
     state.generated, state.row_prompt = generated, row_prompt
     return self._log_probs(x), state
