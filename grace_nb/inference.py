@@ -593,7 +593,7 @@ def retrieve(flamingo:Flamingo, # the trained model bundle (tokenizer grown with
                   max_new_tokens=max(map(len, images)) if max_new_tokens is None else max_new_tokens, length_penalty=length_penalty,
                   keep_unfinished=True)
     search_with, was_training, ranked = make_decoder(model, tokenizer.pad_token_id, decoder), model.training, []
-    model.eval()
+    if was_training: model.eval()  # (a no-op call still walks every module: milliseconds per query)
     try:
         batches = range(0, len(queries), batch_size)
         for start in progress_bar(batches, desc="retrieve", progress=progress and len(batches) > 1):
@@ -602,5 +602,6 @@ def retrieve(flamingo:Flamingo, # the trained model bundle (tokenizer grown with
             _check_lengths(batch.attention_mask.sum(1).tolist(), start, queries, search["max_new_tokens"], model.lang_encoder.config)
             found = beam_search(search_with, batch.input_ids, batch.attention_mask, **search)
             ranked += [_rank(f, images, eoc) for f in found]
-    finally: model.train(was_training)
+    finally:
+        if was_training: model.train()
     return ranked

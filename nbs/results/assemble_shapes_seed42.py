@@ -12,8 +12,9 @@ typed by hand. The runs (seed 42, the `[shapes]` profile) and the commands that 
 - `runs/shapes-lr`: `--budget` with `lr = 3e-3` in the profile (and 3e-4 among `budget_lrs`).
 
 Run from the repository root: `python nbs/results/assemble_shapes_seed42.py` (it loads the cached pretrained preset
-for the distinctness numbers)."""
-import json, logging, shutil
+for the distinctness numbers). `python nbs/results/assemble_shapes_seed42.py --efficiency` rewrites only the Figure 4
+entry from `nbs/results/efficiency_tiny_cpu.json` (after 10c_figure4's slow cells ran again), without the runs."""
+import json, logging, shutil, sys
 from pathlib import Path
 logging.disable(logging.WARNING)
 from grace_nb.core import load_json, save_json, load_profile
@@ -25,6 +26,19 @@ from grace_nb.pipeline import vision_distinctness, pretrain_stage, plot_budget, 
 from grace_nb.figure4 import EfficiencyRun
 
 ROOT = Path(__file__).resolve().parents[2]
+
+def efficiency_entry() -> dict:
+    "shapes_seed42.json's Figure 4 entry, as --efficiency writes it, from 10c_figure4's run."
+    figure4 = EfficiencyRun(**load_json(ROOT/"nbs/results/efficiency_tiny_cpu.json"))
+    return dict(summary=_efficiency_summary(figure4), rows=figure4.rows, settings=figure4.settings,
+                source="nbs/results/efficiency_tiny_cpu.json")
+
+if "--efficiency" in sys.argv:
+    results = load_json(ROOT/"nbs/results/shapes_seed42.json")
+    save_json(results | dict(efficiency=efficiency_entry()), ROOT/"nbs/results/shapes_seed42.json")
+    print(json.dumps(results["efficiency"]["summary"], indent=1), "->", json.dumps(efficiency_entry()["summary"], indent=1))
+    sys.exit()
+
 table1 = load_json(ROOT/"runs/shapes-table1/metrics.json")
 t2 = load_json(ROOT/"runs/shapes-t2/metrics.json") if (ROOT/"runs/shapes-t2/metrics.json").is_file() else {}
 previous = load_json(ROOT/"nbs/results/shapes_seed42.json")
@@ -45,7 +59,6 @@ if (lr_run/"row.json").is_file(): rows.append(budget_row(lr_run))
 order = {"numeric": 0, "string": 1, "atomic": 2, "structured": 3}
 budget = dict(budget=sorted(rows, key=lambda r: (order[r["identifier"]], r["lr"] != 0.001, r["steps"], r["lr"])),
               seconds=sum(load_json(f/"row.json")["train_seconds"] for f in folders + [lr_run] if (f/"row.json").is_file()))
-figure4 = EfficiencyRun(**load_json(ROOT/"nbs/results/efficiency_tiny_cpu.json"))
 strip = lambda row: {k: v for k, v in row.items() if k not in ("model",)}
 prof = load_profile("shapes")
 preset = pretrain_stage(prof, progress=False)
@@ -66,8 +79,7 @@ out = dict(
     captioner=table1["captioner"] | scores | dict(longest_gold_tokens=max(gold), max_new_tokens=32, length_penalty=1.0),
     length_penalty=table1.get("length_penalty"),
     table2=[strip(r) for r in t2.get("table2") or []] or None, beam_sweep=t2.get("beam_sweep"),
-    efficiency=dict(summary=_efficiency_summary(figure4), rows=figure4.rows, settings=figure4.settings,  # as --efficiency writes it
-                    source="nbs/results/efficiency_tiny_cpu.json"),
+    efficiency=efficiency_entry(),
     budget=budget.get("budget"), budget_identifiers=sorted({r["identifier"] for r in budget.get("budget") or []}),
     vision_distinctness={"pretrained": vision_distinctness(base, feats), "scratch": vision_distinctness(scratch, feats)},
     pretraining=dict(config=report["config"], seconds=report["seconds"], final=report["history"][-1],
