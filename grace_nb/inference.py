@@ -6,7 +6,7 @@ Docs: https://grace-nb.github.io/grace_nb/inference.html.md"""
 
 # %% ../nbs/07_inference.ipynb #6dc30b5d
 from __future__ import annotations
-import math
+import contextlib, math
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -23,7 +23,7 @@ from .backbone import Flamingo, flamingo_forward
 __all__ = ['DEFAULT_RETRIEVE_PROMPT', 'Decoder', 'Beams', 'start_beams', 'beam_step', 'InferenceError', 'beam_search',
            'exhaustive_scores', 'exhaustive_top', 'same_ranking', 'FlamingoState', 'FlamingoDecoder',
            'mpt_alibi_slopes', 'LeanState', 'lean_supported', 'LeanDecoder', 'make_decoder', 'Ranked', 'corpus_trie',
-           'retrieve']
+           'eval_mode', 'retrieve']
 
 # %% ../nbs/07_inference.ipynb #5fe20e78
 class Decoder(Protocol):
@@ -321,53 +321,60 @@ def mpt_alibi_slopes(n_heads:int, # attention heads
 # %% ../nbs/07_inference.ipynb #8b674487
 @dataclass
 class LeanState:
-    "The lean decoder's state: the prompts' keys and values once per prompt, the generated tokens' per row."
+    "The lean decoder's state: keys and values once per prompt, and the generated ones per row."
     prompt_keys:list # per layer [P, H, head_dim, T] (transposed)
     prompt_values:list # per layer [P, H, T, head_dim]
     prompt_bias:torch.Tensor # [P, H, 1, T] ALiBi bias, the dtype's lowest number on padding
     prompts:torch.Tensor # [P] the batch index of each stored prompt
     row_prompt:torch.Tensor # [N] the batch index of each live row's prompt
-    generated:torch.Tensor # [t, N, layers, 2, H, head_dim] keys and values of the t generated tokens
-    media:list|None=None # per cross-attention layer ([P, h, d, L], [P, h, L, d]) image keys and values; None: text
+    generated:torch.Tensor # [t, N, layers, 2, H, head_dim] the t generated tokens' keys, values
+    media:list|None=None # image keys [P, h, d, L], values [P, h, L, d] per cross-attention layer
 
 # %% ../nbs/07_inference.ipynb #c113c423
 def lean_supported(model:torch.nn.Module, # open_flamingo.Flamingo
                   ) -> bool:
-    "True when the language model is transformers' MPT without biases, with ALiBi and unclipped keys (the lean path)."
+    "Is the language model transformers' MPT without biases, with ALiBi and unclipped keys?"
     from transformers.models.mpt.modeling_mpt import MptBlock
     lang = model.lang_encoder
     blocks = [getattr(layer, "decoder_layer", None) for layer in lang._get_decoder_layers()]
     if not all(isinstance(b, MptBlock) for b in blocks): return False
-    linears = [m for b in blocks for m in (b.attn.Wqkv, b.attn.out_proj, b.ffn.up_proj, b.ffn.down_proj)]
+    linears = [m for b in blocks for m in (b.attn.Wqkv, b.attn.out_proj, b.ffn.up_proj,
+                                           b.ffn.down_proj)]
     head, attn = lang.get_output_embeddings(), lang.config.attn_config
     return (bool(attn.alibi) and not attn.clip_qkv and all(m.bias is None for m in linears)
             and isinstance(head, torch.nn.Linear) and head.bias is None)
 
 # %% ../nbs/07_inference.ipynb #e2c42890
 class LeanDecoder(FlamingoDecoder):
-    "The `Decoder` protocol over the same Flamingo with less work (MPT language models; `lean_supported`)."
+    "The `Decoder` protocol over the same Flamingo with less work (MPT; `lean_supported`)."
     def __init__(self, model:torch.nn.Module, # open_flamingo.Flamingo, in eval mode
-                 pad_token_id:int, # pads candidates in `exhaustive_scores` (inherited, teacher-forced)
+                 pad_token_id:int, # pads candidates in `exhaustive_scores` (inherited)
                 ):
-        if not lean_supported(model): raise InferenceError("LeanDecoder needs transformers' MPT (see lean_supported); "
-                                                           "use FlamingoDecoder")
+        if not lean_supported(model):
+            raise InferenceError("LeanDecoder needs transformers' MPT (lean_supported); "
+                                 "use FlamingoDecoder")
         super().__init__(model, pad_token_id)
         lang = self.lang = model.lang_encoder
         self.heads, self.width = lang.config.n_heads, lang.config.d_model
         self.head_dim = self.width // self.heads
         self.scale = lang.config.attn_config.softmax_scale or 1 / math.sqrt(self.head_dim)
         self.slopes = mpt_alibi_slopes(self.heads, lang.config.attn_config.alibi_bias_max)
-        self.layers = [(layer.gated_cross_attn_layer, layer.decoder_layer) for layer in lang._get_decoder_layers()]
-    def __repr__(self): return f"LeanDecoder({len(self.layers)} layers, {self.heads} heads, width {self.width})"
+        self.layers = [(layer.gated_cross_attn_layer, layer.decoder_layer)
+                       for layer in lang._get_decoder_layers()]
+    def __repr__(self):
+        return f"LeanDecoder({len(self.layers)} layers, {self.heads} heads, width {self.width})"
 
 # %% ../nbs/07_inference.ipynb #76c25b3e
-def _norm(norm, x): return torch.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+def _norm(norm, x):
+    "A LayerNorm module's norm, called directly."
+    return torch.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 @patch
 def _gated_ff(self:LeanDecoder, block, x):
-    "The gated cross-attention block's feed-forward with its tanh gate (the block's attention part excluded)."
+    "The gated cross-attention block's feed-forward with its tanh gate (not its attention)."
     ff = block.ff
-    return x + F.linear(F.gelu(F.linear(_norm(ff[0], x), ff[1].weight)), ff[3].weight) * block.ff_gate.tanh()
+    hidden = F.gelu(F.linear(_norm(ff[0], x), ff[1].weight))
+    return x + F.linear(hidden, ff[3].weight) * block.ff_gate.tanh()
 
 @patch
 def _mlp(self:LeanDecoder, mpt, x):
@@ -383,18 +390,19 @@ def _log_probs(self:LeanDecoder, x):
 
 # %% ../nbs/07_inference.ipynb #4e691de6
 @patch
-def _prefill_bias(self:LeanDecoder, attention_mask:torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    "ALiBi over key positions with padding masked, [B, H, 1, T], and with the causal mask too, [B, H, T, T]."
+def _prefill_bias(self:LeanDecoder, attention_mask:torch.Tensor, dtype) -> tuple:
+    "ALiBi over key positions, padding masked, [B, H, 1, T]; with the causal mask, [B, H, T, T]."
     B, T = attention_mask.shape
     low, device = torch.finfo(dtype).min, attention_mask.device
-    bias = (self.slopes.to(device, dtype)[:, None] * torch.arange(T, device=device, dtype=dtype))[None, :, None]
+    positions = torch.arange(T, device=device, dtype=dtype)
+    bias = (self.slopes.to(device, dtype)[:, None] * positions)[None, :, None]
     bias = bias.masked_fill(~attention_mask.bool()[:, None, None], low)
     future = torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
     return bias, bias.masked_fill(future, low)
 
 @patch
 def _media_kv(self:LeanDecoder, block, vis:torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    "One cross-attention layer's image keys [B, h, d, L] (transposed) and values [B, h, L, d] from Perceiver latents."
+    "One cross-attention layer's image keys [B, h, d, L] (transposed) and values [B, h, L, d]."
     attn, B = block.attn, len(vis)
     keys, values = F.linear(vis.flatten(1, 2), attn.to_kv.weight).chunk(2, -1)
     keys, values = (t.reshape(B, -1, attn.heads, t.shape[-1] // attn.heads) for t in (keys, values))
@@ -407,8 +415,8 @@ def start(self:LeanDecoder, input_ids:torch.Tensor, # [B, T] left-padded prompts
           attention_mask:torch.Tensor, # [B, T]
           features:torch.Tensor|None=None, # [B, tokens, vis_dim] (one image per prompt), or None
          ) -> tuple[torch.Tensor, LeanState]:
-    "Prefill the prompts: next-token log-probs [B, V] after each (output layer at the last position) and the state."
-    if features is not None and features.ndim != 3:  # several images per prompt: the reference decoder
+    "Prefill the prompts: next-token log-probs [B, V] after each, and the state."
+    if features is not None and features.ndim != 3:  # several images a prompt: the reference
         return FlamingoDecoder.start(self, input_ids, attention_mask, features)
     (B, T), H, d = input_ids.shape, self.heads, self.head_dim
     x = torch.embedding(self.lang.transformer.wte.weight, input_ids)
@@ -420,30 +428,35 @@ def start(self:LeanDecoder, input_ids:torch.Tensor, # [B, T] left-padded prompts
         elif block is not None:
             x = block(x, vis, media_locations=input_ids == self.model.media_token_id)
             media.append(self._media_kv(block, vis))
-        q, k, v = F.linear(_norm(mpt.norm_1, x), mpt.attn.Wqkv.weight).view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)
+        qkv = F.linear(_norm(mpt.norm_1, x), mpt.attn.Wqkv.weight)
+        q, k, v = qkv.view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)  # each [B, H, T, d]
         keys.append(k.transpose(-1, -2)); values.append(v)
-        scores = torch.baddbmm(mask.reshape(B * H, T, T), q.reshape(B * H, T, d), keys[-1].reshape(B * H, d, T),
-                               alpha=self.scale)
+        scores = torch.baddbmm(mask.reshape(B * H, T, T), q.reshape(B * H, T, d),
+                               keys[-1].reshape(B * H, d, T), alpha=self.scale)
         context = (scores.softmax(-1) @ v.reshape(B * H, T, d)).view(B, H, T, d).transpose(1, 2)
-        x = self._mlp(mpt, x + F.linear(context.reshape(B, T, self.width), mpt.attn.out_proj.weight))
+        context = F.linear(context.reshape(B, T, self.width), mpt.attn.out_proj.weight)
+        x = self._mlp(mpt, x + context)
     prompts = torch.arange(B, device=x.device)
     generated = x.new_zeros(0, B, len(self.layers), 2, H, d)
-    state = LeanState(keys, values, bias, prompts, prompts, generated, media if vis is not None else None)
+    state = LeanState(keys, values, bias, prompts, prompts, generated, media or None)
     return self._log_probs(x[:, -1]), state
 
 # %% ../nbs/07_inference.ipynb #43f19056
 @patch
 def _group_rows(self:LeanDecoder, state:LeanState, row_prompt:torch.Tensor) -> tuple[int, int]:
-    "(A, w): the live rows are A prompts' blocks of w rows; the state keeps those A prompts' keys, in that order."
+    "(A, w): the rows are A prompts' blocks of w rows; the state keeps those A prompts, in order."
     active = torch.unique_consecutive(row_prompt)
     w = len(row_prompt) // len(active)
-    if w * len(active) != len(row_prompt) or not bool((row_prompt.view(-1, w) == active[:, None]).all()):
+    in_blocks = w * len(active) == len(row_prompt)
+    blocks = in_blocks and bool((row_prompt.view(-1, w) == active[:, None]).all())
+    if not blocks:
         active, w = row_prompt, 1  # not in equal blocks: one group per row
     if not torch.equal(active, state.prompts):
         slot = torch.zeros(int(state.prompts.max()) + 1, dtype=torch.long, device=active.device)
         slot[state.prompts] = torch.arange(len(state.prompts), device=active.device)
         keep = slot[active]
-        state.prompt_keys, state.prompt_values = [k[keep] for k in state.prompt_keys], [v[keep] for v in state.prompt_values]
+        state.prompt_keys = [k[keep] for k in state.prompt_keys]
+        state.prompt_values = [v[keep] for v in state.prompt_values]
         state.prompt_bias, state.prompts = state.prompt_bias[keep], active
         if state.media is not None: state.media = [(k[keep], v[keep]) for k, v in state.media]
     return len(active), w
@@ -451,13 +464,14 @@ def _group_rows(self:LeanDecoder, state:LeanState, row_prompt:torch.Tensor) -> t
 # %% ../nbs/07_inference.ipynb #80911237
 @patch
 def _attend(self:LeanDecoder, q:torch.Tensor, # [N, width] queries of the new tokens
-            state:LeanState, layer:int, own:torch.Tensor, # [t + 1, N, 2, H, d] the rows' generated keys, values
+            state:LeanState, layer:int, # the state and the layer
+            own:torch.Tensor, # [t + 1, N, 2, H, d] the rows' generated keys and values
             own_bias:torch.Tensor, # [t + 1, 1, H] ALiBi of the generated positions
             A:int, w:int) -> torch.Tensor:
     "Self-attention output [N, width] of one new token per row."
     N, H, d, T = len(q), self.heads, self.head_dim, state.prompt_bias.shape[-1]
     q = q.view(N, H, d) * self.scale
-    on_prompt = torch.matmul(q.view(A, w, H, d).transpose(1, 2), state.prompt_keys[layer]) + state.prompt_bias
+    on_prompt = q.view(A, w, H, d).transpose(1, 2) @ state.prompt_keys[layer] + state.prompt_bias
     keys, values = own.unbind(2)  # [t + 1, N, H, d]
     on_own = (keys * q).sum(-1) + own_bias  # [t + 1, N, H]
     weights = torch.cat([on_prompt, on_own.view(-1, A, w, H).permute(1, 3, 2, 0)], -1).softmax(-1)
@@ -466,12 +480,13 @@ def _attend(self:LeanDecoder, q:torch.Tensor, # [N, width] queries of the new to
     return (context + (mine * values).sum(0)).reshape(N, self.width)
 
 @patch
-def _cross_attend(self:LeanDecoder, block, x:torch.Tensor, media:tuple, A:int, w:int) -> torch.Tensor:
-    "The gated block's attention on the prompt's image (every new token follows the image), with its gate."
+def _cross_attend(self:LeanDecoder, block, x:torch.Tensor, media:tuple, A:int, w:int):
+    "The gated block's attention on the prompt's image (every new token follows it), gated."
     attn, (keys, values) = block.attn, media
     q = F.linear(_norm(attn.norm, x), attn.to_q.weight).view(A, w, attn.heads, -1).transpose(1, 2)
     out = ((q @ keys) * attn.scale).softmax(-1) @ values  # [A, h, w, d]
-    return x + F.linear(out.transpose(1, 2).reshape(len(x), -1), attn.to_out.weight) * block.attn_gate.tanh()
+    out = F.linear(out.transpose(1, 2).reshape(len(x), -1), attn.to_out.weight)
+    return x + out * block.attn_gate.tanh()
 
 # %% ../nbs/07_inference.ipynb #68b64b00
 @patch
@@ -487,13 +502,14 @@ def advance(self:LeanDecoder, state:LeanState, # from `start` or `advance` (upda
     A, w = self._group_rows(state, row_prompt)
     N, (t, *rest), T = len(rows), state.generated.shape, state.prompt_bias.shape[-1]
     generated = state.generated.new_empty(t + 1, N, *rest[1:])
-    torch.index_select(state.generated, 1, rows, out=generated[:t])  # the parents' tokens, then room for the new one
+    torch.index_select(state.generated, 1, rows, out=generated[:t])  # parents' tokens, room for one
     x = torch.embedding(self.lang.transformer.wte.weight, tokens.to(rows.device))  # [N, width]
     positions = torch.arange(T, T + t + 1, device=x.device, dtype=x.dtype)
     own_bias = (positions[:, None] * self.slopes.to(x))[:, None]  # [t + 1, 1, H]
     media = iter(state.media or [])
     for i, (block, mpt) in enumerate(self.layers):
-        if block is not None and state.media is not None: x = self._cross_attend(block, x, next(media), A, w)
+        if block is not None and state.media is not None:
+            x = self._cross_attend(block, x, next(media), A, w)
         if block is not None: x = self._gated_ff(block, x)
         qkv = F.linear(_norm(mpt.norm_1, x), mpt.attn.Wqkv.weight)
         generated[t, :, i] = qkv[:, self.width:].view(N, 2, self.heads, self.head_dim)
@@ -505,10 +521,11 @@ def advance(self:LeanDecoder, state:LeanState, # from `start` or `advance` (upda
 # %% ../nbs/07_inference.ipynb #a9a59057
 def make_decoder(model:torch.nn.Module, # open_flamingo.Flamingo, in eval mode
                  pad_token_id:int,
-                 kind:str="lean", # "lean" (`LeanDecoder` where supported) or "plain" (`FlamingoDecoder`)
+                 kind:str="lean", # "lean" (`LeanDecoder` if it can) or "plain" (`FlamingoDecoder`)
                 ) -> FlamingoDecoder:
     "The decoder named `kind` for `model`."
-    if kind not in ("lean", "plain"): raise InferenceError(f"decoder must be 'lean' or 'plain', got {kind!r}")
+    if kind not in ("lean", "plain"):
+        raise InferenceError(f"decoder must be 'lean' or 'plain', got {kind!r}")
     lean = kind == "lean" and lean_supported(model)
     return (LeanDecoder if lean else FlamingoDecoder)(model, pad_token_id)
 
@@ -555,6 +572,15 @@ def _rank(found:list[tuple[list[int], float]], images:dict[tuple, list[int]], en
                   sum(seq[-1] != end_token for seq, _ in found))
 
 # %% ../nbs/07_inference.ipynb #48b2b6c9
+@contextlib.contextmanager
+def eval_mode(model:torch.nn.Module):
+    "Evaluation mode within the block, the model's mode restored after (no module walk if already in it)."
+    was_training = model.training  # (`eval()` on a model in eval mode still walks every module)
+    if was_training: model.eval()
+    try: yield model
+    finally:
+        if was_training: model.train()
+
 def _check_lengths(lengths:list[int], start:int, queries:list[str], max_new_tokens:int, config):
     "InferenceError naming the first query whose prompt plus identifier would not fit the language model's context."
     limit = getattr(config, "max_seq_len", None) or getattr(config, "max_position_embeddings", None)
@@ -592,16 +618,14 @@ def retrieve(flamingo:Flamingo, # the trained model bundle (tokenizer grown with
     search = dict(trie=trie if constrained else None, eos_token_id=eoc, num_beams=num_beams, num_return=num_return,
                   max_new_tokens=max(map(len, images)) if max_new_tokens is None else max_new_tokens, length_penalty=length_penalty,
                   keep_unfinished=True)
-    search_with, was_training, ranked = make_decoder(model, tokenizer.pad_token_id, decoder), model.training, []
-    if was_training: model.eval()  # (a no-op call still walks every module: milliseconds per query)
-    try:
-        batches = range(0, len(queries), batch_size)
+    search_with, ranked = make_decoder(model, tokenizer.pad_token_id, decoder), []
+    batches = range(0, len(queries), batch_size)
+    with eval_mode(model):
         for start in progress_bar(batches, desc="retrieve", progress=progress and len(batches) > 1):
             prompts = [prompt_template.format(query=q) for q in queries[start:start + batch_size]]
             batch = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt").to(device)
-            _check_lengths(batch.attention_mask.sum(1).tolist(), start, queries, search["max_new_tokens"], model.lang_encoder.config)
+            _check_lengths(batch.attention_mask.sum(1).tolist(), start, queries, search["max_new_tokens"],
+                           model.lang_encoder.config)
             found = beam_search(search_with, batch.input_ids, batch.attention_mask, **search)
             ranked += [_rank(f, images, eoc) for f in found]
-    finally:
-        if was_training: model.train()
     return ranked

@@ -210,7 +210,7 @@ def training_step(model:nn.Module, # open_flamingo.Flamingo (or a DeepSpeed engi
 def logits_only_at(model:nn.Module, # open_flamingo.Flamingo
                    keep:torch.Tensor, # [B, T] bool: the positions whose logits are wanted
                   ):
-    "Within the block, the language model's output layer sees only the hidden states at `keep`: logits [n, V]."
+    "Within the block, the output layer sees only the hidden states at `keep`: logits [n, V]."
     head = model.lang_encoder.get_output_embeddings()
     hook = head.register_forward_pre_hook(lambda module, args: (args[0][keep],) + args[1:])
     try: yield
@@ -218,7 +218,7 @@ def logits_only_at(model:nn.Module, # open_flamingo.Flamingo
 
 def label_positions(labels:torch.Tensor, # [B, T], -100 where no loss is taken
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Where each label is predicted from ([B, T] bool: the position before it) and the labels in that order."
+    "Where each label is predicted ([B, T] bool: the position before it), and those labels."
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # targets[:, t] is predicted at position t
     keep = targets != -100
     return keep, targets[keep]
@@ -231,9 +231,9 @@ def _no_attention(x, media, media_locations=None, use_cached_media=False):
 @contextlib.contextmanager
 def text_only(model:nn.Module, # open_flamingo.Flamingo
              ):
-    "Within the block, the gated cross-attention blocks skip attending (for rows without an image only)."
-    blocks = [b for b in model.lang_encoder.gated_cross_attn_layers  # not those set by an enclosing block
-              if b is not None and "forward" not in vars(b.attn)]
+    "Within the block, gated cross-attention skips attending (for rows without an image only)."
+    blocks = [b for b in model.lang_encoder.gated_cross_attn_layers  # (not those an enclosing
+              if b is not None and "forward" not in vars(b.attn)]     # block has set)
     for block in blocks: block.attn.forward = _no_attention
     try: yield
     finally:
@@ -253,7 +253,7 @@ def shared_prefix(input_ids:torch.Tensor, attention_mask:torch.Tensor, # [B, T] 
                   keep:torch.Tensor, # [B, T] labelled positions (`label_positions`)
                   media_token_id:int, # `<image>`: the prefix stops before it
                  ) -> int:
-    "Length of the longest prefix of real tokens that every row shares, before any image or labelled position."
+    "Length of the longest prefix every row shares: real tokens, before any image or label."
     same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
     same &= ~(input_ids == media_token_id).any(0) & ~keep.any(0)
     return int(same.int().cumprod(0).sum())
@@ -261,7 +261,7 @@ def shared_prefix(input_ids:torch.Tensor, attention_mask:torch.Tensor, # [B, T] 
 def prefix_cache(model:nn.Module, input_ids:torch.Tensor, # [1, p] the shared prefix
                  rows:int, # how many rows attend to it
                 ) -> DynamicCache:
-    "The prefix's keys and values (text only, no logits), expanded to `rows` rows, as a transformers cache."
+    "The prefix's keys and values (text only, no logits) for `rows` rows, as a transformers cache."
     with text_only(model), logits_only_at(model, torch.zeros_like(input_ids, dtype=torch.bool)):
         once = flamingo_forward(model, input_ids, torch.ones_like(input_ids), use_cache=True).cache
     cache = DynamicCache(config=model.lang_encoder.config)
@@ -271,7 +271,7 @@ def prefix_cache(model:nn.Module, input_ids:torch.Tensor, # [1, p] the shared pr
 
 # %% ../nbs/06_training.ipynb #4c8308cf
 def _group_loss(model:nn.Module, rows:torch.Tensor, # the group's row indices
-                batch:dict, # input_ids, attention_mask, keep, targets (all [B, T]) on the model's device
+                batch:dict, # input_ids, attention_mask, keep, targets: [B, T] on the model's device
                 features:torch.Tensor|None, # [B, tokens, d] or None (text-only rows)
                 prefix:int, # shared prefix length (its keys and values come from `prefix_cache`)
                 prefix_ids:torch.Tensor|None, # [1, prefix]
@@ -280,9 +280,10 @@ def _group_loss(model:nn.Module, rows:torch.Tensor, # the group's row indices
     width = int(batch["attention_mask"][rows].sum(1).max())
     ids, mask, keep = (batch[k][rows, :width] for k in ("input_ids", "attention_mask", "keep"))
     cache = prefix_cache(model, prefix_ids, len(rows)) if prefix else None
-    with logits_only_at(model, keep[:, prefix:]), (text_only(model) if features is None else contextlib.nullcontext()):
-        logits = flamingo_forward(model, ids[:, prefix:], mask, None if features is None else features[rows],
-                                  cache=cache).logits
+    no_image = text_only(model) if features is None else contextlib.nullcontext()
+    with logits_only_at(model, keep[:, prefix:]), no_image:
+        logits = flamingo_forward(model, ids[:, prefix:], mask,
+                                  None if features is None else features[rows], cache=cache).logits
     if len(logits) != int(keep.sum()):
         raise TrainingError("the language model's output layer did not see the selected positions; "
                             "use training_step for this model")
@@ -291,15 +292,16 @@ def _group_loss(model:nn.Module, rows:torch.Tensor, # the group's row indices
 # %% ../nbs/06_training.ipynb #092bf592
 def task_loss(model:nn.Module, # open_flamingo.Flamingo
               batch:dict, # `collate` output
-              features:torch.Tensor|None, # [B, tokens, d] for memorize rows, None for text-only rows
+              features:torch.Tensor|None, # [B, tokens, d] for memorize rows, None: text only
               groups:int=1, # length groups (`length_groups`)
               share_prefix:bool=True, # run the rows' shared instruction prefix once
              ) -> torch.Tensor:
-    "Mean cross-entropy over the batch's label tokens, as `out.loss` of `flamingo_forward` with labels."
+    "Mean cross-entropy over the batch's label tokens, as `flamingo_forward`'s `out.loss`."
     device = next(model.parameters()).device
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-    keep = F.pad(labels[:, 1:], (0, 1), value=-100) != -100
-    parts = dict(input_ids=ids, attention_mask=mask, keep=keep, targets=F.pad(labels[:, 1:], (0, 1), value=-100))
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # as in `label_positions`
+    keep = targets != -100
+    parts = dict(input_ids=ids, attention_mask=mask, keep=keep, targets=targets)
     prefix = shared_prefix(ids, mask, keep, model.media_token_id) if share_prefix else 0
     total = sum(_group_loss(model, rows, parts, features, prefix, ids[:1, :prefix])
                 for rows in length_groups(mask, groups))
@@ -309,11 +311,12 @@ def task_loss(model:nn.Module, # open_flamingo.Flamingo
 def fast_training_step(model:nn.Module, # open_flamingo.Flamingo (or a DeepSpeed engine's module)
                        memorize_batch:dict|None, # `collate` output + "features", or None
                        retrieve_batch:dict|None, # `collate` output, or None
-                       scale:dict[str, float]|None=None, # per-task loss weight, as in `training_step`
+                       scale:dict[str, float]|None=None, # per-task loss weight (`training_step`)
                        groups:int=4, # length groups of the retrieve batch
                       ) -> tuple[torch.Tensor, dict[str, float]]:
-    "`training_step`'s loss and gradients with less arithmetic: labelled logits, length groups, text-only rows."
-    if memorize_batch is None and retrieve_batch is None: raise TrainingError("a step needs a memorize or a retrieve batch")
+    "`training_step`'s loss and gradients with less arithmetic."
+    if memorize_batch is None and retrieve_batch is None:
+        raise TrainingError("a step needs a memorize or a retrieve batch")
     device, dtype = next(model.parameters()).device, model.perceiver.latents.dtype
     parts, total = {}, 0.0
     if memorize_batch is not None:
@@ -323,15 +326,16 @@ def fast_training_step(model:nn.Module, # open_flamingo.Flamingo (or a DeepSpeed
     if retrieve_batch is not None:
         loss = task_loss(model, retrieve_batch, None, groups) * (scale or {}).get("retrieve", 1.0)
         total, parts["retrieve"] = total + loss, float(loss.detach())
-    if memorize_batch is None:  # the plain step leaves zero gradients (not none) on the skipped attention
-        skipped = [p for b in model.lang_encoder.gated_cross_attn_layers if b is not None for p in b.attn.parameters()]
+    if memorize_batch is None:  # the plain step leaves zero gradients (not none) on the attention
+        blocks = [b for b in model.lang_encoder.gated_cross_attn_layers if b is not None]
+        skipped = [p for b in blocks for p in b.attn.parameters()]
         total = total + 0.0 * sum(p.sum() for p in skipped if p.requires_grad)
     return total, parts
 
 # %% ../nbs/06_training.ipynb #72ce09e1
 def fast_step_supported(model:nn.Module, # open_flamingo.Flamingo
                        ) -> bool:
-    "True when the language model takes a transformers cache and has a Linear output layer (the fast step's needs)."
+    "Does the language model take a transformers cache and have a Linear output layer?"
     lang = model.lang_encoder
     return _cache_kwarg(lang) == "cache" and isinstance(lang.get_output_embeddings(), nn.Linear)
 
