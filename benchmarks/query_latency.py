@@ -27,7 +27,7 @@ Targets, plain / lean: structured >= 3x for one query and >= 2x in batches of 16
 for one query. The last line printed is the result as JSON.
 """
 from __future__ import annotations
-import argparse, contextlib, inspect, io, json, logging, os, platform, statistics, sys, tempfile
+import argparse, contextlib, inspect, io, logging, os, platform, statistics, sys, tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -36,9 +36,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report, beside this file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import transformers
+from _report import report
 from grace_nb.core import progress_bar
 from grace_nb.backbone import Flamingo, grow_vocabulary, load_flamingo, write_tiny_preset
 from grace_nb.data import load_karpathy, write_shapes_corpus
@@ -198,15 +200,6 @@ def timed_rounds(runs:dict, items:list[Work], rounds:int) -> dict[str, list[floa
     return per_round
 
 
-def markdown(rows:list[tuple]) -> str:
-    "A Markdown table from a header row and data rows."
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
-
-
 def agreement(found:list, expected:list) -> float:
     "Share of prompts whose rankings agree (`same_ranking`, atol 1e-4)."
     return sum(same_ranking([f], [e], atol=1e-4) for f, e in zip(found, expected)) / len(expected)
@@ -297,17 +290,11 @@ def main(argv=None):
         table.append(("-", "HF generate (peer)", f"failed: {hf_problem}", ""))
         result["hf_generate_ms"]["error"] = hf_problem
 
-    print("## Same rankings? (plain against lean beam search: same_ranking, atol 1e-4)")
-    print(markdown(checks) + "\n")
-    print("## Milliseconds per query")
-    print(markdown(table) + "\n")
-    print("## Speedup of the lean decoder")
-    print(markdown(speedups) + "\n")
-    print("plain / lean: beam_search alone. retrieve: the whole call (tokenize, search, rank); "
-          "'with bar' is retrieve as it ran before (progress bar on), against the new defaults.")
-    result.update(threads=args.threads, quick=args.quick)
-    print(json.dumps(result))
-    return result
+    sections = [("Same rankings? (plain against lean beam search: same_ranking, atol 1e-4)", checks),
+                ("Milliseconds per query", table), ("Speedup of the lean decoder", speedups)]
+    note = ("plain / lean: beam_search alone. retrieve: the whole call (tokenize, search, rank); 'with bar' is "
+            "retrieve as it ran before (progress bar on), against the new defaults.")
+    return report(sections, note, result, args.threads, args.quick)
 
 
 if __name__ == "__main__": main()

@@ -20,7 +20,7 @@ matmuls measured in the same run with the same number of threads.
 Targets, plain / fast: >= 1.8x (structured), >= 2.0x (atomic). The last line printed is JSON.
 """
 from __future__ import annotations
-import argparse, json, logging, os, platform, statistics, sys, tempfile, time
+import argparse, logging, os, platform, statistics, sys, tempfile, time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,9 +29,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report, beside this file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import transformers
+from _report import report
 from grace_nb.backbone import Flamingo, grow_vocabulary, load_flamingo, write_tiny_preset
 from grace_nb.data import load_karpathy, write_shapes_corpus
 from grace_nb.identifiers import build_identifiers, identifier_token_ids, train_bpe_tokenizer
@@ -150,15 +152,6 @@ def time_steps(case:Case, warmup:int, steps:int) -> dict[str, list[float]]:
     return times
 
 
-def markdown(rows:list[tuple]) -> str:
-    "A Markdown table from a header row and data rows."
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="120 images, 3 timed steps (CI smoke)")
@@ -219,17 +212,11 @@ def main(argv=None):
         result["max_rel_grad_diff"][kind] = rel_grad
         result["rel_loss_diff"][kind] = rel_loss
 
-    print("## Step 0, plain against fast: same loss and gradients?")
-    print(markdown(checks) + "\n")
-    print("## Time per training step (forward + backward)")
-    print(markdown(table) + "\n")
-    print("## Speedup of the fast step")
-    print(markdown(speedups) + "\n")
-    print("GFLOP/s = FlopCounterMode's count of one step / median step time; % of peak: against "
-          "the best square fp32 matmul above.")
-    result.update(threads=args.threads, quick=args.quick)
-    print(json.dumps(result))
-    return result
+    sections = [("Step 0, plain against fast: same loss and gradients?", checks),
+                ("Time per training step (forward + backward)", table), ("Speedup of the fast step", speedups)]
+    note = ("GFLOP/s = FlopCounterMode's count of one step / median step time; % of peak: against the best "
+            "square fp32 matmul above.")
+    return report(sections, note, result, args.threads, args.quick)
 
 
 if __name__ == "__main__": main()
