@@ -32,22 +32,19 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report, beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _shared, beside this file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import transformers
-from _report import report
+from _shared import report, tiny_models
 from grace_nb.core import progress_bar
-from grace_nb.backbone import Flamingo, grow_vocabulary, load_flamingo, write_tiny_preset
-from grace_nb.data import load_karpathy, write_shapes_corpus
-from grace_nb.identifiers import build_identifiers, identifier_token_ids, train_bpe_tokenizer
+from grace_nb.backbone import Flamingo
+from grace_nb.data import write_shapes_corpus
 from grace_nb.inference import (DEFAULT_RETRIEVE_PROMPT, FlamingoDecoder, LeanDecoder, beam_search,
                                 corpus_trie, retrieve, same_ranking)
-from grace_nb.training import PROMPT_TEXTS
 from grace_nb.trie import PrefixTrie, TensorTrie
 
 KINDS = ("structured", "atomic")
@@ -55,7 +52,7 @@ MODES = ("single", "batch16")
 BATCH = 16
 NUM_BEAMS = NUM_RETURN = 10
 TARGETS = {("structured", "single"): 3.0, ("structured", "batch16"): 2.0, ("atomic", "single"): 2.5}
-DEFAULT_PROGRESS = inspect.signature(retrieve).parameters["progress"].default  # the "retrieve lean" row
+DEFAULT_PROGRESS = inspect.signature(retrieve).parameters["progress"].default  # "retrieve lean"
 
 
 class Case(NamedTuple):
@@ -79,20 +76,10 @@ def build(num_images:int, tmp:Path) -> tuple[dict[str, Case], list[str]]:
     "Per identifier type a tiny model grown with its identifier tokens; the images' first captions."
     json_path = write_shapes_corpus(tmp/"shapes", n_train=0, n_val=0, n_test=num_images,
                                     progress=False)
-    shapes = load_karpathy(json_path, progress=False)
-    captions = [c for r in shapes.records for c in r.captions]
-    tokenizer = train_bpe_tokenizer(captions + list(PROMPT_TEXTS), vocab_size=2000)
-    preset = write_tiny_preset(tmp/"tiny", tokenizer)
-    image_ids = [r.image_id for r in shapes.records]
-    embeddings = np.random.default_rng(0).normal(size=(len(image_ids), 64))  # stand-ins for CLIP's
+    shapes, models = tiny_models(json_path, tmp, KINDS)
     cases = {}
-    for kind in KINDS:
-        flamingo = load_flamingo(preset)
+    for kind, (flamingo, token_ids) in models.items():
         flamingo.model.eval()
-        extra = dict(embeddings=embeddings, k=10, c=10) if kind == "structured" else {}
-        identifier_map = build_identifiers(kind, image_ids, **extra)
-        grow_vocabulary(flamingo, identifier_map)
-        token_ids = identifier_token_ids(identifier_map, flamingo.tokenizer)
         eos = flamingo.tokenizer.convert_tokens_to_ids("<|endofchunk|>")
         distinct = list(dict.fromkeys(tuple(ids) for ids in token_ids.values()))
         cases[kind] = Case(flamingo, token_ids, corpus_trie(token_ids, eos), PrefixTrie(distinct),
@@ -290,10 +277,11 @@ def main(argv=None):
         table.append(("-", "HF generate (peer)", f"failed: {hf_problem}", ""))
         result["hf_generate_ms"]["error"] = hf_problem
 
-    sections = [("Same rankings? (plain against lean beam search: same_ranking, atol 1e-4)", checks),
+    sections = [("Same rankings? (plain against lean beam search: same_ranking, atol 1e-4)",
+                 checks),
                 ("Milliseconds per query", table), ("Speedup of the lean decoder", speedups)]
-    note = ("plain / lean: beam_search alone. retrieve: the whole call (tokenize, search, rank); 'with bar' is "
-            "retrieve as it ran before (progress bar on), against the new defaults.")
+    note = ("plain / lean: beam_search alone. retrieve: the whole call (tokenize, search, rank); "
+            "'with bar' is retrieve as it ran before (progress bar on), against the new defaults.")
     return report(sections, note, result, args.threads, args.quick)
 
 

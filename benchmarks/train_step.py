@@ -24,21 +24,20 @@ import argparse, logging, os, platform, statistics, sys, tempfile, time
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, uninstalled
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report, beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _shared, beside this file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import transformers
-from _report import report
-from grace_nb.backbone import Flamingo, grow_vocabulary, load_flamingo, write_tiny_preset
-from grace_nb.data import load_karpathy, write_shapes_corpus
-from grace_nb.identifiers import build_identifiers, identifier_token_ids, train_bpe_tokenizer
-from grace_nb.training import (PROMPT_TEXTS, FeatureCache, TrainConfig, _step_batches, cache_features,
-                               fast_training_step, memorize_examples, retrieve_examples, training_step)
+from _shared import report, tiny_models
+from grace_nb.backbone import Flamingo
+from grace_nb.data import write_shapes_corpus
+from grace_nb.training import (FeatureCache, TrainConfig, _step_batches, cache_features,
+                               fast_training_step, memorize_examples, retrieve_examples,
+                               training_step)
 
 KINDS = ("structured", "atomic")
 PATHS = {"plain": training_step, "fast": fast_training_step}
@@ -59,20 +58,11 @@ def build(num_images:int, tmp:Path) -> dict[str, Case]:
     n_val, n_test = num_images // 19, 3 * num_images // 19
     json_path = write_shapes_corpus(tmp/"shapes", n_train=num_images - n_val - n_test, n_val=n_val,
                                     n_test=n_test, progress=False)
-    shapes = load_karpathy(json_path, progress=False)
-    captions = [c for r in shapes.records for c in r.captions]
-    tokenizer = train_bpe_tokenizer(captions + list(PROMPT_TEXTS), vocab_size=2000)
-    preset = write_tiny_preset(tmp/"tiny", tokenizer)
+    shapes, models = tiny_models(json_path, tmp, KINDS)
     image_ids = [r.image_id for r in shapes.records]
-    embeddings = np.random.default_rng(0).normal(size=(len(image_ids), 64))  # stand-ins for CLIP's
     cases = {}
-    for kind in KINDS:
-        flamingo = load_flamingo(preset)
-        extra = dict(embeddings=embeddings, k=10, c=10) if kind == "structured" else {}
-        identifier_map = build_identifiers(kind, image_ids, **extra)
-        grow_vocabulary(flamingo, identifier_map)
+    for kind, (flamingo, token_ids) in models.items():
         tok = flamingo.tokenizer
-        token_ids = identifier_token_ids(identifier_map, tok)
         cases[kind] = Case(flamingo, memorize_examples(tok, token_ids, image_ids),
                            retrieve_examples(tok, token_ids, shapes.queries("train")),
                            cache_features(flamingo, shapes, shapes.records, progress=False))
@@ -213,9 +203,10 @@ def main(argv=None):
         result["rel_loss_diff"][kind] = rel_loss
 
     sections = [("Step 0, plain against fast: same loss and gradients?", checks),
-                ("Time per training step (forward + backward)", table), ("Speedup of the fast step", speedups)]
-    note = ("GFLOP/s = FlopCounterMode's count of one step / median step time; % of peak: against the best "
-            "square fp32 matmul above.")
+                ("Time per training step (forward + backward)", table),
+                ("Speedup of the fast step", speedups)]
+    note = ("GFLOP/s = FlopCounterMode's count of one step / median step time; % of peak: against"
+            " the best square fp32 matmul above.")
     return report(sections, note, result, args.threads, args.quick)
 
 

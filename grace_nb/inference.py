@@ -526,8 +526,10 @@ def make_decoder(model:torch.nn.Module, # open_flamingo.Flamingo, in eval mode
     "The decoder named `kind` for `model`."
     if kind not in ("lean", "plain"):
         raise InferenceError(f"decoder must be 'lean' or 'plain', got {kind!r}")
-    lean = kind == "lean" and lean_supported(model)
-    return (LeanDecoder if lean else FlamingoDecoder)(model, pad_token_id)
+    if kind == "lean":
+        try: return LeanDecoder(model, pad_token_id)
+        except InferenceError: pass  # a language model the lean path does not cover
+    return FlamingoDecoder(model, pad_token_id)
 
 # %% ../nbs/07_inference.ipynb #b9dad2c2
 @dataclass

@@ -30,8 +30,8 @@ from .checkpoints import _resume_point, load_deepspeed_config, prune_checkpoints
 __all__ = ['MEMORIZE_PROMPT', 'RETRIEVE_PROMPT', 'PROMPT_TEXTS', 'TrainingError', 'Example', 'memorize_examples',
            'retrieve_examples', 'collate', 'FeatureCache', 'cache_features', 'BatchFeatures', 'feature_source',
            'training_step', 'logits_only_at', 'label_positions', 'text_only', 'length_groups', 'shared_prefix',
-           'prefix_cache', 'task_loss', 'fast_training_step', 'fast_step_supported', 'batch_indices', 'rank_batch',
-           'make_optimizer', 'TrainConfig', 'TrainResult', 'train_grace']
+           'prefix_states', 'prefix_cache', 'task_loss', 'fast_training_step', 'fast_step_supported', 'batch_indices',
+           'rank_batch', 'make_optimizer', 'TrainConfig', 'TrainResult', 'train_grace']
 
 # %% ../nbs/06_training.ipynb #0d3c7e18
 MEMORIZE_PROMPT = "Predict the identifier for the <image>"
@@ -218,22 +218,25 @@ def logits_only_at(model:nn.Module, # open_flamingo.Flamingo
 
 def label_positions(labels:torch.Tensor, # [B, T], -100 where no loss is taken
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Where each label is predicted ([B, T] bool: the position before it), and those labels."
+    "Where a label is predicted ([B, T] bool: the position before it), and the labels shifted there."
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # targets[:, t] is predicted at position t
-    keep = targets != -100
-    return keep, targets[keep]
+    return targets != -100, targets
 
 # %% ../nbs/06_training.ipynb #a9fbcfbd
 def _no_attention(x, media, media_locations=None, use_cached_media=False):
     "What MaskedCrossAttention returns for tokens with no image before them: zeros."
     return torch.zeros_like(x)
 
+def _gated_blocks(model:nn.Module) -> list[nn.Module]:
+    "The language model's gated cross-attention blocks (layers without one left out)."
+    return [b for b in model.lang_encoder.gated_cross_attn_layers if b is not None]
+
 @contextlib.contextmanager
 def text_only(model:nn.Module, # open_flamingo.Flamingo
              ):
     "Within the block, gated cross-attention skips attending (for rows without an image only)."
-    blocks = [b for b in model.lang_encoder.gated_cross_attn_layers  # (not those an enclosing
-              if b is not None and "forward" not in vars(b.attn)]     # block has set)
+    # the blocks an enclosing `text_only` has not set already
+    blocks = [b for b in _gated_blocks(model) if "forward" not in vars(b.attn)]
     for block in blocks: block.attn.forward = _no_attention
     try: yield
     finally:
@@ -258,28 +261,33 @@ def shared_prefix(input_ids:torch.Tensor, attention_mask:torch.Tensor, # [B, T] 
     same &= ~(input_ids == media_token_id).any(0) & ~keep.any(0)
     return int(same.int().cumprod(0).sum())
 
-def prefix_cache(model:nn.Module, input_ids:torch.Tensor, # [1, p] the shared prefix
-                 rows:int, # how many rows attend to it
-                ) -> DynamicCache:
-    "The prefix's keys and values (text only, no logits) for `rows` rows, as a transformers cache."
+def prefix_states(model:nn.Module, input_ids:torch.Tensor, # [1, p] the shared prefix
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    "The prefix's keys and values per layer, [1, H, p, d] each: one text-only pass, no logits."
     with text_only(model), logits_only_at(model, torch.zeros_like(input_ids, dtype=torch.bool)):
         once = flamingo_forward(model, input_ids, torch.ones_like(input_ids), use_cache=True).cache
+    return [(layer.keys, layer.values) for layer in once.layers]
+
+def prefix_cache(model:nn.Module, states:list, # from `prefix_states`
+                 rows:int, # how many rows attend to the prefix
+                ) -> DynamicCache:
+    "The prefix's keys and values shared by `rows` rows, as a transformers cache the rows extend."
     cache = DynamicCache(config=model.lang_encoder.config)
-    for i, layer in enumerate(once.layers):
-        cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), i)
+    for i, (keys, values) in enumerate(states):
+        cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), i)
     return cache
 
 # %% ../nbs/06_training.ipynb #4c8308cf
 def _group_loss(model:nn.Module, rows:torch.Tensor, # the group's row indices
                 batch:dict, # input_ids, attention_mask, keep, targets: [B, T] on the model's device
                 features:torch.Tensor|None, # [B, tokens, d] or None (text-only rows)
-                prefix:int, # shared prefix length (its keys and values come from `prefix_cache`)
-                prefix_ids:torch.Tensor|None, # [1, prefix]
+                states:list|None, # the shared prefix's keys and values (`prefix_states`), or None
                ) -> torch.Tensor:
     "Sum of the cross-entropies of one group of rows, each cut to the group's longest row."
     width = int(batch["attention_mask"][rows].sum(1).max())
     ids, mask, keep = (batch[k][rows, :width] for k in ("input_ids", "attention_mask", "keep"))
-    cache = prefix_cache(model, prefix_ids, len(rows)) if prefix else None
+    prefix = states[0][0].shape[2] if states else 0
+    cache = prefix_cache(model, states, len(rows)) if states else None
     no_image = text_only(model) if features is None else contextlib.nullcontext()
     with logits_only_at(model, keep[:, prefix:]), no_image:
         logits = flamingo_forward(model, ids[:, prefix:], mask,
@@ -299,11 +307,11 @@ def task_loss(model:nn.Module, # open_flamingo.Flamingo
     "Mean cross-entropy over the batch's label tokens, as `flamingo_forward`'s `out.loss`."
     device = next(model.parameters()).device
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # as in `label_positions`
-    keep = targets != -100
+    keep, targets = label_positions(labels)
     parts = dict(input_ids=ids, attention_mask=mask, keep=keep, targets=targets)
     prefix = shared_prefix(ids, mask, keep, model.media_token_id) if share_prefix else 0
-    total = sum(_group_loss(model, rows, parts, features, prefix, ids[:1, :prefix])
+    states = prefix_states(model, ids[:1, :prefix]) if prefix else None  # once for all groups
+    total = sum(_group_loss(model, rows, parts, features, states)
                 for rows in length_groups(mask, groups))
     return total / keep.sum()
 
@@ -327,8 +335,7 @@ def fast_training_step(model:nn.Module, # open_flamingo.Flamingo (or a DeepSpeed
         loss = task_loss(model, retrieve_batch, None, groups) * (scale or {}).get("retrieve", 1.0)
         total, parts["retrieve"] = total + loss, float(loss.detach())
     if memorize_batch is None:  # the plain step leaves zero gradients (not none) on the attention
-        blocks = [b for b in model.lang_encoder.gated_cross_attn_layers if b is not None]
-        skipped = [p for b in blocks for p in b.attn.parameters()]
+        skipped = [p for b in _gated_blocks(model) for p in b.attn.parameters()]
         total = total + 0.0 * sum(p.sum() for p in skipped if p.requires_grad)
     return total, parts
 
