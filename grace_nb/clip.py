@@ -24,8 +24,8 @@ from .data import ImageRecord, KarpathyDataset
 
 # %% auto #0
 __all__ = ['ClipError', 'create_clip', 'image_tensor', 'caption_tokens', 'clip_batch', 'warmup_cosine', 'ClipRun', 'clip_step',
-           'train_clip', 'encode_images', 'encode_texts', 'exact_search', 'recall_at_k', 'evaluate_clip', 'save_clip',
-           'load_clip', 'image_embedding_table']
+           'train_clip', 'encode_images', 'encode_texts', 'exact_search', 'recall_at_k', 'recall_interval',
+           'evaluate_clip', 'save_clip', 'load_clip', 'image_embedding_table']
 
 # %% ../nbs/05_clip.ipynb #34d9ef6e
 class ClipError(GraceError, ValueError):
@@ -264,6 +264,31 @@ def recall_at_k(ranked:list, # per query: ranked image ids (shorter than K, empt
         if target in row: hits += row.index(target) < np.asarray(ks)
     return {f"R@{k}": float(100 * h / len(gold)) for k, h in zip(ks, hits)}
 
+# %% ../nbs/05_clip.ipynb #6d73c61b
+def recall_interval(ranked:list, # per query: ranked image ids, as for `recall_at_k`
+                    gold:list, # per query: the relevant image id (queries of one image are resampled together)
+                    ks:tuple=(1, 5, 10), # cut-offs
+                    n_boot:int=1000, # bootstrap resamples
+                    level:float=0.95, # the interval's coverage
+                    seed:int=0, # of the resampling
+                   ) -> dict:
+    "Percentile bootstrap interval of each Recall@K (percent), resampling images with all their queries."
+    if not 0 < level < 1 or n_boot < 1: raise ClipError(f"need 0 < level < 1 and n_boot >= 1, got {level}, {n_boot}")
+    recall_at_k(ranked[:1], gold[:1], ks)  # the same checks of ks as Recall@K itself
+    if len(ranked) != len(gold) or not gold: raise ClipError(f"{len(ranked)} ranked lists for {len(gold)} gold images")
+    images = {g: i for i, g in enumerate(dict.fromkeys(gold))}
+    queries, hits = np.zeros(len(images)), np.zeros((len(images), len(ks)))
+    for row, target in zip(ranked, gold):
+        queries[images[target]] += 1
+        row = [] if row is None else list(row)
+        if target in row: hits[images[target]] += row.index(target) < np.asarray(ks)
+    draws = np.random.default_rng(seed).integers(0, len(images), size=(n_boot, len(images)))
+    counts = np.stack([np.bincount(d, minlength=len(images)) for d in draws])  # [n_boot, images]: times drawn
+    values = 100 * (counts @ hits) / (counts @ queries)[:, None]               # [n_boot, ks]
+    tail = 100 * (1 - level) / 2
+    return {f"R@{k}": [round(float(np.percentile(values[:, j], tail)), 2), round(float(np.percentile(values[:, j], 100 - tail)), 2)]
+            for j, k in enumerate(ks)}
+
 # %% ../nbs/05_clip.ipynb #25e17c5d
 def evaluate_clip(run:ClipRun, # a trained CLIP
                   dataset:KarpathyDataset, # the corpus
@@ -279,7 +304,8 @@ def evaluate_clip(run:ClipRun, # a trained CLIP
     image_emb = encode_images(run, dataset, records, progress=progress)
     text_emb = encode_texts(run, run.tokenizer, [caption for caption, _ in queries])
     _, indices = exact_search(text_emb, image_emb, k=max(ks))
-    recall = recall_at_k(image_ids[indices].tolist(), [image_id for _, image_id in queries], ks)
+    ranked, gold = image_ids[indices].tolist(), [image_id for _, image_id in queries]
+    recall = {**recall_at_k(ranked, gold, ks), "ci": recall_interval(ranked, gold, ks)}  # ci: 95% bootstrap intervals
     return {**recall, "n_queries": len(queries), "n_images": len(records), "eval_seconds": time.perf_counter() - start}
 
 # %% ../nbs/05_clip.ipynb #1fc2943f

@@ -20,7 +20,7 @@ from .data import KarpathyDataset, caption_attributes, scene_graph_attributes
 from .identifiers import IdentifierMap, identifier_token_ids
 from .trie import TensorTrie
 from .backbone import Flamingo, Preset, load_flamingo
-from .clip import recall_at_k
+from .clip import recall_at_k, recall_interval
 from .training import MEMORIZE_PROMPT, RETRIEVE_PROMPT, FeatureCache
 from .checkpoints import _load_weights, _trainable_state
 from .inference import FlamingoDecoder, Ranked, beam_search, corpus_trie, make_decoder, retrieve
@@ -48,7 +48,8 @@ def grace_recall(results:Sequence[Ranked], # one per query, from `retrieve`
                 ) -> dict:
     "Recall@K (percent) of beam-search results, invalid sequences holding their rank, plus how many were invalid."
     if len(results) != len(gold): raise EvaluationError(f"{len(results)} results for {len(gold)} queries")
-    recall = recall_at_k([ranked_images(r) for r in results], list(gold), ks)
+    ranked = [ranked_images(r) for r in results]
+    recall = {**recall_at_k(ranked, list(gold), ks), "ci": recall_interval(ranked, list(gold), ks)}  # 95% bootstrap intervals
     generated = sum(len(r.identifiers) for r in results)
     invalid = sum(r.invalid for r in results)
     return {**recall, "n_queries": len(gold), "generated": generated, "invalid": invalid,

@@ -24,6 +24,7 @@ from .trie import TensorTrie
 from .backbone import Preset, grow_vocabulary, load_flamingo, openflamingo_preset, write_tiny_preset
 from .clip import ClipRun, evaluate_clip, image_embedding_table, load_clip, save_clip, train_clip
 from .pretraining import PretrainConfig, pretrained_preset, scratch_preset
+from .memorization import PAPER_BUDGET, training_budget
 from .classifier import ClassifierHead, classify, train_classifier
 from .checkpoints import _load_weights
 from .training import (PROMPT_TEXTS, FeatureCache, TrainConfig, cache_features, feature_source,
@@ -35,11 +36,11 @@ from .experiments import (OUTCOMES, CAPTION_PROMPT, beam_sweep, caption_quality,
                                   plot_beam_sweep, pseudo_queries, semantic_captions, train_captioner)
 
 # %% auto #0
-__all__ = ['PAPER_BUDGET', 'prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_stage', 'identifier_report',
-           'pretrain_stage', 'backbone_stage', 'captioner_stage', 'training_budget', 'grace_examples', 'evaluate_stage',
-           'grace_row', 'grace_stage', 'training_curve', 'classifier_stage', 'validation_view', 'budget_stage',
-           'nearest_cosine', 'vision_distinctness', 'plot_budget', 'length_penalty_stage', 'best_length_penalty',
-           'plot_length_penalty', 'free_stage', 'sweep_stage', 'efficiency_stage', 'Job', 'plan_job', 'reproduce']
+__all__ = ['prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_stage', 'identifier_report', 'flamingo_options',
+           'pretrain_stage', 'backbone_stage', 'captioner_stage', 'grace_examples', 'evaluate_stage', 'grace_row',
+           'grace_stage', 'training_curve', 'classifier_stage', 'validation_view', 'budget_stage', 'nearest_cosine',
+           'vision_distinctness', 'plot_budget', 'length_penalty_stage', 'best_length_penalty', 'plot_length_penalty',
+           'free_stage', 'sweep_stage', 'efficiency_stage', 'Job', 'plan_job', 'reproduce']
 
 # %% ../nbs/13_pipeline.ipynb #def70bd5
 def prepare_corpus(profile:Profile, # the experiment profile
@@ -93,7 +94,7 @@ def clip_stage(profile:Profile, # supplies model_preset and the clip_* settings
     else: run, variant = main_first(trained), "trained from scratch"
     metrics = main_only(lambda: evaluate_clip(run, dataset, "test", progress=progress))  # rank 0's row, on every rank
     row = dict(method="clip", identifier=None, variant=variant, **{k: round(metrics[k], 2) for k in ("R@1", "R@5", "R@10")},
-               n_queries=metrics["n_queries"], train_seconds=round(run.train_seconds, 1), eval_seconds=round(metrics["eval_seconds"], 3))
+               ci=metrics["ci"], n_queries=metrics["n_queries"], train_seconds=round(run.train_seconds, 1), eval_seconds=round(metrics["eval_seconds"], 3))
     return run, row
 
 # %% ../nbs/13_pipeline.ipynb #d5445fe3
@@ -150,6 +151,15 @@ def identifier_report(identifier_maps:dict[str, IdentifierMap], # kind -> identi
     return rows, tries
 
 # %% ../nbs/13_pipeline.ipynb #df3b14b5
+def flamingo_options(profile:Profile, # a tiny profile; keys it does not set keep `write_tiny_preset`'s defaults
+                    ) -> dict:
+    "The tiny Flamingo's architecture keys a profile sets: cross_attn_every_n_layers, perceiver_depth, perceiver_latents."
+    options = {} if profile.get("cross_attn_every_n_layers") is None else {"cross_attn_every_n_layers": int(profile.cross_attn_every_n_layers)}
+    if profile.get("perceiver_depth") is not None or profile.get("perceiver_latents") is not None:
+        options["perceiver"] = dict(depth=int(profile.get("perceiver_depth") or 1), num_latents=int(profile.get("perceiver_latents") or 16),
+                                    heads=4, dim_head=32)
+    return options
+
 def pretrain_stage(profile:Profile, # a tiny profile: pretrain_* keys, lm_* sizes, image_size, clip_*
                    corpus_seed:int|None=None, # the run's corpus seed (its scenes are kept out of the pool)
                    corpus_images:int|None=None, # the run's corpus size (default: the profile's n_train + n_val + n_test)
@@ -165,7 +175,7 @@ def pretrain_stage(profile:Profile, # a tiny profile: pretrain_* keys, lm_* size
     lm = {k: profile[f"lm_{k}"] for k in ("d_model", "n_layers", "n_heads") if profile.get(f"lm_{k}") is not None}
     return pretrained_preset(config, exclude, tokenizer_texts=list(PROMPT_TEXTS) + [CAPTION_PROMPT], lm=lm,
                              image_size=profile.image_size, clip=dict(batch_size=profile.clip_batch_size, lr=profile.clip_lr),
-                             progress=progress)
+                             progress=progress, flamingo=flamingo_options(profile))
 
 def backbone_stage(profile:Profile, # model_preset: tiny or an OpenFlamingo preset
                    out:Path, # run folder (the from-scratch twin goes to out/preset-scratch)
@@ -220,21 +230,6 @@ def captioner_stage(profile:Profile, # caption_steps, pseudo_queries and the tra
     if is_main_process(): save_json(dict(captions={str(k): v for k, v in generated.items()}, report=report), path)
     return generated, report
 
-# %% ../nbs/13_pipeline.ipynb #63c66a7a
-PAPER_BUDGET = dict(  # Flickr30K (Li et al. 2024, Sec. 4.1; reference code: 15,625 steps x 4 GPUs x (16 + 48) examples)
-    memorize_examples=1_000_000, retrieve_examples=3_000_000, memorized_images=30_000, retrieve_queries=150_000)
-
-def training_budget(config:TrainConfig, memorized_images:int, retrieve_queries:int,
-                    ranks:int|None=None, # ranks sharing each step (batch sizes are per rank); default: the world size
-                   ) -> dict:
-    "Memorize passes per image and retrieve epochs of a run, with the paper's beside them."
-    passes = lambda examples, n: round(examples / n, 2) if n else None
-    ranks = world_size() if ranks is None else ranks
-    return dict(memorize_passes=passes(config.train_steps * ranks * config.memorize_batch_size, memorized_images),
-                retrieve_epochs=passes(config.train_steps * ranks * config.retrieve_batch_size, retrieve_queries),
-                paper_memorize_passes=passes(PAPER_BUDGET["memorize_examples"], PAPER_BUDGET["memorized_images"]),
-                paper_retrieve_epochs=passes(PAPER_BUDGET["retrieve_examples"], PAPER_BUDGET["retrieve_queries"]))
-
 # %% ../nbs/13_pipeline.ipynb #3a7000a3
 def grace_examples(tokenizer, # the run's tokenizer, with the identifier tokens added
                    identifier_map:IdentifierMap, # identifiers of the whole corpus
@@ -265,7 +260,7 @@ def evaluate_stage(folder:str|Path, # a saved GRACE model folder
     seconds = round(time.perf_counter() - start, 2)
     metrics = grace_recall(results, [i for _, i in queries])
     row = dict(method="grace", identifier=model.kind, variant="full" if constrained else "w/o constrained generation",
-               **{k: round(metrics[k], 2) for k in ("R@1", "R@5", "R@10")}, n_queries=metrics["n_queries"],
+               **{k: round(metrics[k], 2) for k in ("R@1", "R@5", "R@10")}, ci=metrics["ci"], n_queries=metrics["n_queries"],
                eval_seconds=seconds, invalid_rate=metrics["invalid_rate"], model=str(folder), collapse=collapse_report(results))
     return row if constrained else row | {"outcomes": generation_outcomes(model, results, dataset)}
 
@@ -369,7 +364,7 @@ def classifier_stage(profile:Profile, # training settings, num_return, eval_batc
                            k=profile.num_return, batch_size=profile.eval_batch_size, progress=progress)
         recall = grace_recall(results, [i for _, i in test_queries])
         row = dict(method="grace", identifier="atomic", variant=variant, head="classifier",
-                   **{k: round(recall[k], 2) for k in ("R@1", "R@5", "R@10")}, n_queries=recall["n_queries"],
+                   **{k: round(recall[k], 2) for k in ("R@1", "R@5", "R@10")}, ci=recall["ci"], n_queries=recall["n_queries"],
                    eval_seconds=round(time.perf_counter() - start, 2), invalid_rate=0.0, collapse=collapse_report(results),
                    memorization=None, budget=training_budget(config, 0, len(queries)), train_steps=config.train_steps,
                    train_seconds=result.train_seconds, final_loss=result.history[-1]["loss"], memorize=False,

@@ -39,6 +39,11 @@ def _memorized_cell(run:dict) -> str:
     mem = run.get("memorization") or {}
     return " / ".join(f"{mem[s]['top1']:.1f}" if s in mem else "–" for s in ("train", "test")) if mem else "–"
 
+def _recall_cell(run:dict, k:str) -> str:
+    "R@K, with its 95% bootstrap interval (over test images) where the row has one."
+    lo_hi = (run.get("ci") or {}).get(k)
+    return f"{run[k]:.1f}" + (f" ({lo_hi[0]:.1f}–{lo_hi[1]:.1f})" if lo_hi else "")
+
 def _collapse_cell(run:dict) -> str:
     c = run.get("collapse")
     return "–" if not c else f"**collapsed** (top-1 share {c['top1_share']:.1f}%)" if c.get("collapsed") else "no"
@@ -54,14 +59,15 @@ def table1_markdown(runs:Sequence[dict], # metrics rows: method, identifier, var
                    ) -> str:
     "A markdown table of the runs with the paper's Flickr30K numbers beside them (and the ceiling, memorization, collapse)."
     diagnostics = any("memorization" in run or "collapse" in run for run in runs)
+    ci = " (95% CI)" if any(run.get("ci") for run in runs) else ""  # intervals: bootstrap over test images
     lines = ([title, ""] if title else []) + [
-        "| method | identifier | variant | R@1 | R@5 | R@10 | queries | paper R@1 | paper R@5 | paper R@10 |"
+        f"| method | identifier | variant | R@1{ci} | R@5{ci} | R@10{ci} | queries | paper R@1 | paper R@5 | paper R@10 |"
         + (" memorized train/test (top-1 %) | collapsed |" if diagnostics else ""),
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---|" if diagnostics else "")]
     if ceiling: lines.append(_ceiling_row(ceiling, diagnostics))
     for run in runs:
         paper = PAPER_TABLE1.get((run["method"], run.get("identifier")), ("–",) * 3)
-        ours = [f"{run[k]:.1f}" for k in ("R@1", "R@5", "R@10")]
+        ours = [_recall_cell(run, k) for k in ("R@1", "R@5", "R@10")]
         lines.append(f"| {run['method'].upper() if run['method'] == 'clip' else 'GRACE'} | {run.get('identifier') or '–'} | "
                      f"{run.get('variant', 'full')} | {' | '.join(ours)} | {run['n_queries']} | {' | '.join(map(str, paper))} |"
                      + (f" {_memorized_cell(run)} | {_collapse_cell(run)} |" if diagnostics else ""))
@@ -78,8 +84,9 @@ PAPER_TABLE2 = {  # Flickr30K, Li et al. 2024, Table 2 (the full rows are Table 
 def table2_markdown(rows:list[dict], # the full rows and the ablation rows of a run
                     title:str="") -> str:
     "Table 2 as markdown: per identifier type its full row, then the ablations, with the paper's numbers."
+    ci = " (95% CI)" if any(r.get("ci") for r in rows) else ""
     lines = ([title, ""] if title else []) + [
-        "| identifier | variant | R@1 | R@5 | R@10 | paper R@1 / R@5 / R@10 | free generation: corpus / memorized / never memorized / no image (%) |",
+        f"| identifier | variant | R@1{ci} | R@5{ci} | R@10{ci} | paper R@1 / R@5 / R@10 | free generation: corpus / memorized / never memorized / no image (%) |",
         "|---|---|---:|---:|---:|---|---|"]
     for kind in dict.fromkeys(r["identifier"] for r in rows if r["method"] == "grace"):
         for r in [r for r in rows if r["method"] == "grace" and r["identifier"] == kind]:
@@ -87,7 +94,8 @@ def table2_markdown(rows:list[dict], # the full rows and the ablation rows of a 
             paper = PAPER_TABLE1.get(("grace", kind)) if full else PAPER_TABLE2.get((kind, r["variant"]))
             o = r.get("outcomes")
             where = " / ".join(str(o.get(f"{k} %", "–")) for k in OUTCOMES) if o else ""
-            lines.append(f"| {kind} | {r['variant']} | {r['R@1']:.1f} | {r['R@5']:.1f} | {r['R@10']:.1f} | "
+            recall = " | ".join(_recall_cell(r, k) for k in ("R@1", "R@5", "R@10"))
+            lines.append(f"| {kind} | {r['variant']} | {recall} | "
                          f"{' / '.join(map(str, paper)) if paper else '–'} | {where} |")
     return "\n".join(lines)
 

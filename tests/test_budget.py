@@ -42,3 +42,26 @@ def test_nearest_cosine_sees_duplicates():
     assert nearest_cosine(distinct)["share_above_095"] == 0.0
     twins = torch.cat([distinct, distinct + 1e-4 * torch.randn(50, 64)])
     assert nearest_cosine(twins)["share_above_095"] == 1.0 and nearest_cosine(twins)["n_images"] == 100
+
+
+def test_steps_for_passes_on_a_toy_profile(tmp_path):
+    "Budget arithmetic on a toy profile: passes = steps x ranks x batch / images, and the steps that reach a pass count."
+    from grace_nb.memorization import profile_budget, steps_for_passes
+    toy = tmp_path/"settings.ini"
+    toy.write_text("[toy]\nextends = shapes\nn_train = 10\nn_val = 0\nn_test = 6\nmemorize_batch_size = 4\n"
+                   "retrieve_batch_size = 8\ntrain_steps = 12\npseudo_queries = 2\n")
+    budget = profile_budget(load_profile("toy", toy))
+    assert budget["memorize_passes"] == round(12 * 4 / 16, 2) == 3.0             # 10 train + 6 test images memorized
+    assert budget["retrieve_epochs"] == round(12 * 8 / (5 * 10 + 2 * 6), 2)      # 5 captions per train image + pseudo-queries
+    assert profile_budget(load_profile("toy", toy), ranks=2)["memorize_passes"] == 6.0
+    assert steps_for_passes(3.0, 16, 4) == 12 and steps_for_passes(3.01, 16, 4) == 13  # the fewest steps reaching it
+    assert steps_for_passes(33.3, 30_000, 16, ranks=4) == 15_610                # the paper's ~15,625 steps
+    with pytest.raises(GraceError, match="positive"): steps_for_passes(0, 16, 4)
+
+
+def test_shapes_profile_trains_at_the_papers_budget():
+    "The tutorial's reference runs train at least the paper's Flickr30K passes per image and retrieve epochs."
+    from grace_nb.memorization import profile_budget
+    budget = profile_budget(load_profile("shapes"))
+    assert budget["memorize_passes"] >= budget["paper_memorize_passes"] == 33.33
+    assert budget["retrieve_epochs"] >= budget["paper_retrieve_epochs"] == 20.0

@@ -216,3 +216,35 @@ def test_image_embedding_table(corpus, short_run):
     assert sorted(table) == sorted(r.image_id for r in corpus.records)
     record = corpus.split("test")[2]
     np.testing.assert_allclose(table[record.image_id], encode_images(short_run, corpus, [record], progress=False)[0], atol=1e-6)
+
+
+def test_recall_interval_matches_exact_enumeration():
+    "The bootstrap interval against a hand-computed case: every resample of 3 images enumerated (27, equally likely)."
+    import itertools
+    from grace_nb.clip import recall_interval
+    # image 0: 2 queries, both hits at rank 1; image 1: 1 query, a hit at rank 3; image 2: 2 queries, misses
+    ranked, gold = [[0], [0, 1], [5, 4, 1], [0], [1]], [0, 0, 1, 2, 2]
+    hits1, hits5, queries = [2, 0, 0], [2, 1, 0], [2, 1, 2]
+    exact1 = sorted(100 * sum(hits1[i] for i in s) / sum(queries[i] for i in s) for s in itertools.product(range(3), repeat=3))
+    exact5 = sorted(100 * sum(hits5[i] for i in s) / sum(queries[i] for i in s) for s in itertools.product(range(3), repeat=3))
+    # 2.5th and 97.5th percentiles of the exact distribution: its smallest and largest values (each has mass 1/27 > 2.5%)
+    assert (exact1[0], exact1[-1]) == (0.0, 100.0) and (exact5[0], round(exact5[-1], 2)) == (0.0, 100.0)
+    got = recall_interval(ranked, gold, ks=(1, 5), n_boot=20_000)
+    assert got == {"R@1": [0.0, 100.0], "R@5": [0.0, 100.0]}
+    # an 80% interval falls inside the distribution: the 10th / 90th percentiles of the 27 values
+    got80 = recall_interval(ranked, gold, ks=(1,), n_boot=50_000, level=0.8)["R@1"]
+    assert got80 == pytest.approx([float(np.percentile(exact1, 10)), float(np.percentile(exact1, 90))], abs=0.5)
+    with pytest.raises(ClipError): recall_interval(ranked, gold, level=1.0)
+
+
+def test_recall_interval_resamples_images_not_queries():
+    "Five identical outcomes per image: the interval is as wide as the image count says, wider than for single queries."
+    from grace_nb.clip import recall_interval
+    rng = np.random.default_rng(1)
+    hit = rng.random(40) < 0.5
+    gold = [i for i in range(40) for _ in range(5)]
+    ranked = [[i] if hit[i] else [] for i in gold]
+    grouped = recall_interval(ranked, gold, ks=(1,))["R@1"]
+    single = recall_interval(ranked, list(range(len(gold))), ks=(1,))["R@1"]
+    assert grouped[0] <= 100 * hit.mean() <= grouped[1]
+    assert grouped[1] - grouped[0] > 1.8 * (single[1] - single[0])  # sqrt(5) = 2.2 times wider, about

@@ -362,3 +362,34 @@ def test_collapsed_free_generation_is_an_outcome_not_a_failure():
     bad = [("numeric", "w/o constrained generation"), ("structured", "w/o constrained generation")]
     row = findings(run_metrics(bad=bad))[0]
     assert row["verdict"] == "reproduced" and row["ours"].count("(collapsed)") == 2
+
+
+def test_position_accuracy_matches_one_image_at_a_time(saved, memo):
+    "Batched, right-padded teacher forcing gives each token's verdict that an unpadded forward of that one image gives"
+    from grace_nb.backbone import flamingo_forward
+    from grace_nb.memorization import position_accuracy
+    import copy
+    from grace_nb.training import TrainConfig, memorize_examples, retrieve_examples, train_grace
+    model, features, ids = memo_model(saved, "structured"), memo["features"], memo["ids"]
+    model = GraceModel(copy.deepcopy(model.flamingo), model.identifier_map, model.retrieval_ids, model.token_ids, model.trie)
+    tok = model.flamingo.tokenizer
+    own = identifier_token_ids(model.identifier_map.subset(ids), tok)
+    # a few steps of memorizing, so that some tokens are right and some wrong (an untrained model gets none right)
+    train_grace(model.flamingo, memorize_examples(tok, own, ids), retrieve_examples(tok, own, saved["ds"].queries("train")),
+                features, TrainConfig(train_steps=25, memorize_batch_size=13, retrieve_batch_size=8, lr=3e-3, warmup_steps=2),
+                progress=False)
+    net = model.flamingo.model.eval()
+    prompt = tok(MEMORIZE_PROMPT, add_special_tokens=False).input_ids
+    right = []
+    with torch.no_grad():
+        for i in ids:
+            seq = torch.tensor([prompt + list(own[i])])
+            logits = flamingo_forward(net, seq, torch.ones_like(seq), features([i])).logits[0]
+            right.append((logits[len(prompt) - 1:-1].argmax(-1) == torch.tensor(own[i])).tolist())
+    got = position_accuracy(model, features, ids, batch_size=4)
+    n = len(ids)
+    expected = {f"token {k + 1}": round(100 * sum(r[k] for r in right) / n, 1) for k in range(len(right[0]) - 1)}
+    expected |= {"end": round(100 * sum(r[-1] for r in right) / n, 1), "all tokens": round(100 * sum(map(all, right)) / n, 1)}
+    assert got == expected
+    assert got["all tokens"] <= min(v for k, v in got.items() if k != "all tokens")
+    assert any(0 < v < 100 for v in got.values()), got  # the check is not a comparison of zeros

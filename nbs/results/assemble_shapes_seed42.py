@@ -1,15 +1,15 @@
 """Assemble `shapes_seed42.json` from the reference runs' metrics files, so that no number in README or the notebooks is
 typed by hand. The runs (seed 42, the `[shapes]` profile) and the commands that made them:
 
-- `runs/shapes-table1`: `grace reproduce --profile shapes --out runs/shapes-table1 --table1`, then
-  `--table1 --length-penalties --resume` (adds the classifier-head row and the length-penalty sweep);
-- `runs/shapes-t2`: `grace reproduce --profile shapes --out runs/shapes-t2 --ablations --beams --resume`, its CLIP,
-  captions, identifiers and main-job runs linked from `runs/shapes-table1` (Table 2 for the main job's identifier
-  types, and Figure 6, whose image is copied to nbs/fig6_beams.png);
+- `runs/shapes-table1`: `grace reproduce --profile shapes --out runs/shapes-table1 --table1 --length-penalties`
+  (Table 1 with the classifier-head and from-scratch rows, and the length-penalty sweep on the validation split);
+- `runs/shapes-t2`: `grace reproduce --profile shapes --out runs/shapes-t2 --ablations --beams --resume`, its data,
+  CLIP, captioner, identifiers and main-job runs linked from `runs/shapes-table1` (Table 2 for the main job's
+  identifier types, and Figure 6, whose image is copied to nbs/fig6_beams.png);
 - `nbs/results/efficiency_tiny_cpu.json`: Figure 4 at the profile's `efficiency_sizes` with the tiny backbone, the run
-  10c_figure4 made (what `--efficiency` measures; its image is nbs/fig4_efficiency.png);
-- `runs/shapes-budget`: `--budget` (numeric and atomic at 300 / 600 / 2400 steps, validation split);
-- `runs/shapes-lr`: `--budget` with `lr = 3e-3` in the profile (and 3e-4 among `budget_lrs`).
+  10c_figure4 made (what `--efficiency` measures; its image is nbs/fig4_efficiency.png).
+
+The training budget is studied in 08a_memorization (`nbs/results/memorization_study.json`), not here.
 
 Run from the repository root: `python nbs/results/assemble_shapes_seed42.py` (it loads the cached pretrained preset
 for the distinctness numbers). `python nbs/results/assemble_shapes_seed42.py --efficiency` rewrites only the Figure 4
@@ -22,7 +22,7 @@ from grace_nb.data import load_karpathy
 from grace_nb.backbone import load_flamingo, Preset
 from grace_nb.training import cache_features
 from grace_nb.experiments import caption_quality
-from grace_nb.pipeline import vision_distinctness, pretrain_stage, plot_budget, plot_length_penalty, _efficiency_summary
+from grace_nb.pipeline import vision_distinctness, pretrain_stage, plot_length_penalty, _efficiency_summary
 from grace_nb.figure4 import EfficiencyRun
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,24 +41,7 @@ if "--efficiency" in sys.argv:
 
 table1 = load_json(ROOT/"runs/shapes-table1/metrics.json")
 t2 = load_json(ROOT/"runs/shapes-t2/metrics.json") if (ROOT/"runs/shapes-t2/metrics.json").is_file() else {}
-previous = load_json(ROOT/"nbs/results/shapes_seed42.json")
 
-def budget_row(folder):
-    "A budget_stage row from a run's row.json (the budget and lr runs were made by separate --budget processes)."
-    row, (kind, steps) = load_json(folder/"row.json"), folder.name.split("-")[1:3]
-    lr = row["variant"].split("lr ")[1] if "lr " in row["variant"] else "0.001"
-    mem = row["memorization"]
-    return dict(identifier=kind, steps=int(steps), lr=float(lr), **{k: row[k] for k in ("R@1", "R@5", "R@10")},
-                memorized_train=mem["train"]["top1"], memorized_val=mem["test"]["top1"], collapsed=row["collapse"]["collapsed"],
-                memorize_passes=row["budget"]["memorize_passes"], retrieve_epochs=row["budget"]["retrieve_epochs"])
-
-folders = sorted(ROOT.glob("runs/shapes-budget/budget/grace-*")) + [ROOT/"runs/shapes-lr/budget/grace-atomic-600-lr0.0003"]
-lr_run = ROOT/"runs/shapes-lr/budget/grace-atomic-600"  # trained at lr 3e-3 (that process's profile lr)
-rows = [budget_row(f) for f in folders if (f/"row.json").is_file()]
-if (lr_run/"row.json").is_file(): rows.append(budget_row(lr_run))
-order = {"numeric": 0, "string": 1, "atomic": 2, "structured": 3}
-budget = dict(budget=sorted(rows, key=lambda r: (order[r["identifier"]], r["lr"] != 0.001, r["steps"], r["lr"])),
-              seconds=sum(load_json(f/"row.json")["train_seconds"] for f in folders + [lr_run] if (f/"row.json").is_file()))
 strip = lambda row: {k: v for k, v in row.items() if k not in ("model",)}
 prof = load_profile("shapes")
 preset = pretrain_stage(prof, progress=False)
@@ -72,26 +55,22 @@ captions = {int(k): v for k, v in load_json(ROOT/"runs/shapes-table1/captioner/c
 scores = dict(quality=caption_quality(captions, ds), gold_reference=caption_quality({r.image_id: r.captions for r in ds.split("test")}, ds, top=None))
 gold = [len(ids) + 1 for ids in base.tokenizer([c for r in ds.split("train") for c in r.captions], add_special_tokens=False).input_ids]
 out = dict(
-    source="grace reproduce --profile shapes --table1 --length-penalties, --ablations --beams (the main job's types), and "
-           "--budget (numeric and atomic identifiers; learning rates for atomic), seed 42; Figure 4 from 10c_figure4's run",
+    source="grace reproduce --profile shapes --table1 --length-penalties, and --ablations --beams (the main job's types), "
+           "seed 42; Figure 4 from 10c_figure4's run",
     profile=table1["profile"], seed=table1["seed"], dataset=table1["dataset"], ceiling=table1["ceiling"],
     runs=[strip(r) for r in table1["runs"]], identifiers=table1["identifiers"],
     captioner=table1["captioner"] | scores | dict(longest_gold_tokens=max(gold), max_new_tokens=32, length_penalty=1.0),
     length_penalty=table1.get("length_penalty"),
     table2=[strip(r) for r in t2.get("table2") or []] or None, beam_sweep=t2.get("beam_sweep"),
     efficiency=efficiency_entry(),
-    budget=budget.get("budget"), budget_identifiers=sorted({r["identifier"] for r in budget.get("budget") or []}),
     vision_distinctness={"pretrained": vision_distinctness(base, feats), "scratch": vision_distinctness(scratch, feats)},
     pretraining=dict(config=report["config"], seconds=report["seconds"], final=report["history"][-1],
                      clip_final_loss=report["clip_history"][-1]["loss"], heldout_captions=report["heldout_captions"]),
-    # wall times: the first --table1 run, the --length-penalties --resume run (classifier head and sweep), the
-    # --ablations --beams run (two w/o-pseudo-queries runs, free generation, the beam sweep; its two w/o-memorize runs
-    # were trained by an earlier --table1 --ablations run, stopped once it had them)
-    seconds=dict(table1_run=previous["seconds"]["table1_run"], resume_run=table1["seconds"], ablations_beams_run=t2.get("seconds"),
-                 budget_training=round(budget["seconds"], 1)))
+    # wall times of the two runs (they ran side by side, one thread each, beside the memorization study's runs)
+    seconds=dict(table1_run=table1["seconds"], ablations_beams_run=t2.get("seconds")),
+    stage_seconds=dict(table1_run=table1.get("stage_seconds"), ablations_beams_run=t2.get("stage_seconds")))
 save_json(out, ROOT/"nbs/results/shapes_seed42.json")
 import matplotlib; matplotlib.use("Agg")
-if out["budget"]: plot_budget(out["budget"], ROOT/"nbs/fig_budget.png", title="Training budget on the validation split (shapes, seed 42)")
 if out["length_penalty"]:
     plot_length_penalty(out["length_penalty"]["rows"], ROOT/"nbs/fig_length_penalty.png",
                         title="Length penalty on the validation split (shapes, seed 42)")
