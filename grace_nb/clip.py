@@ -271,17 +271,20 @@ def recall_interval(ranked:list, # per query: ranked image ids, as for `recall_a
                     n_boot:int=1000, # bootstrap resamples
                     level:float=0.95, # the interval's coverage
                     seed:int=0, # of the resampling
+                    groups:list|None=None, # per query: what is resampled together (default: its gold image)
                    ) -> dict:
     "Percentile bootstrap interval of each Recall@K (percent), resampling images with all their queries."
     if not 0 < level < 1 or n_boot < 1: raise ClipError(f"need 0 < level < 1 and n_boot >= 1, got {level}, {n_boot}")
     recall_at_k(ranked[:1], gold[:1], ks)  # the same checks of ks as Recall@K itself
     if len(ranked) != len(gold) or not gold: raise ClipError(f"{len(ranked)} ranked lists for {len(gold)} gold images")
-    images = {g: i for i, g in enumerate(dict.fromkeys(gold))}
+    groups = list(gold) if groups is None else list(groups)
+    if len(groups) != len(gold): raise ClipError(f"{len(groups)} groups for {len(gold)} queries")
+    images = {g: i for i, g in enumerate(dict.fromkeys(groups))}
     queries, hits = np.zeros(len(images)), np.zeros((len(images), len(ks)))
-    for row, target in zip(ranked, gold):
-        queries[images[target]] += 1
+    for row, target, group in zip(ranked, gold, groups):
+        queries[images[group]] += 1
         row = [] if row is None else list(row)
-        if target in row: hits[images[target]] += row.index(target) < np.asarray(ks)
+        if target in row: hits[images[group]] += row.index(target) < np.asarray(ks)
     draws = np.random.default_rng(seed).integers(0, len(images), size=(n_boot, len(images)))
     counts = np.stack([np.bincount(d, minlength=len(images)) for d in draws])  # [n_boot, images]: times drawn
     values = 100 * (counts @ hits) / (counts @ queries)[:, None]               # [n_boot, ks]

@@ -245,6 +245,8 @@ def test_recall_interval_resamples_images_not_queries():
     gold = [i for i in range(40) for _ in range(5)]
     ranked = [[i] if hit[i] else [] for i in gold]
     grouped = recall_interval(ranked, gold, ks=(1,))["R@1"]
-    single = recall_interval(ranked, list(range(len(gold))), ks=(1,))["R@1"]
-    assert grouped[0] <= 100 * hit.mean() <= grouped[1]
+    single = recall_interval(ranked, gold, ks=(1,), groups=range(len(gold)))["R@1"]  # queries as if independent
+    assert grouped[0] <= 100 * hit.mean() <= grouped[1] and single[0] <= 100 * hit.mean() <= single[1]
+    assert single[1] - single[0] > 5  # a real interval, not a point
     assert grouped[1] - grouped[0] > 1.8 * (single[1] - single[0])  # sqrt(5) = 2.2 times wider, about
+    with pytest.raises(ClipError, match="groups"): recall_interval(ranked, gold, groups=[0])

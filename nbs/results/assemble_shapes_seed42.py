@@ -24,6 +24,8 @@ from grace_nb.training import cache_features
 from grace_nb.experiments import caption_quality
 from grace_nb.pipeline import vision_distinctness, pretrain_stage, plot_length_penalty, _efficiency_summary
 from grace_nb.figure4 import EfficiencyRun
+from grace_nb.evaluation import load_grace_model
+from grace_nb.memorization import position_accuracy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,6 +56,11 @@ scratch = load_flamingo(Preset.load(ROOT/"runs/shapes-table1/preset-scratch"))
 captions = {int(k): v for k, v in load_json(ROOT/"runs/shapes-table1/captioner/captions.json")["captions"].items()}
 scores = dict(quality=caption_quality(captions, ds), gold_reference=caption_quality({r.image_id: r.captions for r in ds.split("test")}, ds, top=None))
 gold = [len(ids) + 1 for ids in base.tokenizer([c for r in ds.split("train") for c in r.captions], add_special_tokens=False).input_ids]
+# teacher-forced accuracy of each identifier token (08a's position_accuracy) of the pretrained Table 1 models, over
+# every memorized (train and test) image: which token stops a type that does not memorize
+memorized = [r.image_id for r in ds.records if r.split in ("train", "test")]
+token_accuracy = {r["identifier"]: position_accuracy(load_grace_model(ROOT/r["model"]), feats, memorized)
+                  for r in table1["runs"] if r["method"] == "grace" and r.get("variant") in ("full", "full, random init")}
 out = dict(
     source="grace reproduce --profile shapes --table1 --length-penalties, and --ablations --beams (the main job's types), "
            "seed 42; Figure 4 from 10c_figure4's run",
@@ -63,6 +70,7 @@ out = dict(
     length_penalty=table1.get("length_penalty"),
     table2=[strip(r) for r in t2.get("table2") or []] or None, beam_sweep=t2.get("beam_sweep"),
     efficiency=efficiency_entry(),
+    token_accuracy=token_accuracy,
     vision_distinctness={"pretrained": vision_distinctness(base, feats), "scratch": vision_distinctness(scratch, feats)},
     pretraining=dict(config=report["config"], seconds=report["seconds"], final=report["history"][-1],
                      clip_final_loss=report["clip_history"][-1]["loss"], heldout_captions=report["heldout_captions"]),
