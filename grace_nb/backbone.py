@@ -130,7 +130,7 @@ def write_tiny_preset(folder:str|Path, # the preset folder to create
                       clip_weights:str|Path|None=None, # trained open_clip weights (.safetensors), copied in; None = random
                       lm_config:MptConfig|None=None, # default `tiny_lm_config(len(tokenizer))`
                       cross_attn_every_n_layers:int=2, # OpenFlamingo-3B has 1; every 2nd of 4 layers halves the cost
-                      perceiver:dict|None=None, # default depth 1, 16 latents, 4 heads of 32
+                      perceiver:dict|None=None, # sizes to change from depth 1, 16 latents, 4 heads of 32
                       cross_attn:dict|None=None, # default 2 heads of 64, feed-forward 2x wide
                       gate_init:float|None=1.0, # tanh-gate start: open (tanh 1 = 0.76), as no pretrained LM needs protecting
                       seed:int=0, # initialises the language model
@@ -149,7 +149,7 @@ def write_tiny_preset(folder:str|Path, # the preset folder to create
         Preset("tiny", tmp, clip_name, None if clip_weights is None else "clip/open_clip_model.safetensors",
                "lm", "tokenizer", cross_attn_every_n_layers, clip_config=f"clip/{clip_name}.json",
                decoder_layers_attr_name="transformer.blocks",
-               perceiver=perceiver or dict(depth=1, num_latents=16, heads=4, dim_head=32),
+               perceiver=dict(depth=1, num_latents=16, heads=4, dim_head=32) | (perceiver or {}),
                cross_attn=cross_attn or dict(heads=2, dim_head=64, ff_mult=2), gate_init=gate_init).save()
     return Preset.load(folder)
 

@@ -248,20 +248,24 @@ def exact_search(query_emb:np.ndarray, # [Q, D] query embeddings
     return torch.cat(scores).numpy(), torch.cat(indices).numpy()
 
 # %% ../nbs/05_clip.ipynb #9462978f
+def _query_hits(ranked:list, gold:list, ks:tuple) -> np.ndarray:
+    "[queries, ks] bool: is each query's gold image among its first K results (the inputs checked)?"
+    ranked, gold = list(ranked), list(gold)
+    if len(ranked) != len(gold): raise ClipError(f"{len(ranked)} ranked lists for {len(gold)} gold images: one of each per query")
+    if not gold: raise ClipError("recall_at_k of no queries")
+    if not ks or any(not isinstance(k, (int, np.integer)) or k < 1 for k in ks): raise ClipError(f"cut-offs must be positive integers, got {ks}")
+    hits = np.zeros((len(gold), len(ks)), dtype=bool)
+    for i, (row, target) in enumerate(zip(ranked, gold)):
+        row = [] if row is None else list(row)
+        if target in row: hits[i] = row.index(target) < np.asarray(ks)
+    return hits
+
 def recall_at_k(ranked:list, # per query: ranked image ids (shorter than K, empty or None = miss)
                 gold:list, # per query: the relevant image id
                 ks:tuple=(1, 5, 10), # cut-offs
                ) -> dict:
     "Recall@K in percent, {'R@1': ..., ...}: share of queries whose gold image is in their first K results."
-    ranked, gold = list(ranked), list(gold)
-    if len(ranked) != len(gold): raise ClipError(f"{len(ranked)} ranked lists for {len(gold)} gold images: one of each per query")
-    if not gold: raise ClipError("recall_at_k of no queries")
-    if not ks or any(not isinstance(k, (int, np.integer)) or k < 1 for k in ks): raise ClipError(f"cut-offs must be positive integers, got {ks}")
-    hits = np.zeros(len(ks))
-    for row, target in zip(ranked, gold):
-        if row is None: continue
-        row = list(row)
-        if target in row: hits += row.index(target) < np.asarray(ks)
+    hits = _query_hits(ranked, gold, ks).sum(0)
     return {f"R@{k}": float(100 * h / len(gold)) for k, h in zip(ks, hits)}
 
 # %% ../nbs/05_clip.ipynb #6d73c61b
@@ -275,16 +279,14 @@ def recall_interval(ranked:list, # per query: ranked image ids, as for `recall_a
                    ) -> dict:
     "Percentile bootstrap interval of each Recall@K (percent), resampling images with all their queries."
     if not 0 < level < 1 or n_boot < 1: raise ClipError(f"need 0 < level < 1 and n_boot >= 1, got {level}, {n_boot}")
-    recall_at_k(ranked[:1], gold[:1], ks)  # the same checks of ks as Recall@K itself
-    if len(ranked) != len(gold) or not gold: raise ClipError(f"{len(ranked)} ranked lists for {len(gold)} gold images")
+    query_hits = _query_hits(ranked, gold, ks)  # the checks and the hits of Recall@K itself
     groups = list(gold) if groups is None else list(groups)
     if len(groups) != len(gold): raise ClipError(f"{len(groups)} groups for {len(gold)} queries")
     images = {g: i for i, g in enumerate(dict.fromkeys(groups))}
-    queries, hits = np.zeros(len(images)), np.zeros((len(images), len(ks)))
-    for row, target, group in zip(ranked, gold, groups):
-        queries[images[group]] += 1
-        row = [] if row is None else list(row)
-        if target in row: hits[images[group]] += row.index(target) < np.asarray(ks)
+    group_of = np.array([images[g] for g in groups])
+    queries = np.bincount(group_of, minlength=len(images)).astype(float)  # [images]
+    hits = np.zeros((len(images), len(ks)))
+    np.add.at(hits, group_of, query_hits)                                  # [images, ks]
     draws = np.random.default_rng(seed).integers(0, len(images), size=(n_boot, len(images)))
     counts = np.stack([np.bincount(d, minlength=len(images)) for d in draws])  # [n_boot, images]: times drawn
     values = 100 * (counts @ hits) / (counts @ queries)[:, None]               # [n_boot, ks]

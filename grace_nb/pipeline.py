@@ -36,11 +36,12 @@ from .experiments import (OUTCOMES, CAPTION_PROMPT, beam_sweep, caption_quality,
                                   plot_beam_sweep, pseudo_queries, semantic_captions, train_captioner)
 
 # %% auto #0
-__all__ = ['prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_stage', 'identifier_report', 'flamingo_options',
-           'pretrain_stage', 'backbone_stage', 'captioner_stage', 'grace_examples', 'evaluate_stage', 'grace_row',
-           'grace_stage', 'training_curve', 'classifier_stage', 'validation_view', 'budget_stage', 'nearest_cosine',
-           'vision_distinctness', 'plot_budget', 'length_penalty_stage', 'best_length_penalty', 'plot_length_penalty',
-           'free_stage', 'sweep_stage', 'efficiency_stage', 'Job', 'plan_job', 'reproduce']
+__all__ = ['prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_stage', 'identifier_report',
+           'architecture_options', 'pretrain_stage', 'backbone_stage', 'captioner_stage', 'grace_examples',
+           'evaluate_stage', 'grace_row', 'grace_stage', 'training_curve', 'classifier_stage', 'validation_view',
+           'budget_stage', 'nearest_cosine', 'vision_distinctness', 'plot_budget', 'length_penalty_stage',
+           'best_length_penalty', 'plot_length_penalty', 'free_stage', 'sweep_stage', 'efficiency_stage', 'Job',
+           'plan_job', 'reproduce']
 
 # %% ../nbs/13_pipeline.ipynb #def70bd5
 def prepare_corpus(profile:Profile, # the experiment profile
@@ -151,14 +152,14 @@ def identifier_report(identifier_maps:dict[str, IdentifierMap], # kind -> identi
     return rows, tries
 
 # %% ../nbs/13_pipeline.ipynb #df3b14b5
-def flamingo_options(profile:Profile, # a tiny profile; keys it does not set keep `write_tiny_preset`'s defaults
-                    ) -> dict:
-    "The tiny Flamingo's architecture keys a profile sets: cross_attn_every_n_layers, perceiver_depth, perceiver_latents."
-    options = {} if profile.get("cross_attn_every_n_layers") is None else {"cross_attn_every_n_layers": int(profile.cross_attn_every_n_layers)}
-    if profile.get("perceiver_depth") is not None or profile.get("perceiver_latents") is not None:
-        options["perceiver"] = dict(depth=int(profile.get("perceiver_depth") or 1), num_latents=int(profile.get("perceiver_latents") or 16),
-                                    heads=4, dim_head=32)
-    return options
+def architecture_options(profile:Profile, # a tiny profile; keys it leaves None keep `write_tiny_preset`'s
+                        ) -> dict:
+    "`write_tiny_preset` options a profile sets: cross_attn_every_n_layers, perceiver_depth / _latents."
+    get = lambda key: None if profile.get(key) is None else int(profile[key])
+    perceiver = {k: v for k, v in (("depth", get("perceiver_depth")), ("num_latents", get("perceiver_latents")))
+                 if v is not None}
+    every = get("cross_attn_every_n_layers")
+    return ({} if every is None else {"cross_attn_every_n_layers": every}) | ({"perceiver": perceiver} if perceiver else {})
 
 def pretrain_stage(profile:Profile, # a tiny profile: pretrain_* keys, lm_* sizes, image_size, clip_*
                    corpus_seed:int|None=None, # the run's corpus seed (its scenes are kept out of the pool)
@@ -175,7 +176,7 @@ def pretrain_stage(profile:Profile, # a tiny profile: pretrain_* keys, lm_* size
     lm = {k: profile[f"lm_{k}"] for k in ("d_model", "n_layers", "n_heads") if profile.get(f"lm_{k}") is not None}
     return pretrained_preset(config, exclude, tokenizer_texts=list(PROMPT_TEXTS) + [CAPTION_PROMPT], lm=lm,
                              image_size=profile.image_size, clip=dict(batch_size=profile.clip_batch_size, lr=profile.clip_lr),
-                             progress=progress, flamingo=flamingo_options(profile))
+                             progress=progress, architecture=architecture_options(profile))
 
 def backbone_stage(profile:Profile, # model_preset: tiny or an OpenFlamingo preset
                    out:Path, # run folder (the from-scratch twin goes to out/preset-scratch)

@@ -265,7 +265,7 @@ def build_pretrained_preset(folder:str|Path, # the preset folder to write
                             lm:dict|None=None, image_size:int=64, # `tiny_lm_config` sizes; image side
                             clip:dict|None=None, # train_clip's batch_size and lr
                             progress:bool=True,
-                            flamingo:dict|None=None, # `write_tiny_preset` options: cross_attn_every_n_layers, perceiver
+                            architecture:dict|None=None, # `write_tiny_preset` options: cross_attn_every_n_layers, perceiver
                            ) -> Preset:
     "Pool -> CLIP on the pool -> tokenizer -> tiny Flamingo pretrained on the pool -> preset folder."
     start, folder = time.perf_counter(), Path(folder)
@@ -276,11 +276,11 @@ def build_pretrained_preset(folder:str|Path, # the preset folder to write
         save_clip(clip_run, tmp/"clip.safetensors")
         tok = train_bpe_tokenizer([c for r in pool.split("train") for c in r.captions] + list(tokenizer_texts))
         scratch = write_tiny_preset(tmp/"scratch", tok, clip_config=clip_run.config, clip_weights=tmp/"clip.safetensors",
-                                    lm_config=tiny_lm_config(len(tok), **(lm or {})), seed=config.seed, **(flamingo or {}))
-        arch, flamingo = flamingo or {}, load_flamingo(scratch, seed=config.seed)
+                                    lm_config=tiny_lm_config(len(tok), **(lm or {})), seed=config.seed, **(architecture or {}))
+        flamingo = load_flamingo(scratch, seed=config.seed)
         history = pretrain_flamingo(flamingo, pool, config, progress=progress)
         heldout = [r.image_id for r in pool.split("val")][:8]
-        report = dict(config=asdict(config), lm=lm or {}, flamingo=arch, clip_history=clip_run.history, history=history,
+        report = dict(config=asdict(config), lm=lm or {}, architecture=architecture or {}, clip_history=clip_run.history, history=history,
                       heldout_captions={str(i): dict(generated=c, gold=pool.by_id(i).captions[0])
                                         for i, c in greedy_captions(flamingo, pool, heldout).items()},
                       pool=pool.summary(), seconds=round(time.perf_counter() - start, 1))
@@ -292,17 +292,17 @@ def build_pretrained_preset(folder:str|Path, # the preset folder to write
 # %% ../nbs/05a_pretraining.ipynb #bc2260c1
 def pretrained_preset(config:PretrainConfig, # see `build_pretrained_preset` for the arguments
                       exclude:Sequence[dict]=(), tokenizer_texts:Sequence[str]=(), lm:dict|None=None,
-                      image_size:int=64, clip:dict|None=None, flamingo:dict|None=None,
+                      image_size:int=64, clip:dict|None=None, architecture:dict|None=None,
                       cache:str|Path|None=None, # default `cache_dir()`
                       progress:bool=True,
                      ) -> Preset:
     "The pretrained preset of these settings: from the cache when built before, else built now and cached."
     settings = dict(version=1, config=asdict(config) | {"log_every": None}, exclude=sorted(map(_scene_key, exclude)),
                     tokenizer_texts=list(tokenizer_texts), lm=lm or {}, image_size=image_size, clip=clip or {})
-    settings |= {"flamingo": flamingo} if flamingo else {}  # the default architecture keeps the keys presets had before
+    settings |= {"architecture": architecture} if architecture else {}  # the default keeps the keys presets had
     folder = Path(cache or cache_dir())/f"tiny-pretrained-{pretraining_key(settings)}"
     if (folder/"preset.json").is_file() and (folder/"pretraining.json").is_file(): return Preset.load(folder)
-    return build_pretrained_preset(folder, config, exclude, tokenizer_texts, lm, image_size, clip, progress, flamingo)
+    return build_pretrained_preset(folder, config, exclude, tokenizer_texts, lm, image_size, clip, progress, architecture)
 
 # %% ../nbs/05a_pretraining.ipynb #c1634f05
 def scratch_preset(pretrained:Preset, # a preset written by `build_pretrained_preset`

@@ -9,7 +9,7 @@ image and against other levers, for numeric, string, structured and atomic ident
 
 Every cell is a `grace_stage` run in runs/memorization-study/ (resumable: a finished cell is read back from its
 row.json). The runs folder can be deleted after `collect`."""
-import json, logging, math, sys, time
+import logging, sys, time
 from pathlib import Path
 logging.disable(logging.WARNING)
 import numpy as np
@@ -38,7 +38,6 @@ def backbone(prof, cell:dict|None, dataset, job, cache:dict):
     changed = prof.replace(**(cell or {}).get("profile", {}))
     # the tutorial corpus's pretrained preset: its pool excludes the [shapes] corpus's scenes, of which these are the first
     full = sum(int(load_profile("shapes")[k]) for k in ("n_train", "n_val", "n_test"))
-    if not (cell and cell["backbone"] == "scratch") and changed is not prof: print("preset for", (cell or {}).get("name"), flush=True)
     preset = pretrain_stage(changed, corpus_seed=job.seed, corpus_images=full, progress=False)
     if cell and cell["backbone"] == "scratch": preset = scratch_preset(preset, OUT/"preset-scratch")
     if preset.root not in cache: cache[preset.root] = (preset, job.vision_features(load_flamingo(preset), dataset, lap=None))
@@ -52,7 +51,8 @@ def setup(prof, cells=()):
     clip_table = image_embedding_table(clip_run, dataset, progress=False)
     embeddings = np.stack([clip_table[r.image_id] for r in dataset.records])
     maps = identifier_stage(dataset, prof, embeddings, OUT, seed=job.seed, progress=False)
-    for cell in cells: backbone(prof, cell, dataset, job, {})  # builds and caches each lever's preset once
+    cache = {}
+    for cell in cells: backbone(prof, cell, dataset, job, cache)  # builds and caches each lever's preset once
     return job, dataset, clip_table, maps
 
 def run(worker:int, workers:int):
