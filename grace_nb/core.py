@@ -6,7 +6,7 @@ Docs: https://grace-nb.github.io/grace_nb/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #b2e283a5
 from __future__ import annotations
-import ast, configparser, contextlib, json, logging, os, random, shutil, tempfile, warnings
+import ast, atexit, configparser, contextlib, json, logging, os, random, shutil, tempfile, warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -230,7 +230,12 @@ def init_ranks() -> int:
     if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=RANK_TIMEOUT)
+        atexit.register(_leave_ranks)
     return world_size()
+
+def _leave_ranks() -> None:
+    "Leave the process group at exit: left open, gloo's threads can abort a rank before it flushes its output."
+    if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
 
 def _grouped() -> bool:
     "Whether this process takes part in a process group now (joining the launcher's on first use)."
