@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse, contextlib, os, sys
 from pathlib import Path
 
-from .core import GraceError, list_profiles, load_profile, main_first, packaged_settings, rank, settings_path, world_size
+from .core import (GraceError, list_profiles, load_json, load_profile, main_first, packaged_settings, rank,
+                           settings_path, world_size)
 
 # %% auto #0
 __all__ = ['PATHS_NOTE', 'SETTINGS_HELP', 'main']
@@ -113,6 +114,8 @@ def _pretrain(args) -> None:
     from grace_nb.pipeline import pretrain_stage
     preset = main_first(lambda main: pretrain_stage(load_profile(args.profile), overrides=_pretrain_overrides(args)))
     print(preset.root)
+    pool = load_json(preset.root/"pretraining.json").get("pool_provenance")
+    if pool: print(f"pretrained on {pool['source']}: {pool['images']:,} images (content {pool['content_hash']})")
 
 def _reproduce(args) -> None:
     from grace_nb.pipeline import reproduce

@@ -21,9 +21,9 @@ from .identifiers import (IdentifierMap, add_identifier_tokens, build_identifier
                                   token_stats, train_bpe_tokenizer)
 import grace_nb.vq  # registers the vq identifier kind (11_vq_identifiers) with build_identifiers
 from .trie import TensorTrie
-from .backbone import Preset, grow_vocabulary, load_flamingo, openflamingo_preset, write_tiny_preset
+from .backbone import Preset, grow_vocabulary, load_flamingo, openflamingo_preset, tiny_clip_config, write_tiny_preset
 from .clip import ClipRun, evaluate_clip, image_embedding_table, load_clip, save_clip, train_clip
-from .pretraining import PretrainConfig, pretrained_preset, scratch_preset
+from .pretraining import PretrainConfig, karpathy_pool, pool_dir, pool_provenance, pretrained_preset, scratch_preset
 from .memorization import PAPER_BUDGET, training_budget
 from .classifier import ClassifierHead, classify, train_classifier
 from .checkpoints import _load_weights
@@ -36,7 +36,7 @@ from .experiments import (OUTCOMES, CAPTION_PROMPT, beam_sweep, caption_quality,
                                   plot_beam_sweep, pseudo_queries, semantic_captions, train_captioner)
 
 # %% auto #0
-__all__ = ['prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_stage', 'identifier_report',
+__all__ = ['prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_stage', 'identifier_report', 'pretrain_pool',
            'architecture_options', 'pretrain_stage', 'backbone_stage', 'captioner_stage', 'grace_examples',
            'evaluate_stage', 'grace_row', 'grace_stage', 'training_curve', 'classifier_stage', 'validation_view',
            'budget_stage', 'nearest_cosine', 'vision_distinctness', 'plot_budget', 'length_penalty_stage',
@@ -88,7 +88,8 @@ def clip_stage(profile:Profile, # supplies model_preset and the clip_* settings
     def trained(main:bool) -> ClipRun:  # rank 0 trains and saves; the other ranks load what it saved
         if (resume and path.is_file()) or not main: return load_clip(path)
         run = train_clip(dataset, steps=profile.clip_steps if steps is None else steps, batch_size=profile.clip_batch_size,
-                         lr=profile.clip_lr, seed=seed, progress=progress)
+                         lr=profile.clip_lr, seed=seed, progress=progress,
+                         config=tiny_clip_config(profile.image_size, int(profile.get("patch_size", 8))))
         save_clip(run, path)
         return run
     if profile.model_preset != "tiny": run, variant = _pretrained_clip(profile), "pretrained, zero-shot"
@@ -151,6 +152,26 @@ def identifier_report(identifier_maps:dict[str, IdentifierMap], # kind -> identi
         tries[kind] = trie
     return rows, tries
 
+# %% ../nbs/13_pipeline.ipynb #74471a9d
+def pretrain_pool(profile:Profile, # pretrain_pool: auto, shapes, train or a Karpathy file's path
+                  dataset:KarpathyDataset|None=None, # the corpus (default: the profile's, loaded)
+                 ) -> KarpathyDataset|None:
+    "The profile's pretraining pool: None for the shapes pool, else a Karpathy pool of train and val images."
+    choice = str(profile.get("pretrain_pool", "auto"))
+    if choice == "auto": choice = "shapes" if profile.corpus == "shapes" else "train"
+    if choice == "shapes": return None
+    corpus = dataset if dataset is not None else prepare_corpus(profile, progress=False)
+    if choice == "train":  # the corpus's own train images; its val images give the held-out captions
+        if not corpus.split("train"):
+            raise GraceError(f"profile [{profile.name}]: pretrain_pool = train, but the corpus has no train images")
+        records = [r for r in corpus.records if r.split in ("train", "val")]
+        return KarpathyDataset(records, f"{corpus.name} (train split)", corpus.json_path)
+    path = profile.path("pretrain_pool")
+    if not path.is_file():
+        raise GraceError(f"profile [{profile.name}]: pretrain_pool {choice!r} is neither auto, shapes, train "
+                         f"nor a Karpathy file (no file at {path})")
+    return karpathy_pool(path, corpus=corpus)
+
 # %% ../nbs/13_pipeline.ipynb #df3b14b5
 def architecture_options(profile:Profile, # a tiny profile; keys it leaves None keep `write_tiny_preset`'s
                         ) -> dict:
@@ -166,30 +187,35 @@ def pretrain_stage(profile:Profile, # a tiny profile: pretrain_* keys, lm_* size
                    corpus_images:int|None=None, # the run's corpus size (default: the profile's n_train + n_val + n_test)
                    overrides:dict|None=None, # PretrainConfig fields to change (small test runs)
                    progress:bool=True,
+                   dataset:KarpathyDataset|None=None, # the run's corpus (a Karpathy pool is drawn from it)
                   ) -> Preset:
     "The profile's pretrained tiny preset, from the cache or built now (`grace pretrain`)."
     if profile.model_preset != "tiny":
         raise GraceError(f"profile [{profile.name}] starts from {profile.model_preset}; the tutorial pretraining is for tiny profiles")
     config = PretrainConfig.from_profile(profile, **(overrides or {}))
+    pool = pretrain_pool(profile, dataset)
     n = corpus_images or sum(int(profile[k]) for k in ("n_train", "n_val", "n_test"))
-    exclude = sample_scenes(n, profile.seed if corpus_seed is None else corpus_seed) if profile.corpus == "shapes" else []
+    shapes_corpus = profile.corpus == "shapes" and pool is None
+    exclude = sample_scenes(n, profile.seed if corpus_seed is None else corpus_seed) if shapes_corpus else []
     lm = {k: profile[f"lm_{k}"] for k in ("d_model", "n_layers", "n_heads") if profile.get(f"lm_{k}") is not None}
     return pretrained_preset(config, exclude, tokenizer_texts=list(PROMPT_TEXTS) + [CAPTION_PROMPT], lm=lm,
                              image_size=profile.image_size, clip=dict(batch_size=profile.clip_batch_size, lr=profile.clip_lr),
-                             progress=progress, architecture=architecture_options(profile))
+                             progress=progress, architecture=architecture_options(profile), pool=pool,
+                             patch_size=int(profile.get("patch_size", 8)))
 
+# %% ../nbs/13_pipeline.ipynb #90df923c
 def backbone_stage(profile:Profile, # model_preset: tiny or an OpenFlamingo preset
                    out:Path, # run folder (the from-scratch twin goes to out/preset-scratch)
                    corpus_seed:int|None=None, corpus_images:int|None=None, overrides:dict|None=None, # as `pretrain_stage`
                    progress:bool=True,
+                   dataset:KarpathyDataset|None=None, # the run's corpus (as `pretrain_stage`)
                   ) -> dict[str, Preset]:
     "The run's starting points: {'pretrained': ...} and, at tutorial scale, its from-scratch twin {'scratch': ...}."
     if profile.model_preset != "tiny": return {"pretrained": openflamingo_preset(profile)}
     # rank 0 builds the pretrained preset into its cache (the other ranks then find it there) and writes the scratch twin
-    pretrained = main_first(lambda main: pretrain_stage(profile, corpus_seed, corpus_images, overrides, progress))
+    pretrained = main_first(lambda main: pretrain_stage(profile, corpus_seed, corpus_images, overrides, progress, dataset))
     twin = Path(out)/"preset-scratch"
     return {"pretrained": pretrained, "scratch": main_first(lambda main: scratch_preset(pretrained, twin) if main else Preset.load(twin))}
-
 
 # %% ../nbs/13_pipeline.ipynb #fc5ef098
 def captioner_stage(profile:Profile, # caption_steps, pseudo_queries and the training settings
@@ -719,7 +745,7 @@ def clip(self:Job, dataset:KarpathyDataset) -> tuple[dict, dict]:
 def backbone(self:Job, dataset:KarpathyDataset) -> tuple[dict[str, Preset], object]:
     "The run's presets ({'pretrained': ...}, with its from-scratch twin at tutorial scale) and the pretrained Flamingo."
     presets = backbone_stage(self.profile, self.out, corpus_seed=self.seed, corpus_images=len(dataset), overrides=self.pretrain,
-                             progress=self.progress)
+                             progress=self.progress, dataset=dataset)
     base = load_flamingo(presets["pretrained"])
     self.laps("backbone (pretraining unless cached)")
     return presets, base
@@ -785,8 +811,13 @@ def _pretraining_summary(preset:Preset) -> dict:
     "What the preset's pretraining.json says about how it was built (empty for presets not built here)."
     path = Path(preset.root)/"pretraining.json"
     if not path.is_file(): return {}
-    report = load_json(path)
-    return dict(pretraining_seconds=report.get("seconds"), pretraining=report.get("config"), pretraining_final=report["history"][-1])
+    report, shapes_pool = load_json(path), pool_dir(preset.root)/"dataset_pool.json"
+    provenance = report.get("pool_provenance")
+    if provenance is None and shapes_pool.is_file():  # a preset built before provenance was recorded
+        pool = load_karpathy(shapes_pool, splits=("train", "val"), progress=False)
+        provenance = pool_provenance(pool, f"shapes (seed {report['config']['seed']})")
+    return dict(pretraining_seconds=report.get("seconds"), pretraining=report.get("config"), pretraining_final=report["history"][-1],
+                pretraining_pool=provenance)
 
 @patch
 def main_metrics(self:Job, dataset:KarpathyDataset, clip_row:dict, rows:list[dict], identifier_maps:dict[str, IdentifierMap],

@@ -19,14 +19,15 @@ from transformers import get_linear_schedule_with_warmup
 from .core import GraceError, Profile, atomic_write, load_json, save_json, progress_bar
 from .data import KarpathyDataset, _scene_key, _shapes_entry, caption_scene, draw_scene, load_karpathy, sample_scene, sample_scenes
 from .identifiers import train_bpe_tokenizer
-from .backbone import Flamingo, Preset, flamingo_forward, load_flamingo, tiny_lm_config, vision_features, write_tiny_preset
+from .backbone import Flamingo, Preset, flamingo_forward, load_flamingo, tiny_clip_config, tiny_lm_config, vision_features, write_tiny_preset
 from .clip import save_clip, train_clip
 
 # %% auto #0
-__all__ = ['TASKS', 'PretrainingError', 'pool_scenes', 'write_pretraining_pool', 'image_hashes', 'PretrainExample',
-           'caption_example', 'interleaved_example', 'text_example', 'pretrain_batch', 'task_examples',
-           'PretrainConfig', 'pool_features', 'pretrain_flamingo', 'greedy_captions', 'save_pretrained_preset',
-           'cache_dir', 'pool_dir', 'pretraining_key', 'build_pretrained_preset', 'pretrained_preset', 'scratch_preset']
+__all__ = ['TASKS', 'PretrainingError', 'pool_scenes', 'write_pretraining_pool', 'image_hashes', 'pool_provenance',
+           'PretrainExample', 'caption_example', 'interleaved_example', 'text_example', 'pretrain_batch',
+           'task_examples', 'PretrainConfig', 'pool_features', 'pretrain_flamingo', 'greedy_captions',
+           'save_pretrained_preset', 'cache_dir', 'pool_dir', 'pretraining_key', 'build_pretrained_preset',
+           'pretrained_preset', 'scratch_preset', 'karpathy_pool']
 
 # %% ../nbs/05a_pretraining.ipynb #e370f7a7
 class PretrainingError(GraceError, ValueError):
@@ -74,6 +75,17 @@ def image_hashes(dataset:KarpathyDataset, # any loaded dataset
     "SHA-256 of each image's decoded RGB pixels -> image id."
     records = dataset.records if split is None else dataset.split(split)
     return {hashlib.sha256(np.asarray(dataset.load_image(r)).tobytes()).hexdigest(): r.image_id for r in records}
+
+# %% ../nbs/05a_pretraining.ipynb #aac7e937
+def pool_provenance(pool:KarpathyDataset, # the pool a preset was pretrained on
+                    source:str, # where it came from, in words
+                   ) -> dict:
+    "What a preset was pretrained on: source, image counts, and a hash of the train images' pixels and captions."
+    digest = hashlib.sha256()
+    for pixels, image_id in sorted(image_hashes(pool, "train").items()):
+        digest.update(pixels.encode()); digest.update("\n".join(pool.by_id(image_id).captions).encode())
+    return dict(source=source, images=len(pool.split("train")), heldout=len(pool.split("val")),
+                content_hash=digest.hexdigest()[:16])
 
 # %% ../nbs/05a_pretraining.ipynb #ed7d5862
 @dataclass
@@ -265,14 +277,20 @@ def build_pretrained_preset(folder:str|Path, # the preset folder to write
                             lm:dict|None=None, image_size:int=64, # `tiny_lm_config` sizes; image side
                             clip:dict|None=None, # train_clip's batch_size and lr
                             progress:bool=True,
-                            architecture:dict|None=None, # `write_tiny_preset` options: cross_attn_every_n_layers, perceiver
+                            architecture:dict|None=None, # `write_tiny_preset` options
+                            pool:KarpathyDataset|None=None, # a Karpathy pool (`karpathy_pool`); None: shapes
+                            patch_size:int=8, # the tiny ViT's patch side
                            ) -> Preset:
     "Pool -> CLIP on the pool -> tokenizer -> tiny Flamingo pretrained on the pool -> preset folder."
     start, folder = time.perf_counter(), Path(folder)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        pool = write_pretraining_pool(tmp/"pool", config.images, config.heldout, config.seed, exclude, image_size, progress=progress)
-        clip_run = train_clip(pool, steps=config.clip_steps, seed=config.seed, progress=progress, **(clip or {}))
+        shapes = pool is None
+        if shapes: pool = write_pretraining_pool(tmp/"pool", config.images, config.heldout, config.seed, exclude,
+                                                 image_size, progress=progress)
+        source = f"shapes (seed {config.seed})" if shapes else pool.name
+        clip_run = train_clip(pool, steps=config.clip_steps, seed=config.seed, progress=progress,
+                              config=tiny_clip_config(image_size, patch_size), **(clip or {}))
         save_clip(clip_run, tmp/"clip.safetensors")
         tok = train_bpe_tokenizer([c for r in pool.split("train") for c in r.captions] + list(tokenizer_texts))
         scratch = write_tiny_preset(tmp/"scratch", tok, clip_config=clip_run.config, clip_weights=tmp/"clip.safetensors",
@@ -280,13 +298,16 @@ def build_pretrained_preset(folder:str|Path, # the preset folder to write
         flamingo = load_flamingo(scratch, seed=config.seed)
         history = pretrain_flamingo(flamingo, pool, config, progress=progress)
         heldout = [r.image_id for r in pool.split("val")][:8]
+        shown = greedy_captions(flamingo, pool, heldout) if heldout else {}
         report = dict(config=asdict(config), lm=lm or {}, architecture=architecture or {}, clip_history=clip_run.history, history=history,
-                      heldout_captions={str(i): dict(generated=c, gold=pool.by_id(i).captions[0])
-                                        for i, c in greedy_captions(flamingo, pool, heldout).items()},
-                      pool=pool.summary(), seconds=round(time.perf_counter() - start, 1))
+                      heldout_captions={str(i): dict(generated=c, gold=pool.by_id(i).captions[0]) for i, c in shown.items()},
+                      pool=pool.summary(), pool_provenance=pool_provenance(pool, source),
+                      seconds=round(time.perf_counter() - start, 1))
         preset = save_pretrained_preset(flamingo, folder, report)
         pool_folder = pool_dir(folder)  # beside the preset, not in it: model folders copy the preset folder
-        shutil.rmtree(pool_folder, ignore_errors=True); shutil.copytree(tmp/"pool", pool_folder)
+        shutil.rmtree(pool_folder, ignore_errors=True)
+        if shapes: shutil.copytree(tmp/"pool", pool_folder)
+        else: save_json(report["pool_provenance"], pool_folder/"provenance.json")  # photos are not copied
     return preset
 
 # %% ../nbs/05a_pretraining.ipynb #bc2260c1
@@ -295,14 +316,19 @@ def pretrained_preset(config:PretrainConfig, # see `build_pretrained_preset` for
                       image_size:int=64, clip:dict|None=None, architecture:dict|None=None,
                       cache:str|Path|None=None, # default `cache_dir()`
                       progress:bool=True,
+                      pool:KarpathyDataset|None=None, patch_size:int=8,
                      ) -> Preset:
     "The pretrained preset of these settings: from the cache when built before, else built now and cached."
     settings = dict(version=1, config=asdict(config) | {"log_every": None}, exclude=sorted(map(_scene_key, exclude)),
                     tokenizer_texts=list(tokenizer_texts), lm=lm or {}, image_size=image_size, clip=clip or {})
-    settings |= {"architecture": architecture} if architecture else {}  # the default keeps the keys presets had
+    # keys added later join only when they differ from their default, so the presets built before keep their key
+    settings |= {"architecture": architecture} if architecture else {}
+    settings |= {"pool": pool_provenance(pool, pool.name)["content_hash"]} if pool is not None else {}
+    settings |= {"patch_size": patch_size} if patch_size != 8 else {}
     folder = Path(cache or cache_dir())/f"tiny-pretrained-{pretraining_key(settings)}"
     if (folder/"preset.json").is_file() and (folder/"pretraining.json").is_file(): return Preset.load(folder)
-    return build_pretrained_preset(folder, config, exclude, tokenizer_texts, lm, image_size, clip, progress, architecture)
+    return build_pretrained_preset(folder, config, exclude, tokenizer_texts, lm, image_size, clip, progress,
+                                   architecture, pool, patch_size)
 
 # %% ../nbs/05a_pretraining.ipynb #c1634f05
 def scratch_preset(pretrained:Preset, # a preset written by `build_pretrained_preset`
@@ -315,3 +341,17 @@ def scratch_preset(pretrained:Preset, # a preset written by `build_pretrained_pr
         twin.name, twin.flamingo_checkpoint = f"{pretrained.name}-scratch", None
         twin.save()
     return Preset.load(folder)
+
+# %% ../nbs/05a_pretraining.ipynb #652ed83e
+def karpathy_pool(json_path:str|Path, # a Karpathy file: the corpus's own, or another
+                  image_root:str|Path|None=None, # as `load_karpathy`
+                  corpus:KarpathyDataset|None=None, # the retrieval corpus: none of its test images may be in the pool
+                  progress:bool=False,
+                 ) -> KarpathyDataset:
+    "A pretraining pool from a Karpathy file: train images to pretrain on, val images for held-out captions."
+    pool = load_karpathy(json_path, image_root, splits=("train", "val"), progress=progress)
+    if corpus is not None and corpus.split("test"):
+        leaked = set(image_hashes(pool)) & set(image_hashes(corpus, "test"))
+        if leaked: raise PretrainingError(f"{json_path}: {len(leaked)} of its images are test images of the corpus "
+                                          f"{corpus.name}; a pretraining pool must not hold test images")
+    return pool

@@ -98,3 +98,70 @@ def test_grace_run_starts_from_the_pretrained_weights(built, monkeypatch):
     scratch = load_flamingo(scratch_preset(preset, built["tmp"]/"scratch"), seed=11)
     state = scratch.model.state_dict()
     assert not torch.equal(state["perceiver.latents"], saved["perceiver.latents"])  # the from-scratch twin is not pretrained
+
+
+# --- the pool follows the corpus (pretrain_pool): shapes, the corpus's train split, another Karpathy file ---
+from grace_nb.landscapes import write_landscapes_corpus
+from grace_nb.pipeline import pretrain_pool
+from grace_nb.pretraining import karpathy_pool, pool_provenance
+from collections import Counter
+from transformers import AutoTokenizer
+
+
+@pytest.fixture(scope="module")
+def lands(tmp_path_factory):
+    "A tiny landscapes corpus, a second Karpathy file (another seed) and a profile per pool choice."
+    tmp = tmp_path_factory.mktemp("lands")
+    corpus_json = write_landscapes_corpus(tmp/"data", n_train=30, n_val=4, n_test=12, seed=5, progress=False)
+    other_json = write_landscapes_corpus(tmp/"other", n_train=20, n_val=3, n_test=0, seed=6, progress=False)
+    (tmp/"settings.ini").write_text(
+        "[lands]\nextends = shapes\ncorpus = karpathy\ndata_dir = data\ndataset_json = ${data_dir}/dataset_landscapes.json\n"
+        "[lands-shapes]\nextends = lands\npretrain_pool = shapes\n[lands-train]\nextends = lands\npretrain_pool = train\n"
+        f"[lands-other]\nextends = lands\npretrain_pool = {other_json}\n[lands-bad]\nextends = lands\npretrain_pool = nowhere\n")
+    profiles = {n: load_profile(n, tmp/"settings.ini") for n in ("lands", "lands-shapes", "lands-train", "lands-other", "lands-bad")}
+    return dict(tmp=tmp, corpus=load_karpathy(corpus_json, progress=False), profiles=profiles, other=other_json)
+
+
+def test_three_pool_choices(lands):
+    p, corpus = lands["profiles"], lands["corpus"]
+    assert pretrain_pool(load_profile("shapes")) is None and pretrain_pool(p["lands-shapes"], corpus) is None
+    own, default = pretrain_pool(p["lands-train"], corpus), pretrain_pool(p["lands"], corpus)  # auto = train for Karpathy
+    assert [r.image_id for r in own] == [r.image_id for r in default] == [r.image_id for r in corpus.records if r.split != "test"]
+    assert own.name == "landscapes (train split)" and len(own.split("train")) == 30 and len(own.split("val")) == 4
+    other = pretrain_pool(p["lands-other"], corpus)
+    assert len(other.split("train")) == 20 and other.json_path == lands["other"]
+    with pytest.raises(Exception, match="neither auto, shapes, train nor a Karpathy file"): pretrain_pool(p["lands-bad"], corpus)
+
+
+def test_no_test_image_enters_the_pool(lands, tmp_path):
+    "By pixel hash: the train-split pool and another file hold no test image of the corpus; a leaky file is refused."
+    p, corpus = lands["profiles"], lands["corpus"]
+    test_hashes = set(image_hashes(corpus, "test"))
+    assert len(test_hashes) == 12
+    for name in ("lands-train", "lands-other"):
+        assert set(image_hashes(pretrain_pool(p[name], corpus))) & test_hashes == set()
+    leaky = json.loads(corpus.json_path.read_text())
+    for e in leaky["images"]: e["split"] = "train"
+    path = corpus.json_path.parent/"leaky.json"
+    path.write_text(json.dumps(leaky))
+    with pytest.raises(PretrainingError, match="12 of its images are test images"): karpathy_pool(path, corpus=corpus)
+
+
+def test_train_pool_tokenizer_covers_the_corpus_words(lands):
+    "Pretrained on the corpus's train split, every word used 5+ times in its captions is one token; on shapes, most are not."
+    corpus = lands["corpus"]
+    counts = Counter(w for r in corpus.split("train") for c in r.captions for w in c.replace(",", " ").split())
+    words = {w for w, n in counts.items() if n >= 5}
+    assert len(words) > 40
+    def pieces(pool):
+        preset = pretrained_preset(PretrainConfig(**SMALL), cache=lands["tmp"]/"cache", clip=dict(batch_size=16),
+                                   progress=False, pool=pool)
+        tok = AutoTokenizer.from_pretrained(str(preset.resolve(preset.tokenizer_path)))
+        return preset, {w: len(tok(" " + w)["input_ids"]) for w in words}
+    own_preset, own = pieces(pretrain_pool(lands["profiles"]["lands-train"], corpus))
+    _, shapes = pieces(None)
+    assert max(own.values()) == 1, {w: n for w, n in own.items() if n > 1}
+    assert sum(n > 1 for n in shapes.values()) > len(words) / 2
+    provenance = load_json(own_preset.root/"pretraining.json")["pool_provenance"]
+    assert provenance["images"] == 30 and provenance["source"] == "landscapes (train split)"
+    assert provenance == pool_provenance(pretrain_pool(lands["profiles"]["lands-train"], corpus), "landscapes (train split)")

@@ -88,3 +88,16 @@ def test_readme_shows_the_computed_results(rerun):
     readme = (ROOT/"README.md").read_text()
     missing = [i for i, now in rerun["index.ipynb"].items() if now and now not in readme]
     assert not missing, f"README.md lacks the output of index.ipynb's result cells {missing}: run `make readme`"
+
+
+def test_pool_study_supports_what_settings_and_readme_say():
+    "pool_study.json: the image-size default is the measured best, and the train-split pool holds no test image."
+    from grace_nb.core import load_profile
+    study = json.loads((RESULTS/"pool_study.json").read_text())
+    sizes, shapes = study["sizes"]["sizes"], load_profile("shapes")
+    best = max(sizes, key=lambda s: (s["R@1"], -s["image_size"]))
+    assert (best["image_size"], best["patch_size"]) == (shapes.image_size, shapes.patch_size)  # "the defaults stay"
+    assert all(s["image_size"] // s["patch_size"] == 8 for s in sizes)  # "the same 8 x 8 grid"
+    own = next(r for r in study["rows"] if r["profile"] == "landscapes")
+    assert own["pool"]["source"] == "landscapes (train split)" and own["pool"]["images"] == study["corpus"]["train"]["images"]
+    assert next(r for r in study["rows"] if r["profile"] == "landscapes-shapes-pool")["pool"]["source"].startswith("shapes")
