@@ -419,6 +419,22 @@ def _checked_entries(entries:list, image_root:Path, wanted:set, check:str, inclu
         problem, record = _load_entry(entry, i, image_root, wanted, check, include_restval, seen_files, seen_ids)
         yield (f"entry {i} ({entry.get('filename')!r})" if isinstance(entry, dict) else f"entry {i}"), problem, record
 
+# %% ../nbs/01_data.ipynb #291a4354
+def _load_entry(entry, i, image_root, wanted, check, include_restval, seen_files, seen_ids):
+    "(problem, None) for a bad entry, (None, record) for a good one, (None, None) for one outside `wanted`."
+    if (problem := _entry_problem(entry)) is not None: return problem, None
+    key = f"{entry.get('filepath', '')}/{entry['filename']}".lstrip("/")
+    if key in seen_files: return ("duplicate filename", f"{key!r} is also entry {seen_files[key]}"), None
+    if entry["imgid"] in seen_ids:
+        return ("duplicate imgid", f"imgid {entry['imgid']} is also entry {seen_ids[entry['imgid']]}"), None
+    seen_files[key], seen_ids[entry["imgid"]] = i, i
+    if entry["split"] not in wanted: return None, None
+    captions, problem = _captions(entry)
+    if problem is not None: return problem, None
+    path = image_root / entry.get("filepath", "") / entry["filename"]
+    if (problem := _image_problem(path, check)) is not None: return problem, None
+    return None, _make_record(entry, captions, path, include_restval)
+
 # %% ../nbs/01_data.ipynb #0153c92b
 def load_karpathy(json_path:str|Path, # dataset_flickr30k.json, dataset_coco.json, dataset_shapes.json, ...
                   image_root:str|Path|None=None, # folder the entries' filepath/filename are under (default: the JSON's folder)
@@ -444,22 +460,6 @@ def load_karpathy(json_path:str|Path, # dataset_flickr30k.json, dataset_coco.jso
     if skipped: print(_skip_report(skipped, len(entries), json_path))
     if not records: raise DataError(f"{json_path}: no usable entries in splits {tuple(splits)}")
     return KarpathyDataset(records, name, json_path, skipped)
-
-# %% ../nbs/01_data.ipynb #291a4354
-def _load_entry(entry, i, image_root, wanted, check, include_restval, seen_files, seen_ids):
-    "(problem, None) for a bad entry, (None, record) for a good one, (None, None) for one outside `wanted`."
-    if (problem := _entry_problem(entry)) is not None: return problem, None
-    key = f"{entry.get('filepath', '')}/{entry['filename']}".lstrip("/")
-    if key in seen_files: return ("duplicate filename", f"{key!r} is also entry {seen_files[key]}"), None
-    if entry["imgid"] in seen_ids:
-        return ("duplicate imgid", f"imgid {entry['imgid']} is also entry {seen_ids[entry['imgid']]}"), None
-    seen_files[key], seen_ids[entry["imgid"]] = i, i
-    if entry["split"] not in wanted: return None, None
-    captions, problem = _captions(entry)
-    if problem is not None: return problem, None
-    path = image_root / entry.get("filepath", "") / entry["filename"]
-    if (problem := _image_problem(path, check)) is not None: return problem, None
-    return None, _make_record(entry, captions, path, include_restval)
 
 # %% ../nbs/01_data.ipynb #ea7adbc5
 @patch
