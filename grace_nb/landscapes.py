@@ -190,7 +190,7 @@ def _c_light(s, rng):  # the sun or moon, else the sky, first
         light = "the moon shines" if s["sky"] == "night" else "the sun shines"
         return f"{light} over {_things(s['things'], rng)} {_choice(rng, GROUND_WORDS[s['ground']])}"
     where = _choice(rng, GROUND_WORDS[s["ground"]])
-    return f"{_choice(rng, SKY_WORDS[s['sky']])} , {_things(s['things'], rng)} {where}"
+    return f"{_choice(rng, SKY_WORDS[s['sky']])}, {_things(s['things'], rng)} {where}"
 
 LANDSCAPE_TEMPLATES = [_c_places, _c_count, _c_detail, _c_ground, _c_light]
 
@@ -204,7 +204,7 @@ def caption_landscape(scene:dict, # a scene as made by `sample_landscape`
         raise DataError(f"n_captions must be between 1 and {len(LANDSCAPE_TEMPLATES)}, "
                         f"got {n_captions}")
     order = rng.permutation(len(LANDSCAPE_TEMPLATES))[:n_captions]
-    return [" ".join(LANDSCAPE_TEMPLATES[i](scene, rng).replace(" ,", ",").split()) for i in order]
+    return [LANDSCAPE_TEMPLATES[i](scene, rng) for i in order]
 
 # %% ../nbs/01a_landscapes.ipynb #e802aacc
 LANDSCAPES_JSON = "dataset_landscapes.json"  # the file name `write_landscapes_corpus` writes

@@ -280,12 +280,12 @@ def build_pretrained_preset(folder:str|Path, # the preset folder to write
                             architecture:dict|None=None, # `write_tiny_preset` options
                             pool:KarpathyDataset|None=None, # a Karpathy pool (`karpathy_pool`); None: shapes
                             patch_size:int=8, # the tiny ViT's patch side
+                            provenance:dict|None=None, # the pool's `pool_provenance`, when already computed
                            ) -> Preset:
     "Pool -> CLIP on the pool -> tokenizer -> tiny Flamingo pretrained on the pool -> preset folder."
     start, folder = time.perf_counter(), Path(folder)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        shapes = pool is None
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp, shapes = Path(tmp_name), pool is None
         if shapes: pool = write_pretraining_pool(tmp/"pool", config.images, config.heldout, config.seed, exclude,
                                                  image_size, progress=progress)
         source = f"shapes (seed {config.seed})" if shapes else pool.name
@@ -301,7 +301,7 @@ def build_pretrained_preset(folder:str|Path, # the preset folder to write
         shown = greedy_captions(flamingo, pool, heldout) if heldout else {}
         report = dict(config=asdict(config), lm=lm or {}, architecture=architecture or {}, clip_history=clip_run.history, history=history,
                       heldout_captions={str(i): dict(generated=c, gold=pool.by_id(i).captions[0]) for i, c in shown.items()},
-                      pool=pool.summary(), pool_provenance=pool_provenance(pool, source),
+                      pool=pool.summary(), pool_provenance=provenance or pool_provenance(pool, source),
                       seconds=round(time.perf_counter() - start, 1))
         preset = save_pretrained_preset(flamingo, folder, report)
         pool_folder = pool_dir(folder)  # beside the preset, not in it: model folders copy the preset folder
@@ -323,12 +323,13 @@ def pretrained_preset(config:PretrainConfig, # see `build_pretrained_preset` for
                     tokenizer_texts=list(tokenizer_texts), lm=lm or {}, image_size=image_size, clip=clip or {})
     # keys added later join only when they differ from their default, so the presets built before keep their key
     settings |= {"architecture": architecture} if architecture else {}
-    settings |= {"pool": pool_provenance(pool, pool.name)["content_hash"]} if pool is not None else {}
+    provenance = pool_provenance(pool, pool.name) if pool is not None else None  # hashes every pool image once
+    settings |= {"pool": provenance["content_hash"]} if provenance else {}
     settings |= {"patch_size": patch_size} if patch_size != 8 else {}
     folder = Path(cache or cache_dir())/f"tiny-pretrained-{pretraining_key(settings)}"
     if (folder/"preset.json").is_file() and (folder/"pretraining.json").is_file(): return Preset.load(folder)
     return build_pretrained_preset(folder, config, exclude, tokenizer_texts, lm, image_size, clip, progress,
-                                   architecture, pool, patch_size)
+                                   architecture, pool, patch_size, provenance)
 
 # %% ../nbs/05a_pretraining.ipynb #c1634f05
 def scratch_preset(pretrained:Preset, # a preset written by `build_pretrained_preset`
