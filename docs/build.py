@@ -212,6 +212,24 @@ def write_source_pages(lib: Path, target: Path):
 
 
 _NB_LINK = re.compile(r"\]\((?:nbs/)?([\w.-]+)\.ipynb(#[\w.-]+)?\)")
+_SHOWDOC_DEF = re.compile(r"\[source\]\(\S*?/(grace_nb/\w+\.py)#L(\d+)\)(?s:.*?)```python\ndef (\w+)\((?s:(.*?))\n?\)(?:->[^:\n]*)?:\n```")
+
+
+def class_signatures(text: str, lib: Path = ROOT) -> str:
+    """show_doc's Markdown with a class shown as one: fastcore writes every callable as `def Name(...)`. A class whose
+    signature is only `(*args, **kwargs)` (an exception, a protocol) shows its bases, `class TrieError(GraceError,
+    ValueError)`; another shows what constructing it takes, `class Profile(name:str, ...)`"""
+    def fix(match: re.Match) -> str:
+        module, line, name, params = match.group(1), int(match.group(2)), match.group(3), match.group(4)
+        path = lib/module
+        if not path.is_file(): return match.group(0)
+        head = next((l.strip() for l in path.read_text().splitlines()[line - 1:line + 5] if l.lstrip().startswith(("class ", "def "))), "")
+        if not head.startswith(f"class {name}"): return match.group(0)
+        code_start = match.start(3) - match.start(0) - len("def ")
+        if params.strip() in ("*args, **kwargs", ""): sig = head.rstrip(":")
+        else: sig = f"class {name}({params}\n)"
+        return match.group(0)[:code_start] + sig + "\n```"
+    return _SHOWDOC_DEF.sub(fix, text)
 _WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
@@ -248,7 +266,7 @@ def convert(notebook: dict, pages: dict[str, str]) -> tuple[dict, dict]:
             if data is not None:
                 if _WIDGET in data: continue   # a live widget (a tqdm bar): its text/plain is only the widget's repr
                 if "text/markdown" in data:   # show_doc output: its leading rule becomes a CSS border (site.css)
-                    text = re.sub(r"\A\s*---\s*\n", "", _source({"source": data["text/markdown"]}))
+                    text = class_signatures(re.sub(r"\A\s*---\s*\n", "", _source({"source": data["text/markdown"]})))
                     data["text/markdown"] = fix_links(text)
                 output = {**output, "data": data}
             outputs.append(output)

@@ -27,16 +27,20 @@ __all__ = ['OPENFLAMINGO_PRESETS', 'adapt_open_flamingo', 'BackboneError', 'tiny
 
 # %% ../nbs/04_backbone.ipynb #adbc27d9
 def _flamingo_layer_forward(self, lang_x, *args, **decoder_layer_kwargs):
-    "FlamingoLayer.forward for transformers 5: cross-attend to the image, then call the decoder layer with all its arguments."
+    """FlamingoLayer.forward for transformers 5: cross-attend to the image, then call the decoder
+    layer with all its arguments."""
     if self.gated_cross_attn_layer is not None:
         if self.vis_x is None: raise ValueError("vis_x must be conditioned before forward pass")
-        if self.media_locations is None: raise ValueError("media_locations must be conditioned before forward pass")
-        lang_x = self.gated_cross_attn_layer(lang_x, self.vis_x, media_locations=self.media_locations,
+        if self.media_locations is None:
+            raise ValueError("media_locations must be conditioned before forward pass")
+        lang_x = self.gated_cross_attn_layer(lang_x, self.vis_x,
+                                             media_locations=self.media_locations,
                                              use_cached_media=self.use_cached_media)
     return self.decoder_layer(lang_x, *args, **decoder_layer_kwargs)
 
 def adapt_open_flamingo() -> bool:
-    "Make open_flamingo's FlamingoLayer pass positional arguments through (transformers 5); True if it was patched now."
+    """Make open_flamingo's FlamingoLayer pass positional arguments through (transformers 5);
+    True if it was patched now."""
     from open_flamingo.src import flamingo_lm
     if flamingo_lm.FlamingoLayer.forward is _flamingo_layer_forward: return False
     flamingo_lm.FlamingoLayer._original_forward = flamingo_lm.FlamingoLayer.forward
@@ -47,7 +51,8 @@ adapt_open_flamingo();
 
 # %% ../nbs/04_backbone.ipynb #6c5318ee
 class BackboneError(GraceError, ValueError):
-    "A preset that cannot be built: a missing file, an unknown preset, a tokenizer that does not fit the model."
+    """A preset that cannot be built: a missing file, an unknown preset, a tokenizer that does not
+    fit the model."""
 
 # %% ../nbs/04_backbone.ipynb #938d9317
 def tiny_clip_config(image_size:int=64, # input side in pixels
@@ -59,11 +64,13 @@ def tiny_clip_config(image_size:int=64, # input side in pixels
                      text_layers:int=3, # text transformer layers
                      context_length:int=32, # text tokens (open_clip's bundled BPE tokenizer)
                     ) -> dict:
-    "An open_clip model config for a small ViT + text transformer (open_clip's own tokenizer, no download)."
-    if image_size % patch_size: raise BackboneError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    """An open_clip model config for a small ViT + text transformer (open_clip's own tokenizer,
+    no download)."""
+    if image_size % patch_size:
+        raise BackboneError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     return {"embed_dim": embed_dim,
-            "vision_cfg": {"image_size": image_size, "patch_size": patch_size, "width": width, "layers": layers,
-                           "head_width": 32, "mlp_ratio": 2.0},
+            "vision_cfg": {"image_size": image_size, "patch_size": patch_size, "width": width,
+                           "layers": layers, "head_width": 32, "mlp_ratio": 2.0},
             "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": text_width,
                          "heads": max(1, text_width // 32), "layers": text_layers}}
 
@@ -73,7 +80,8 @@ def register_clip_config(name:str, # the model name open_clip will know it by
                         ) -> Path:
     "Write `config` as `folder/name.json` and register it with open_clip; returns the JSON path."
     if not {"embed_dim", "vision_cfg", "text_cfg"} <= set(config):
-        raise BackboneError(f"open_clip config {name!r} needs embed_dim, vision_cfg and text_cfg; got {sorted(config)}")
+        raise BackboneError(f"open_clip config {name!r} needs embed_dim, vision_cfg and text_cfg; "
+                            f"got {sorted(config)}")
     path = Path(folder)/f"{name}.json"
     save_json(config, path)
     open_clip.add_model_config(path)
@@ -82,12 +90,14 @@ def register_clip_config(name:str, # the model name open_clip will know it by
 # %% ../nbs/04_backbone.ipynb #c24cfecb
 def tiny_lm_config(vocab_size:int, # the tokenizer's length
                    d_model:int=128, n_layers:int=4, n_heads:int=2, # width, depth, attention heads
-                   max_seq_len:int=256, # longest prompt + identifier (ALiBi: no position table, just a limit)
+                   # longest prompt + identifier (ALiBi: no position table, just a limit)
+                   max_seq_len:int=256,
                   ) -> MptConfig:
     "A small native-transformers MPT config (ALiBi, no bias, tied embeddings, no dropout)."
-    return MptConfig(d_model=d_model, n_layers=n_layers, n_heads=n_heads, expansion_ratio=4, max_seq_len=max_seq_len,
-                     vocab_size=vocab_size, no_bias=True, resid_pdrop=0, emb_pdrop=0,
-                     attn_config={"alibi": True, "attn_pdrop": 0}, tie_word_embeddings=True, use_cache=True)
+    return MptConfig(d_model=d_model, n_layers=n_layers, n_heads=n_heads, expansion_ratio=4,
+                     max_seq_len=max_seq_len, vocab_size=vocab_size, no_bias=True, resid_pdrop=0,
+                     emb_pdrop=0, attn_config={"alibi": True, "attn_pdrop": 0},
+                     tie_word_embeddings=True, use_cache=True)
 
 # %% ../nbs/04_backbone.ipynb #64d7d203
 @dataclass
@@ -96,16 +106,20 @@ class Preset:
     name:str # e.g. "tiny", "openflamingo-3b"
     root:Path # the folder paths are relative to
     clip_model:str # open_clip model name ("ViT-L-14", "grace-tiny-clip")
-    clip_weights:str|None # open_clip weights: a local file, or None for random (tiny preset before CLIP training)
+    # open_clip weights: a local file, or None for random (tiny preset before CLIP training)
+    clip_weights:str|None
     lm_path:str # language-model folder (transformers `from_pretrained` format)
     tokenizer_path:str # tokenizer folder
     cross_attn_every_n_layers:int=1 # a gated cross-attention block every n decoder layers
-    clip_config:str|None=None # JSON that registers `clip_model` with open_clip (non-built-in models)
-    decoder_layers_attr_name:str|None=None # where the LM keeps its decoder layers (e.g. "transformer.blocks")
-    perceiver:dict|None=None # PerceiverResampler size (depth, num_latents, heads, dim_head); None = open_flamingo's
-    cross_attn:dict|None=None # GatedCrossAttentionBlock size (heads, dim_head, ff_mult); None = open_flamingo's
+    clip_config:str|None=None # JSON registering `clip_model` with open_clip (non-built-in models)
+    decoder_layers_attr_name:str|None=None # the LM's decoder layers (e.g. "transformer.blocks")
+    # PerceiverResampler size (depth, num_latents, heads, dim_head); None = open_flamingo's
+    perceiver:dict|None=None
+    # GatedCrossAttentionBlock size (heads, dim_head, ff_mult); None = open_flamingo's
+    cross_attn:dict|None=None
     gate_init:float|None=None # start value of the tanh gates (None: open_flamingo's 0, i.e. closed)
-    flamingo_checkpoint:str|None=None # OpenFlamingo checkpoint of the Perceiver + cross-attention weights
+    # OpenFlamingo checkpoint of the Perceiver + cross-attention weights
+    flamingo_checkpoint:str|None=None
     trust_remote_code:bool=False # the LM folder ships its own modeling code (mosaicml's MPT-1B)
 
     def resolve(self, rel:str|None) -> Path|None:
@@ -114,88 +128,116 @@ class Preset:
 
     def save(self, folder:str|Path|None=None) -> Path:
         "Write `preset.json` into `folder` (default `root`)."
-        return save_json({k: v for k, v in self.__dict__.items() if k != "root"}, Path(folder or self.root)/"preset.json")
+        return save_json({k: v for k, v in self.__dict__.items() if k != "root"},
+                         Path(folder or self.root)/"preset.json")
 
     @classmethod
     def load(cls, folder:str|Path) -> Preset:
         "Read `folder/preset.json`."
         path = Path(folder)/"preset.json"
-        if not path.is_file(): raise BackboneError(f"no preset.json in {folder} (a preset folder holds preset.json, the tokenizer and the LM)")
+        if not path.is_file():
+            raise BackboneError(f"no preset.json in {folder} "
+                                "(a preset folder holds preset.json, the tokenizer and the LM)")
         return cls(root=Path(folder), **load_json(path))
 
 # %% ../nbs/04_backbone.ipynb #3bd363d0
 def write_tiny_preset(folder:str|Path, # the preset folder to create
-                      tokenizer:PreTrainedTokenizerBase, # tokenizer with <|endofchunk|>, <image> and a pad token
+                      # tokenizer with <|endofchunk|>, <image> and a pad token
+                      tokenizer:PreTrainedTokenizerBase,
                       clip_config:dict|None=None, # open_clip config (default `tiny_clip_config()`)
-                      clip_weights:str|Path|None=None, # trained open_clip weights (.safetensors), copied in; None = random
+                      # trained open_clip weights (.safetensors), copied in; None = random
+                      clip_weights:str|Path|None=None,
                       lm_config:MptConfig|None=None, # default `tiny_lm_config(len(tokenizer))`
-                      cross_attn_every_n_layers:int=2, # OpenFlamingo-3B has 1; every 2nd of 4 layers halves the cost
-                      perceiver:dict|None=None, # sizes to change from depth 1, 16 latents, 4 heads of 32
+                      # OpenFlamingo-3B has 1; every 2nd of 4 layers halves the cost
+                      cross_attn_every_n_layers:int=2,
+                      # sizes to change from depth 1, 16 latents, 4 heads of 32
+                      perceiver:dict|None=None,
                       cross_attn:dict|None=None, # default 2 heads of 64, feed-forward 2x wide
-                      gate_init:float|None=1.0, # tanh-gate start: open (tanh 1 = 0.76), as no pretrained LM needs protecting
+                      # tanh-gate start: open (tanh 1 = 0.76), as no pretrained LM needs protecting
+                      gate_init:float|None=1.0,
                       seed:int=0, # initialises the language model
-                      clip_name:str="grace-tiny-clip", # the open_clip model name the config is registered under
+                      # the open_clip model name the config is registered under
+                      clip_name:str="grace-tiny-clip",
                      ) -> Preset:
-    "Save a tiny Flamingo's parts (open_clip config [+ weights], MPT LM, tokenizer) and its preset.json."
+    """Save a tiny Flamingo's parts (open_clip config [+ weights], MPT LM, tokenizer) and its
+    preset.json."""
     missing = [t for t in ("<|endofchunk|>", "<image>") if t not in tokenizer.get_vocab()]
     if missing or tokenizer.pad_token is None:
-        raise BackboneError(f"the tokenizer lacks {missing or 'a pad token'}; train it with train_bpe_tokenizer")
+        raise BackboneError(f"the tokenizer lacks {missing or 'a pad token'}; "
+                            "train it with train_bpe_tokenizer")
     with atomic_write(folder) as tmp:
         register_clip_config(clip_name, clip_config or tiny_clip_config(), tmp/"clip")
-        if clip_weights is not None: shutil.copyfile(clip_weights, tmp/"clip"/"open_clip_model.safetensors")
+        if clip_weights is not None:
+            shutil.copyfile(clip_weights, tmp/"clip"/"open_clip_model.safetensors")
         torch.manual_seed(seed)
         MptForCausalLM(lm_config or tiny_lm_config(len(tokenizer))).save_pretrained(tmp/"lm")
         tokenizer.save_pretrained(tmp/"tokenizer")
-        Preset("tiny", tmp, clip_name, None if clip_weights is None else "clip/open_clip_model.safetensors",
+        Preset("tiny", tmp, clip_name,
+               None if clip_weights is None else "clip/open_clip_model.safetensors",
                "lm", "tokenizer", cross_attn_every_n_layers, clip_config=f"clip/{clip_name}.json",
                decoder_layers_attr_name="transformer.blocks",
                perceiver=dict(depth=1, num_latents=16, heads=4, dim_head=32) | (perceiver or {}),
-               cross_attn=cross_attn or dict(heads=2, dim_head=64, ff_mult=2), gate_init=gate_init).save()
+               cross_attn=cross_attn or dict(heads=2, dim_head=64, ff_mult=2),
+               gate_init=gate_init).save()
     return Preset.load(folder)
 
 # %% ../nbs/04_backbone.ipynb #65eb6cfa
 OPENFLAMINGO_PRESETS = {
-    # name: (open_clip model, LM folder name, cross-attention every n layers, decoder layers attribute)
+    # name: (open_clip model, LM folder name, cross-attention every n layers,
+    #        decoder layers attribute)
     "openflamingo-3b": ("ViT-L-14-quickgelu", "mpt-1b-redpajama-200b", 1, "transformer.blocks"),
     "openflamingo-4b": ("ViT-L-14-quickgelu", "RedPajama-INCITE-Base-3B-v1", 2, "gpt_neox.layers"),
 }
-_SOURCES = {"checkpoint_dir": "the OpenFlamingo checkpoint.pt (huggingface.co/openflamingo/OpenFlamingo-3B-vitl-mpt1b)",
-            "lm_path": "the language model folder with its tokenizer (huggingface.co/anas-awadalla/mpt-1b-redpajama-200b, the "
-                       "copy OpenFlamingo loads; togethercomputer/RedPajama-INCITE-Base-3B-v1 for the 4B model)",
-            "clip_path": "CLIP ViT-L/14 (OpenAI) weights as an open_clip state dict: open_clip_model.safetensors from "
+_SOURCES = {"checkpoint_dir": "the OpenFlamingo checkpoint.pt "
+                              "(huggingface.co/openflamingo/OpenFlamingo-3B-vitl-mpt1b)",
+            "lm_path": "the language model folder with its tokenizer "
+                       "(huggingface.co/anas-awadalla/mpt-1b-redpajama-200b, the copy OpenFlamingo "
+                       "loads; togethercomputer/RedPajama-INCITE-Base-3B-v1 for the 4B model)",
+            "clip_path": "CLIP ViT-L/14 (OpenAI) weights as an open_clip state dict: "
+                         "open_clip_model.safetensors from "
                          "huggingface.co/timm/vit_large_patch14_clip_224.openai"}
 
 # %% ../nbs/04_backbone.ipynb #b0e968d5
 def _is_torchscript(path:Path) -> bool:
-    "True for a TorchScript archive (a zip with a code/ folder), which torch.load(weights_only=True) refuses."
+    """True for a TorchScript archive (a zip with a code/ folder), which
+    torch.load(weights_only=True) refuses."""
     import zipfile
     if not zipfile.is_zipfile(path): return False
-    with zipfile.ZipFile(path) as archive: return any("/code/" in f"/{name}" for name in archive.namelist())
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in f"/{name}" for name in archive.namelist())
 
 # %% ../nbs/04_backbone.ipynb #5d4f0859
-def openflamingo_preset(profile:Profile, # a profile with model_preset, checkpoint_dir, lm_path, clip_path
+def openflamingo_preset(profile:Profile, # sets model_preset, checkpoint_dir, lm_path, clip_path
                         check:bool=True, # fail now if a file is missing
                        ) -> Preset:
     "The OpenFlamingo preset of a paper-scale profile, with its local files checked."
     if profile.model_preset not in OPENFLAMINGO_PRESETS:
-        raise BackboneError(f"profile [{profile.name}]: unknown model_preset {profile.model_preset!r}; "
-                            f"use tiny or one of {', '.join(OPENFLAMINGO_PRESETS)}")
+        raise BackboneError(f"profile [{profile.name}]: unknown model_preset "
+                            f"{profile.model_preset!r}; use tiny or one of "
+                            f"{', '.join(OPENFLAMINGO_PRESETS)}")
     clip_model, lm_name, every, layers = OPENFLAMINGO_PRESETS[profile.model_preset]
     paths = {}
     for key in ("checkpoint_dir", "lm_path", "clip_path"):
-        if profile.get(key) is None: raise BackboneError(f"profile [{profile.name}] sets no {key}: {_SOURCES[key]}")
+        if profile.get(key) is None:
+            raise BackboneError(f"profile [{profile.name}] sets no {key}: {_SOURCES[key]}")
         paths[key] = profile.path(key)
     checkpoint = paths["checkpoint_dir"]/"checkpoint.pt"
     if check:
-        for key, path in (("checkpoint_dir", checkpoint), ("lm_path", paths["lm_path"]/"config.json"), ("clip_path", paths["clip_path"])):
+        for key, path in (("checkpoint_dir", checkpoint),
+                          ("lm_path", paths["lm_path"]/"config.json"),
+                          ("clip_path", paths["clip_path"])):
             if not path.exists():
-                raise BackboneError(f"profile [{profile.name}]: missing {path} ({key} in settings.ini). It is {_SOURCES[key]}; "
-                                    f"download it on a machine with internet and put it there. grace_nb never downloads.")
+                raise BackboneError(f"profile [{profile.name}]: missing {path} ({key} in "
+                                    f"settings.ini). It is {_SOURCES[key]}; download it on a "
+                                    f"machine with internet and put it there. "
+                                    f"grace_nb never downloads.")
         if _is_torchscript(paths["clip_path"]):
-            raise BackboneError(f"profile [{profile.name}]: {paths['clip_path']} (clip_path) is a TorchScript archive, which is "
-                                f"not loaded (reading it would unpickle arbitrary objects); use {_SOURCES['clip_path']}")
-    return Preset(profile.model_preset, Path("/"), clip_model, str(paths["clip_path"]), str(paths["lm_path"]),
-                  str(paths["lm_path"]), every, decoder_layers_attr_name=layers, flamingo_checkpoint=str(checkpoint),
+            raise BackboneError(f"profile [{profile.name}]: {paths['clip_path']} (clip_path) is a "
+                                f"TorchScript archive, which is not loaded (reading it would "
+                                f"unpickle arbitrary objects); use {_SOURCES['clip_path']}")
+    return Preset(profile.model_preset, Path("/"), clip_model, str(paths["clip_path"]),
+                  str(paths["lm_path"]), str(paths["lm_path"]), every,
+                  decoder_layers_attr_name=layers, flamingo_checkpoint=str(checkpoint),
                   trust_remote_code=True)
 
 # %% ../nbs/04_backbone.ipynb #8cb09707
@@ -208,94 +250,116 @@ class Flamingo:
     preset:Preset # where the parts came from
 
     @property
-    def vocab_size(self) -> int: return self.model.lang_encoder.get_output_embeddings().weight.shape[0]
+    def vocab_size(self) -> int:
+        return self.model.lang_encoder.get_output_embeddings().weight.shape[0]
     def num_parameters(self, trainable:bool=False) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad or not trainable)
     def __repr__(self):
-        return (f"Flamingo({self.preset.name}: {self.num_parameters():,} parameters, {self.num_parameters(True):,} trainable, "
-                f"vocab {self.vocab_size}, vis_dim {self.model.vis_dim}, lang_dim {self.model.lang_dim})")
+        return (f"Flamingo({self.preset.name}: {self.num_parameters():,} parameters, "
+                f"{self.num_parameters(True):,} trainable, vocab {self.vocab_size}, "
+                f"vis_dim {self.model.vis_dim}, lang_dim {self.model.lang_dim})")
 
 # %% ../nbs/04_backbone.ipynb #3efc8bdd
 def set_trainable(model:nn.Module, # open_flamingo.Flamingo
                  ) -> nn.Module:
-    "The paper's split: vision encoder frozen; Perceiver, cross-attention and the whole language model trained."
+    """The paper's split: vision encoder frozen; Perceiver, cross-attention and the whole language
+    model trained."""
     model.requires_grad_(True)
     model.vision_encoder.requires_grad_(False)
     return model
 
-_LM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_LM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 def _check_preset_files(preset:Preset, grown_tokenizer:Path|None=None) -> None:
-    "BackboneError naming the first missing file of a preset or of a grown tokenizer (before the factory fails less clearly)."
+    """BackboneError naming the first missing file of a preset or of a grown tokenizer (before the
+    factory fails less clearly)."""
     lm, name = preset.resolve(preset.lm_path), preset.name
-    tokenizers = [preset.resolve(preset.tokenizer_path)] + ([grown_tokenizer] if grown_tokenizer else [])
+    tokenizers = ([preset.resolve(preset.tokenizer_path)]
+                  + ([grown_tokenizer] if grown_tokenizer else []))
     if preset.clip_config and not (config := preset.resolve(preset.clip_config)).is_file():
         raise BackboneError(f"preset {name!r}: the open_clip config {config} does not exist")
     for what, path in (("language model", lm), *(("tokenizer", t) for t in tokenizers)):
-        if not path.is_dir(): raise BackboneError(f"preset {name!r}: the {what} folder {path} does not exist")
-    if not (lm/"config.json").is_file(): raise BackboneError(f"preset {name!r}: the language model folder {lm} has no config.json")
+        if not path.is_dir():
+            raise BackboneError(f"preset {name!r}: the {what} folder {path} does not exist")
+    if not (lm/"config.json").is_file():
+        raise BackboneError(f"preset {name!r}: the language model folder {lm} has no config.json")
     if not any((lm/f).is_file() for f in _LM_WEIGHTS):
-        raise BackboneError(f"preset {name!r}: the language model folder {lm} has no weights ({' or '.join(_LM_WEIGHTS)})")
+        raise BackboneError(f"preset {name!r}: the language model folder {lm} has no weights "
+                            f"({' or '.join(_LM_WEIGHTS)})")
     for path in tokenizers:
-        if not (path/"tokenizer_config.json").is_file() or not any((path/f).is_file() for f in _TOKENIZER_FILES):
-            raise BackboneError(f"preset {name!r}: the tokenizer folder {path} needs tokenizer_config.json and one of "
-                                f"{', '.join(_TOKENIZER_FILES)}")
+        if (not (path/"tokenizer_config.json").is_file()
+                or not any((path/f).is_file() for f in _TOKENIZER_FILES)):
+            raise BackboneError(f"preset {name!r}: the tokenizer folder {path} needs "
+                                f"tokenizer_config.json and one of {', '.join(_TOKENIZER_FILES)}")
     weights = preset.resolve(preset.clip_weights)
-    if weights is not None and not weights.exists(): raise BackboneError(f"preset {name!r}: missing CLIP weights {weights}")
+    if weights is not None and not weights.exists():
+        raise BackboneError(f"preset {name!r}: missing CLIP weights {weights}")
 
 # %% ../nbs/04_backbone.ipynb #f76732da
 def load_flamingo(preset:Preset|str|Path, # a Preset, or a preset folder
-                  tokenizer_path:str|Path|None=None, # a grown copy of the preset's tokenizer (a saved model's), applied last
+                  # a grown copy of the preset's tokenizer (a saved model's), applied last
+                  tokenizer_path:str|Path|None=None,
                   device:str|torch.device="cpu",
-                  seed:int|None=0, # seeds the parts the factory initialises randomly (Perceiver, cross-attention)
+                  seed:int|None=0, # seeds the factory's random init (Perceiver, cross-attention)
                  ) -> Flamingo:
-    "Build a Flamingo with open_flamingo's factory at the preset's tokenizer, load its checkpoint, then grow to `tokenizer_path`."
+    """Build a Flamingo with open_flamingo's factory at the preset's tokenizer, load its checkpoint,
+    then grow to `tokenizer_path`."""
     from open_flamingo import create_model_and_transforms
     from open_flamingo.src.helpers import GatedCrossAttentionBlock, PerceiverResampler
     preset = preset if isinstance(preset, Preset) else Preset.load(preset)
-    grown = Path(tokenizer_path) if tokenizer_path else None
-    _check_preset_files(preset, grown)
+    grown = Path(tokenizer_path) if tokenizer_path else None; _check_preset_files(preset, grown)
     if preset.clip_config: open_clip.add_model_config(preset.resolve(preset.clip_config))
     weights = preset.resolve(preset.clip_weights)
     if seed is not None: torch.manual_seed(seed)
     with contextlib.redirect_stdout(io.StringIO()):  # the factory prints a parameter count
         model, image_processor, tokenizer = create_model_and_transforms(
-            preset.clip_model, str(weights) if weights else None, str(preset.resolve(preset.lm_path)),
-            str(preset.resolve(preset.tokenizer_path)), cross_attn_every_n_layers=preset.cross_attn_every_n_layers,
+            preset.clip_model, str(weights) if weights else None,
+            str(preset.resolve(preset.lm_path)), str(preset.resolve(preset.tokenizer_path)),
+            cross_attn_every_n_layers=preset.cross_attn_every_n_layers,
             use_local_files=True, decoder_layers_attr_name=preset.decoder_layers_attr_name)
     if preset.perceiver: model.perceiver = PerceiverResampler(dim=model.vis_dim, **preset.perceiver)
     if preset.cross_attn:  # rebuild the blocks at the preset's size and re-wrap the decoder layers
         lang = model.lang_encoder
         lang.gated_cross_attn_layers = nn.ModuleList(
-            None if block is None else GatedCrossAttentionBlock(dim=model.lang_dim, dim_visual=model.vis_dim, **preset.cross_attn)
+            None if block is None else GatedCrossAttentionBlock(
+                dim=model.lang_dim, dim_visual=model.vis_dim, **preset.cross_attn)
             for block in lang.gated_cross_attn_layers)
         lang.init_flamingo_layers(gradient_checkpointing=False)
     if preset.gate_init is not None:
         for block in model.lang_encoder.gated_cross_attn_layers:
-            if block is not None: block.attn_gate.data.fill_(preset.gate_init); block.ff_gate.data.fill_(preset.gate_init)
-    if preset.flamingo_checkpoint: _load_flamingo_checkpoint(model, preset.resolve(preset.flamingo_checkpoint))
+            if block is not None:
+                block.attn_gate.data.fill_(preset.gate_init)
+                block.ff_gate.data.fill_(preset.gate_init)
+    if preset.flamingo_checkpoint:
+        _load_flamingo_checkpoint(model, preset.resolve(preset.flamingo_checkpoint))
     flamingo = Flamingo(set_trainable(model), image_processor, tokenizer, preset)
-    if grown is not None: _grow_to_tokenizer(flamingo, grown)  # after the checkpoint: it holds the base vocabulary
-    flamingo.model.to(device)
-    return flamingo
+    if grown is not None: _grow_to_tokenizer(flamingo, grown)  # after the checkpoint (base vocab)
+    flamingo.model.to(device); return flamingo
 
 # %% ../nbs/04_backbone.ipynb #8626ee9c
 def _load_flamingo_checkpoint(model:nn.Module, checkpoint:Path) -> None:
-    "Load an OpenFlamingo-style state dict (.pt or .safetensors) into a model built at the checkpoint's vocabulary."
+    """Load an OpenFlamingo-style state dict (.pt or .safetensors) into a model built at the
+    checkpoint's vocabulary."""
     if checkpoint.suffix == ".safetensors":
         from safetensors.torch import load_file
         state = load_file(str(checkpoint))
-    else: state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # refuses anything but tensors and containers
+    else:  # weights_only refuses anything but tensors and containers
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not any(str(k).startswith("perceiver.") for k in state):
-        raise BackboneError(f"{checkpoint} holds no Perceiver weights: not an OpenFlamingo checkpoint")
+        raise BackboneError(f"{checkpoint} holds no Perceiver weights: "
+                            "not an OpenFlamingo checkpoint")
     own = model.state_dict()
     if wrong := next((k for k, v in state.items() if k in own and own[k].shape != v.shape), None):
         theirs, mine = state[wrong].shape, own[wrong].shape
-        rows = (f" ({theirs[0]} rows against the tokenizer's {mine[0]}: a checkpoint holds the embeddings at the vocabulary "
-                f"it was trained with; build at that tokenizer and grow after loading)") if theirs[1:] == mine[1:] else ""
-        raise BackboneError(f"{checkpoint}: {wrong} has shape {tuple(theirs)}, the model's is {tuple(mine)}{rows}")
-    model.load_state_dict(state, strict=False)  # it holds the trained parts only (Perceiver, cross-attention, LM)
+        rows = (f" ({theirs[0]} rows against the tokenizer's {mine[0]}: a checkpoint holds the "
+                f"embeddings at the vocabulary it was trained with; build at that tokenizer and "
+                f"grow after loading)") if theirs[1:] == mine[1:] else ""
+        raise BackboneError(f"{checkpoint}: {wrong} has shape {tuple(theirs)}, the model's is "
+                            f"{tuple(mine)}{rows}")
+    # it holds the trained parts only (Perceiver, cross-attention, LM)
+    model.load_state_dict(state, strict=False)
 
 # %% ../nbs/04_backbone.ipynb #7f8701d2
 @torch.no_grad()
@@ -303,61 +367,75 @@ def vision_features(model:nn.Module, # open_flamingo.Flamingo
                     images:torch.Tensor, # [B, 3, H, W] from the image processor
                    ) -> torch.Tensor:
     "Frozen patch features of the vision encoder, [B, tokens, vis_dim] (cacheable per image)."
-    if images.ndim != 4: raise BackboneError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+    if images.ndim != 4:
+        raise BackboneError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
     return model.vision_encoder(images)[1]
 
 def _cache_kwarg(lang_encoder:nn.Module) -> str:
-    "The name the LM's forward uses for its KV cache (transformers 5: cache; older remote code: past_key_values)."
+    """The name the LM's forward uses for its KV cache (transformers 5: cache; older remote code:
+    past_key_values)."""
     from open_flamingo.src.flamingo_lm import FlamingoLMMixin
     mro = type(lang_encoder).__mro__
-    below = mro[mro.index(FlamingoLMMixin) + 1:]  # the LM classes FlamingoLMMixin.forward hands over to
+    # the LM classes FlamingoLMMixin.forward hands over to
+    below = mro[mro.index(FlamingoLMMixin) + 1:]
     forward = next(c.__dict__["forward"] for c in below if "forward" in c.__dict__)
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 # %% ../nbs/04_backbone.ipynb #d54eb4eb
 def flamingo_forward(model:nn.Module, # open_flamingo.Flamingo
-                     input_ids:torch.Tensor, # [B, T] token ids (rows with an image hold an <image> token)
-                     attention_mask:torch.Tensor|None=None, # [B, T] (past + new tokens when a cache is given)
-                     features:torch.Tensor|None=None, # [B, tokens, vis_dim] (or [B, n_images, tokens, vis_dim]), or None (text only)
+                     input_ids:torch.Tensor, # [B, T] token ids (a row with an image has <image>)
+                     attention_mask:torch.Tensor|None=None, # [B, T] (past + new tokens if cached)
+                     # [B, tokens, vis_dim] (or [B, n_images, tokens, vis_dim]), or None (text only)
+                     features:torch.Tensor|None=None,
                      labels:torch.Tensor|None=None, # [B, T], -100 where no loss is taken
                      cache=None, # a transformers Cache from an earlier call (decoding)
                      use_cache:bool=False, # return the updated cache
-                     cached_media:bool=False, # decoding after an image prompt (in the cache): new tokens attend to it
+                     # decoding after an image prompt (in the cache): new tokens attend to it
+                     cached_media:bool=False,
                      **lm_kwargs, # passed to the language model, e.g. output_hidden_states=True
                     ):
-    "Flamingo's forward on precomputed vision features; returns the LM output (loss, logits, cache)."
+    """Flamingo's forward on precomputed vision features; returns the LM output (loss, logits,
+    cache)."""
     lang = model.lang_encoder
-    if cached_media and features is None: raise BackboneError("cached_media=True needs the prompt image's features")
+    if cached_media and features is None:
+        raise BackboneError("cached_media=True needs the prompt image's features")
     if features is None:  # text only: a single all-zero visual token set that nothing attends to
-        latents = model.perceiver.latents  # under DeepSpeed ZeRO-3 a partitioned parameter keeps its shape in ds_shape
-        vis_x = torch.zeros(1, 1, getattr(latents, "ds_shape", latents.shape)[0], model.vis_dim, dtype=latents.dtype,
-                            device=input_ids.device)
+        # under DeepSpeed ZeRO-3 a partitioned parameter keeps its shape in ds_shape
+        latents = model.perceiver.latents
+        vis_x = torch.zeros(1, 1, getattr(latents, "ds_shape", latents.shape)[0], model.vis_dim,
+                            dtype=latents.dtype, device=input_ids.device)
     else:
-        # [B, tokens, d]: one image per row; [B, n_images, tokens, d]: interleaved images, each <image> token in order
+        # [B, tokens, d]: one image per row; [B, n_images, tokens, d]: interleaved, in <image> order
         media = features[:, None, None] if features.ndim == 3 else features[:, :, None]
         vis_x = model.perceiver(media)  # [B, T_img, F=1, tokens, d] -> [B, T_img, latents, d]
     for layer in lang._get_decoder_layers():
         layer.condition_vis_x(vis_x)
-        # with cached media, open_flamingo keeps these locations and lets every new token attend to image 1
-        if cached_media: layer.condition_media_locations(torch.ones(len(input_ids), 1, dtype=torch.bool, device=input_ids.device))
+        # with cached media, open_flamingo keeps these locations: every new token attends to image 1
+        if cached_media: layer.condition_media_locations(
+            torch.ones(len(input_ids), 1, dtype=torch.bool, device=input_ids.device))
     lang._use_cached_vision_x = cached_media
     try:
         kwargs = {_cache_kwarg(lang): cache} if cache is not None else {}
-        return lang(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=use_cache, **kwargs, **lm_kwargs)
+        return lang(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                    use_cache=use_cache, **kwargs, **lm_kwargs)
     finally:
         lang.clear_conditioned_layers()
         lang._use_cached_vision_x = False
 
 # %% ../nbs/04_backbone.ipynb #b498c42d
 def _projection(in_dim:int, out_dim:int, seed:int) -> torch.Tensor:
-    "A fixed Gaussian random projection [in_dim, out_dim] with unit-variance outputs for unit inputs."
+    """A fixed Gaussian random projection [in_dim, out_dim] with unit-variance outputs for unit
+    inputs."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(in_dim, out_dim, generator=gen) / math.sqrt(out_dim)
 
-def _clip_rows(tokens:list[str], identifier_map:IdentifierMap, image_embeddings:dict, base:torch.Tensor, seed:int) -> torch.Tensor:
-    "Rows for atomic tokens from their images' CLIP embeddings: projected, scaled to the base rows' mean norm."
+def _clip_rows(tokens:list[str], identifier_map:IdentifierMap, image_embeddings:dict,
+               base:torch.Tensor, seed:int) -> torch.Tensor:
+    """Rows for atomic tokens from their images' CLIP embeddings: projected, scaled to the base
+    rows' mean norm."""
     owner = {identifier_map.identifiers[i]: i for i in identifier_map.identifiers}
-    emb = torch.as_tensor(np.stack([image_embeddings[owner[t]] for t in tokens]), dtype=torch.float32)
+    emb = torch.as_tensor(np.stack([image_embeddings[owner[t]] for t in tokens]),
+                          dtype=torch.float32)
     emb = emb / emb.norm(dim=1, keepdim=True)
     rows = emb @ _projection(emb.shape[1], base.shape[1], seed)
     return rows / rows.norm(dim=1, keepdim=True) * base.norm(dim=1).mean()
@@ -367,7 +445,8 @@ def _grow_embeddings(flamingo:Flamingo, # its tokenizer has grown; its embedding
                      seed:int=0, # noise seed
                      rows=None, # base rows -> new rows; None: the mean base row plus noise
                     ) -> None:
-    "Resize the LM's embeddings to the tokenizer and initialise the new rows (an untied output matrix gets them too)."
+    """Resize the LM's embeddings to the tokenizer and initialise the new rows (an untied output
+    matrix gets them too)."""
     lang = flamingo.model.lang_encoder
     lang.resize_token_embeddings(len(flamingo.tokenizer))
     weight = lang.get_input_embeddings().weight
@@ -376,46 +455,61 @@ def _grow_embeddings(flamingo:Flamingo, # its tokenizer has grown; its embedding
         if rows is not None: weight[old:] = rows(base).to(weight)
         else:
             gen = torch.Generator().manual_seed(seed)
-            noise = torch.randn(len(weight) - old, weight.shape[1], generator=gen) * base.std(0, keepdim=True)
+            noise = (torch.randn(len(weight) - old, weight.shape[1], generator=gen)
+                     * base.std(0, keepdim=True))
             weight[old:] = base.mean(0, keepdim=True) + noise.to(weight)
     out = lang.get_output_embeddings()
-    if out.weight.data_ptr() != weight.data_ptr(): out.weight.data[old:] = weight.data[old:]  # untied LMs
+    if out.weight.data_ptr() != weight.data_ptr():
+        out.weight.data[old:] = weight.data[old:]  # untied LMs
 
 # %% ../nbs/04_backbone.ipynb #d2a4224c
 def grow_vocabulary(flamingo:Flamingo, # the bundle to grow in place
                     identifier_map:IdentifierMap, # its `new_tokens` are added
-                    init:str="random", # "random" (mean + noise) or "clip" (atomic tokens from image embeddings)
-                    image_embeddings:dict[int, np.ndarray]|None=None, # image id -> CLIP embedding (init="clip")
+                    # "random" (mean + noise) or "clip" (atomic tokens from image embeddings)
+                    init:str="random",
+                    # image id -> CLIP embedding (init="clip")
+                    image_embeddings:dict[int, np.ndarray]|None=None,
                     seed:int=0, # noise and projection seed
                    ) -> int:
-    "Add an identifier map's tokens to tokenizer and embeddings; returns how many tokens were added."
-    if init not in ("random", "clip"): raise BackboneError(f"init must be 'random' or 'clip', got {init!r}")
+    """Add an identifier map's tokens to tokenizer and embeddings; returns how many tokens were
+    added."""
+    if init not in ("random", "clip"):
+        raise BackboneError(f"init must be 'random' or 'clip', got {init!r}")
     if init == "clip" and (identifier_map.kind != "atomic" or image_embeddings is None):
-        raise BackboneError("init='clip' needs atomic identifiers and image_embeddings (image id -> CLIP embedding)")
+        raise BackboneError("init='clip' needs atomic identifiers and image_embeddings "
+                            "(image id -> CLIP embedding)")
     old = len(flamingo.tokenizer)
     added = add_identifier_tokens(flamingo.tokenizer, identifier_map)
     if added == 0: return 0
     new_tokens = flamingo.tokenizer.convert_ids_to_tokens(range(old, len(flamingo.tokenizer)))
-    rows = (lambda base: _clip_rows(new_tokens, identifier_map, image_embeddings, base, seed)) if init == "clip" else None
+    rows = ((lambda base: _clip_rows(new_tokens, identifier_map, image_embeddings, base, seed))
+            if init == "clip" else None)
     _grow_embeddings(flamingo, old, seed, rows)
     return added
 
 # %% ../nbs/04_backbone.ipynb #345808ac
 def openflamingo_state_dict(model:nn.Module, # open_flamingo.Flamingo
                            ) -> dict[str, torch.Tensor]:
-    "What OpenFlamingo's trainer saves as checkpoint.pt: the Perceiver, the cross-attention and every LM embedding."
-    factory_trained = {p.data_ptr() for part in (model.perceiver, model.lang_encoder.gated_cross_attn_layers,
-                                                 model.lang_encoder.get_input_embeddings()) for p in part.parameters()}
+    """What OpenFlamingo's trainer saves as checkpoint.pt: the Perceiver, the cross-attention and
+    every LM embedding."""
+    factory_trained = {p.data_ptr() for part in (model.perceiver,
+                                                 model.lang_encoder.gated_cross_attn_layers,
+                                                 model.lang_encoder.get_input_embeddings())
+                       for p in part.parameters()}
     state = model.state_dict()
-    for name, p in model.named_parameters():  # one name per tensor: a tied output matrix keeps its own key
+    # one name per tensor: a tied output matrix keeps its own key
+    for name, p in model.named_parameters():
         if "embed" not in name and p.data_ptr() not in factory_trained: state.pop(name, None)
-    aliases = ("lang_encoder.old_decoder_blocks", "lang_encoder.gated_cross_attn_layers", "vision_encoder")
+    aliases = ("lang_encoder.old_decoder_blocks", "lang_encoder.gated_cross_attn_layers",
+               "vision_encoder")
     return {k: v.detach().clone() for k, v in state.items() if not any(a in k for a in aliases)}
 
 # %% ../nbs/04_backbone.ipynb #c7e03e6c
 def _flamingo_tokenizer(path:Path) -> PreTrainedTokenizerBase:
-    "A tokenizer folder loaded as open_flamingo's factory loads one (its special tokens added when missing)."
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=True)
+    """A tokenizer folder loaded as open_flamingo's factory loads one (its special tokens added when
+    missing)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                              trust_remote_code=True)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
     if tokenizer.pad_token is None: tokenizer.add_special_tokens({"pad_token": "<PAD>"})
     return tokenizer
@@ -423,29 +517,35 @@ def _flamingo_tokenizer(path:Path) -> PreTrainedTokenizerBase:
 def _grow_to_tokenizer(flamingo:Flamingo, # built at its preset's tokenizer, checkpoint loaded
                        path:Path, # a grown copy of that tokenizer
                       ) -> int:
-    "Grow the bundle's tokenizer and embeddings to the tokenizer saved in `path`; returns how many tokens were added."
+    """Grow the bundle's tokenizer and embeddings to the tokenizer saved in `path`; returns how many
+    tokens were added."""
     grown, base = _flamingo_tokenizer(path), flamingo.tokenizer.get_vocab()
     ids = grown.get_vocab()
     if moved := [t for t, i in base.items() if ids.get(t) != i]:
-        raise BackboneError(f"the tokenizer {path} is not a grown copy of preset {flamingo.preset.name!r}'s tokenizer: "
-                            f"{len(moved)} of its {len(base)} tokens are missing or have another id, e.g. {moved[0]!r}")
+        raise BackboneError(f"the tokenizer {path} is not a grown copy of preset "
+                            f"{flamingo.preset.name!r}'s tokenizer: {len(moved)} of its "
+                            f"{len(base)} tokens are missing or have another id, e.g. {moved[0]!r}")
     old, flamingo.tokenizer = len(flamingo.tokenizer), grown
     if len(grown) > old: _grow_embeddings(flamingo, old)
     return len(grown) - old
 
 # %% ../nbs/04_backbone.ipynb #a2b56473
 def shrunken_openflamingo_preset(folder:str|Path, # where the shrunken parts are written
-                                 tokenizer:PreTrainedTokenizerBase, # any tokenizer with the Flamingo special tokens
+                                 # any tokenizer with the Flamingo special tokens
+                                 tokenizer:PreTrainedTokenizerBase,
                                  lm_layers:int=2, # MPT-1B has 24
                                  vision_layers:int=1, # ViT-L/14 has 24
                                 ) -> Preset:
-    "OpenFlamingo-3B's architecture (ViT-L/14 + MPT-1B width) with fewer layers and random weights: a wiring test."
+    """OpenFlamingo-3B's architecture (ViT-L/14 + MPT-1B width) with fewer layers and random
+    weights: a wiring test."""
     vit = open_clip.get_model_config(OPENFLAMINGO_PRESETS["openflamingo-3b"][0])
     vit["vision_cfg"]["layers"], vit["text_cfg"]["layers"] = vision_layers, 1
-    lm = MptConfig(d_model=2048, n_heads=16, n_layers=lm_layers, expansion_ratio=4, max_seq_len=2048,
-                   vocab_size=len(tokenizer), no_bias=True, attn_config={"alibi": True})
-    preset = write_tiny_preset(folder, tokenizer, clip_config=vit, lm_config=lm, cross_attn_every_n_layers=1,
-                               clip_name="grace-vitl14-shrunken")
-    preset.name, preset.perceiver, preset.cross_attn, preset.gate_init = "openflamingo-3b-shrunken", None, None, None  # open_flamingo's own
+    lm = MptConfig(d_model=2048, n_heads=16, n_layers=lm_layers, expansion_ratio=4,
+                   max_seq_len=2048, vocab_size=len(tokenizer), no_bias=True,
+                   attn_config={"alibi": True})
+    preset = write_tiny_preset(folder, tokenizer, clip_config=vit, lm_config=lm,
+                               cross_attn_every_n_layers=1, clip_name="grace-vitl14-shrunken")
+    preset.name, preset.perceiver, preset.cross_attn, preset.gate_init = (
+        "openflamingo-3b-shrunken", None, None, None)  # open_flamingo's own
     preset.save()
     return preset

@@ -17,10 +17,11 @@ import torch
 from fastcore.basics import patch
 
 from .core import GraceError, load_json, save_json, progress_bar
-from .data import POSITION_WORDS, KarpathyDataset, caption_attributes, scene_graph_attributes
+from .data import (POSITION_WORDS, KarpathyDataset, caption_attributes,
+                           scene_graph_attributes)
 from .backbone import Flamingo
-from .training import (Example, FeatureCache, TrainConfig, TrainResult, memorize_examples, retrieve_examples,
-                               train_grace)
+from .training import (Example, FeatureCache, TrainConfig, TrainResult, memorize_examples,
+                               retrieve_examples, train_grace)
 from .inference import beam_search, make_decoder
 from .identifiers import identifier_token_ids
 from .evaluation import GraceModel, evaluate_grace, load_grace_model, save_grace_model
@@ -41,7 +42,8 @@ class Question:
     answer:str # the exact answer (canonical words of the shapes corpus)
 
 COUNT_NAMES = {1: "one", 2: "two", 3: "three"}
-POSITION_NAMES = {cell: phrases[0] for cell, phrases in POSITION_WORDS.items()}  # (row, col) -> "in the top left"
+# (row, col) -> "in the top left"
+POSITION_NAMES = {cell: phrases[0] for cell, phrases in POSITION_WORDS.items()}
 
 # %% ../nbs/12_beyond_retrieval.ipynb #603234df
 def scene_questions(scene:dict, # a shapes scene graph (`ImageRecord.scene`)
@@ -56,17 +58,20 @@ def scene_questions(scene:dict, # a shapes scene graph (`ImageRecord.scene`)
            q("background", "what color is the background?", scene["background"])]
     for o in objs:
         out.append(q("shape", f"what shape is {POSITION_NAMES[(o['row'], o['col'])]}?", o["shape"]))
-        if shape_count[o["shape"]] == 1: out.append(q("color", f"what color is the {o['shape']}?", o["color"]))
+        if shape_count[o["shape"]] == 1:
+            out.append(q("color", f"what color is the {o['shape']}?", o["color"]))
         if pair_count[(o["color"], o["shape"])] == 1:
             out.append(q("size", f"is the {o['color']} {o['shape']} large or small?", o["size"]))
     cols = sorted(o["col"] for o in objs)
     if len(objs) > 1 and cols[0] < cols[1]:
-        out.append(q("leftmost", "which shape is furthest to the left?", min(objs, key=lambda o: o["col"])["shape"]))
+        out.append(q("leftmost", "which shape is furthest to the left?",
+                     min(objs, key=lambda o: o["col"])["shape"]))
     return out
 
 # %% ../nbs/12_beyond_retrieval.ipynb #d2511338
 class BeyondError(GraceError, ValueError):
-    "Inputs of the describe / question-answering experiments that do not fit (no scene graph, unknown prompt form)."
+    """Inputs of the describe / question-answering experiments that do not fit (no scene graph,
+    unknown prompt form)."""
 
 def dataset_questions(dataset:KarpathyDataset, # a shapes corpus (records carry scene graphs)
                       split:str, # whose images are asked about
@@ -74,7 +79,8 @@ def dataset_questions(dataset:KarpathyDataset, # a shapes corpus (records carry 
     "`scene_questions` for every image of `split`."
     records = dataset.split(split)
     if missing := [r.image_id for r in records if r.scene is None]:
-        raise BeyondError(f"image {missing[0]} has no scene graph: questions need the shapes corpus ({len(missing)} without)")
+        raise BeyondError(f"image {missing[0]} has no scene graph: questions need the shapes "
+                          f"corpus ({len(missing)} without)")
     return [x for r in records for x in scene_questions(r.scene, r.image_id)]
 
 # %% ../nbs/12_beyond_retrieval.ipynb #0f4c4c7a
@@ -85,64 +91,85 @@ PROMPTS = {("describe", "identifier"): "Describe the image {identifier}:",
            ("qa", "none"): "Question about an image: {question} Answer:",
            ("qa", "image"): "Question about the image <image>: {question} Answer:"}
 FORMS = ("identifier", "none", "image")
-PROMPT_TEXTS_BEYOND = tuple(p.format(identifier="", question="") for p in PROMPTS.values())  # for a tokenizer's training text
+# for a tokenizer's training text
+PROMPT_TEXTS_BEYOND = tuple(p.format(identifier="", question="") for p in PROMPTS.values())
 
 # %% ../nbs/12_beyond_retrieval.ipynb #a14044a9
 def prompt_ids(tokenizer, # the model's tokenizer
                task:str, # "describe" or "qa"
                form:str, # "identifier", "none" or "image"
-               identifier_ids:Sequence[int]=(), # the image's identifier tokens (no end token); form "identifier"
+               # the image's identifier tokens (no end token); form "identifier"
+               identifier_ids:Sequence[int]=(),
                question:str="", # the question; task "qa"
               ) -> list[int]:
     "Token ids of an instruction, the identifier's tokens spliced in where `{identifier}` stands."
-    if (task, form) not in PROMPTS: raise BeyondError(f"no prompt for task {task!r} in form {form!r}; forms: {', '.join(FORMS)}")
-    if form == "identifier" and not len(identifier_ids): raise BeyondError("form 'identifier' needs the identifier's token ids")
-    before, _, after = PROMPTS[(task, form)].format(question=question, identifier="\0").partition("\0")
+    if (task, form) not in PROMPTS:
+        raise BeyondError(f"no prompt for task {task!r} in form {form!r}; "
+                          f"forms: {', '.join(FORMS)}")
+    if form == "identifier" and not len(identifier_ids):
+        raise BeyondError("form 'identifier' needs the identifier's token ids")
+    before, _, after = (PROMPTS[(task, form)].format(question=question, identifier="\0")
+                        .partition("\0"))
     encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids if text else []
-    return encode(before.rstrip()) + (list(identifier_ids) if form == "identifier" else []) + encode(after)
+    return (encode(before.rstrip()) + (list(identifier_ids) if form == "identifier" else [])
+            + encode(after))
 
 # %% ../nbs/12_beyond_retrieval.ipynb #3ab481c3
 def instruction_examples(tokenizer, # the model's tokenizer (identifier tokens added)
-                         token_ids:dict[int, list[int]], # image id -> identifier token ids + end token
+                         token_ids:dict[int, list[int]], # image id -> identifier tokens + end token
                          questions:Sequence[Question]=(), # question-answer pairs to train on
-                         captions:Sequence[tuple[int, str]]=(), # (image id, caption) pairs: describe targets
+                         # (image id, caption) pairs: describe targets
+                         captions:Sequence[tuple[int, str]]=(),
                          forms:Sequence[str]=FORMS, # prompt forms to build
                         ) -> list[Example]:
     "Describe and question-answer examples in each prompt form (`has_image` for the image form)."
     eoc = tokenizer.convert_tokens_to_ids("<|endofchunk|>")
-    if bad := [f for f in forms if f not in FORMS]: raise BeyondError(f"unknown prompt form {bad[0]!r}; forms: {', '.join(FORMS)}")
-    items = [("qa", x.image_id, x.question, x.answer) for x in questions] + [("describe", i, "", c) for i, c in captions]
-    if missing := [i for _, i, _, _ in items if i not in token_ids]: raise BeyondError(f"image {missing[0]} has no identifier")
-    targets = tokenizer([" " + t.strip() for *_, t in items], add_special_tokens=False).input_ids if items else []
-    return [Example(prompt_ids(tokenizer, task, form, token_ids[i][:-1], question), target + [eoc], i, form == "image")
+    if bad := [f for f in forms if f not in FORMS]:
+        raise BeyondError(f"unknown prompt form {bad[0]!r}; forms: {', '.join(FORMS)}")
+    items = ([("qa", x.image_id, x.question, x.answer) for x in questions]
+             + [("describe", i, "", c) for i, c in captions])
+    if missing := [i for _, i, _, _ in items if i not in token_ids]:
+        raise BeyondError(f"image {missing[0]} has no identifier")
+    targets = (tokenizer([" " + t.strip() for *_, t in items], add_special_tokens=False).input_ids
+               if items else [])
+    return [Example(prompt_ids(tokenizer, task, form, token_ids[i][:-1], question), target + [eoc],
+                    i, form == "image")
             for form in forms for (task, i, question, _), target in zip(items, targets)]
 
 # %% ../nbs/12_beyond_retrieval.ipynb #04476bda
 def instruction_tune(flamingo:Flamingo, # a memorized GRACE model's bundle, trained in place
-                     token_ids:dict[int, list[int]], # every memorized image's identifier tokens (+ end token)
+                     # every memorized image's identifier tokens (+ end token)
+                     token_ids:dict[int, list[int]],
                      dataset:KarpathyDataset, # the shapes corpus
                      features:FeatureCache, # vision features of the memorized images
                      config:TrainConfig, # steps, lr, batch sizes
-                     train_split:str="train", # images whose descriptions and questions are trained on
-                     memorized:Sequence[int]|None=None, # images kept memorized (default: every image with an identifier and features)
+                     # images whose descriptions and questions are trained on
+                     train_split:str="train",
+                     # images kept memorized (default: every image with an identifier and features)
+                     memorized:Sequence[int]|None=None,
                      forms:Sequence[str]=FORMS, # prompt forms to train
                      out:str|Path|None=None, progress:bool=True,
                     ) -> TrainResult:
-    "Train describe and question answering on `train_split`, mixed with memorize and retrieve examples."
+    """Train describe and question answering on `train_split`, mixed with memorize and retrieve
+    examples."""
     records = dataset.split(train_split)
-    memorized = [i for i in token_ids if i in features.index] if memorized is None else list(memorized)
+    memorized = ([i for i in token_ids if i in features.index] if memorized is None
+                 else list(memorized))
     tok = flamingo.tokenizer
     tasks = instruction_examples(tok, token_ids, dataset_questions(dataset, train_split),
                                  [(r.image_id, c) for r in records for c in r.captions], forms)
     with_image = memorize_examples(tok, token_ids, memorized) + [e for e in tasks if e.has_image]
-    text_only = retrieve_examples(tok, token_ids, dataset.queries(train_split)) + [e for e in tasks if not e.has_image]
-    return train_grace(flamingo, with_image, text_only, features, config, out=out, progress=progress)
+    text_only = (retrieve_examples(tok, token_ids, dataset.queries(train_split))
+                 + [e for e in tasks if not e.has_image])
+    return train_grace(flamingo, with_image, text_only, features, config, out=out,
+                       progress=progress)
 
 # %% ../nbs/12_beyond_retrieval.ipynb #efcc11cc
 @torch.no_grad()
 def generate_texts(flamingo:Flamingo, # the instruction-tuned bundle
                    prompts:Sequence[Sequence[int]], # prompt token ids
-                   features:torch.Tensor|None=None, # [N, tokens, d] vision features of image-form prompts, or None
+                   # [N, tokens, d] vision features of image-form prompts, or None
+                   features:torch.Tensor|None=None,
                    num_beams:int=1, # 1: greedy
                    max_new_tokens:int=32, # the longest answer or description
                    batch_size:int=64, # prompts per beam search
@@ -150,19 +177,24 @@ def generate_texts(flamingo:Flamingo, # the instruction-tuned bundle
                   ) -> list[str]:
     "The best continuation of each prompt, decoded, without the end token."
     model, tok = flamingo.model, flamingo.tokenizer
-    eoc, pad, device = tok.convert_tokens_to_ids("<|endofchunk|>"), tok.pad_token_id, next(model.parameters()).device
+    eoc, pad, device = (tok.convert_tokens_to_ids("<|endofchunk|>"), tok.pad_token_id,
+                        next(model.parameters()).device)
     decoder, was_training, texts = make_decoder(model, pad), model.training, []
     model.eval()
     try:
-        for start in progress_bar(range(0, len(prompts), batch_size), desc="generate", leave=False, progress=progress):
+        for start in progress_bar(range(0, len(prompts), batch_size), desc="generate", leave=False,
+                                  progress=progress):
             part = [list(p) for p in prompts[start:start + batch_size]]
             width = max(map(len, part))
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in part], device=device)  # left padding
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part], device=device)
+            # left padding
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in part], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part],
+                                device=device)
             feats = None if features is None else features[start:start + batch_size].to(device)
             found = beam_search(decoder, ids, mask, None, eoc, num_beams=num_beams, num_return=1,
                                 max_new_tokens=max_new_tokens, features=feats, keep_unfinished=True)
-            texts += [tok.decode([t for t in seqs[0][0] if t != eoc], skip_special_tokens=True).strip() for seqs in found]
+            texts += [tok.decode([t for t in seqs[0][0] if t != eoc],
+                                 skip_special_tokens=True).strip() for seqs in found]
     finally: model.train(was_training)
     return texts
 
@@ -172,9 +204,11 @@ def _form_inputs(flamingo, token_ids, features, image_ids, form, task, questions
     tok = flamingo.tokenizer
     if form == "identifier" and (missing := [i for i in image_ids if i not in token_ids]):
         raise BeyondError(f"image {missing[0]} has no identifier in this model")
-    if form == "image" and features is None: raise BeyondError("the image form needs a FeatureCache of the images")
+    if form == "image" and features is None:
+        raise BeyondError("the image form needs a FeatureCache of the images")
     qs = questions or [""] * len(image_ids)
-    prompts = [prompt_ids(tok, task, form, token_ids[i][:-1] if form == "identifier" else (), q) for i, q in zip(image_ids, qs)]
+    prompts = [prompt_ids(tok, task, form, token_ids[i][:-1] if form == "identifier" else (), q)
+               for i, q in zip(image_ids, qs)]
     return prompts, features(list(image_ids)) if form == "image" else None
 
 def answer_questions(flamingo:Flamingo, # the instruction-tuned bundle
@@ -185,9 +219,10 @@ def answer_questions(flamingo:Flamingo, # the instruction-tuned bundle
                      batch_size:int=64, progress:bool=False,
                     ) -> list[str]:
     "The model's answer to each question, asked in prompt form `form` (greedy, at most 4 tokens)."
-    prompts, feats = _form_inputs(flamingo, token_ids, features, [x.image_id for x in questions], form, "qa",
-                                  [x.question for x in questions])
-    return generate_texts(flamingo, prompts, feats, max_new_tokens=4, batch_size=batch_size, progress=progress)
+    prompts, feats = _form_inputs(flamingo, token_ids, features, [x.image_id for x in questions],
+                                  form, "qa", [x.question for x in questions])
+    return generate_texts(flamingo, prompts, feats, max_new_tokens=4, batch_size=batch_size,
+                          progress=progress)
 
 def describe_images(flamingo:Flamingo, # the instruction-tuned bundle
                     token_ids:dict[int, list[int]], # image id -> identifier tokens + end token
@@ -198,7 +233,8 @@ def describe_images(flamingo:Flamingo, # the instruction-tuned bundle
                    ) -> dict[int, str]:
     "Image id -> the model's description of it, asked in prompt form `form`."
     prompts, feats = _form_inputs(flamingo, token_ids, features, list(image_ids), form, "describe")
-    texts = generate_texts(flamingo, prompts, feats, num_beams, max_new_tokens, batch_size, progress)
+    texts = generate_texts(flamingo, prompts, feats, num_beams, max_new_tokens, batch_size,
+                           progress)
     return dict(zip(image_ids, texts))
 
 # %% ../nbs/12_beyond_retrieval.ipynb #75636139
@@ -206,22 +242,26 @@ def qa_accuracy(questions:Sequence[Question], # the questions asked
                 predictions:Sequence[str], # one answer per question
                ) -> dict:
     "Exact-match accuracy (percent): overall, per question kind, and the number of questions."
-    if len(questions) != len(predictions): raise BeyondError(f"{len(predictions)} answers for {len(questions)} questions")
+    if len(questions) != len(predictions):
+        raise BeyondError(f"{len(predictions)} answers for {len(questions)} questions")
     if not questions: raise BeyondError("no questions to score")
     hits = defaultdict(list)
     for x, p in zip(questions, predictions): hits[x.kind].append(p.strip().lower() == x.answer)
     pct = lambda v: round(100 * sum(v) / len(v), 2)
-    return dict(all=pct([h for v in hits.values() for h in v]), **{k: pct(v) for k, v in sorted(hits.items())},
-                n_questions=len(questions))
+    return dict(all=pct([h for v in hits.values() for h in v]),
+                **{k: pct(v) for k, v in sorted(hits.items())}, n_questions=len(questions))
 
 def majority_answers(train_questions:Sequence[Question], # the training questions
                      questions:Sequence[Question], # the questions to answer
                     ) -> list[str]:
-    "The answer prior: each question's most common training answer (per question text, else per kind)."
+    """The answer prior: each question's most common training answer (per question text, else per
+    kind)."""
     by_text, by_kind = defaultdict(Counter), defaultdict(Counter)
     for x in train_questions: by_text[x.question][x.answer] += 1; by_kind[x.kind][x.answer] += 1
-    pick = lambda c: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0]  # most common; ties alphabetically
-    return [pick(by_text[x.question]) if x.question in by_text else pick(by_kind[x.kind]) if x.kind in by_kind else ""
+    # most common; ties alphabetically
+    pick = lambda c: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+    return [pick(by_text[x.question]) if x.question in by_text
+            else pick(by_kind[x.kind]) if x.kind in by_kind else ""
             for x in questions]
 
 # %% ../nbs/12_beyond_retrieval.ipynb #f172a3f2
@@ -230,18 +270,23 @@ ATTRIBUTE_KINDS = ("color", "shape", "size", "position", "background", "count")
 def attribute_scores(descriptions:dict[int, str], # image id -> description
                      dataset:KarpathyDataset, # the shapes corpus (scene graphs)
                     ) -> dict:
-    "Attribute precision and recall (percent) of descriptions against scene graphs: per kind and over all kinds."
+    """Attribute precision and recall (percent) of descriptions against scene graphs: per kind and
+    over all kinds."""
     named, right, truth = Counter(), Counter(), Counter()
     for image_id, text in descriptions.items():
         scene = dataset.by_id(image_id).scene
-        if scene is None: raise BeyondError(f"image {image_id} has no scene graph: attribute scores need the shapes corpus")
+        if scene is None:
+            raise BeyondError(f"image {image_id} has no scene graph: attribute scores need the "
+                              "shapes corpus")
         said, true = caption_attributes(text), scene_graph_attributes(scene)
         for kind, _ in said: named[kind] += 1
         for kind, _ in said & true: right[kind] += 1
         for kind, _ in true: truth[kind] += 1
     pct = lambda a, b: round(100 * a / b, 2) if b else None
-    rows = {k: dict(precision=pct(right[k], named[k]), recall=pct(right[k], truth[k])) for k in ATTRIBUTE_KINDS}
-    rows["all"] = dict(precision=pct(sum(right.values()), sum(named.values())), recall=pct(sum(right.values()), sum(truth.values())))
+    rows = {k: dict(precision=pct(right[k], named[k]), recall=pct(right[k], truth[k]))
+            for k in ATTRIBUTE_KINDS}
+    rows["all"] = dict(precision=pct(sum(right.values()), sum(named.values())),
+                       recall=pct(sum(right.values()), sum(truth.values())))
     return rows
 
 # %% ../nbs/12_beyond_retrieval.ipynb #4a60b975
@@ -253,22 +298,30 @@ def beyond_scores(flamingo:Flamingo, # an instruction-tuned bundle
                   train_split:str="train", # whose answers make the majority baseline
                   examples:int=3, # descriptions kept as examples
                  ) -> dict:
-    "Exact-match QA and description attribute scores of `split`'s images in every prompt form, with the no-model references."
+    """Exact-match QA and description attribute scores of `split`'s images in every prompt form,
+    with the no-model references."""
     train_q, asked = dataset_questions(dataset, train_split), dataset_questions(dataset, split)
     answers = {form: answer_questions(flamingo, token_ids, asked, form, features) for form in FORMS}
     qa = {form: qa_accuracy(asked, said) for form, said in answers.items()}
     qa["majority"] = qa_accuracy(asked, majority_answers(train_q, asked))
     records = dataset.split(split)
     image_ids = [r.image_id for r in records]
-    described = {form: describe_images(flamingo, token_ids, image_ids, form, features) for form in FORMS}
+    described = {form: describe_images(flamingo, token_ids, image_ids, form, features)
+                 for form in FORMS}
     describe = {form: attribute_scores(texts, dataset) for form, texts in described.items()}
-    describe["gold caption"] = attribute_scores({r.image_id: r.captions[0] for r in records}, dataset)
-    shown = [dict(image_id=r.image_id, gold=r.captions[0], **{form: described[form][r.image_id] for form in FORMS})
+    describe["gold caption"] = attribute_scores({r.image_id: r.captions[0] for r in records},
+                                                dataset)
+    shown = [dict(image_id=r.image_id, gold=r.captions[0],
+                  **{form: described[form][r.image_id] for form in FORMS})
              for r in records[:examples]]
-    same = lambda a, b: round(100 * sum(x == y for x, y in zip(a, b)) / len(a), 2)  # percent of identical outputs
-    prior = dict(same_answers=same(answers["identifier"], answers["none"]),  # does naming the image change the output?
-                 same_descriptions=same([described["identifier"][i] for i in image_ids], [described["none"][i] for i in image_ids]),
-                 distinct_descriptions={form: len(set(texts.values())) for form, texts in described.items()})
+    # percent of identical outputs
+    same = lambda a, b: round(100 * sum(x == y for x, y in zip(a, b)) / len(a), 2)
+    # does naming the image change the output?
+    prior = dict(same_answers=same(answers["identifier"], answers["none"]),
+                 same_descriptions=same([described["identifier"][i] for i in image_ids],
+                                        [described["none"][i] for i in image_ids]),
+                 distinct_descriptions={form: len(set(texts.values()))
+                                        for form, texts in described.items()})
     return dict(qa=qa, describe=describe, examples=shown, versus_prior=prior)
 
 # %% ../nbs/12_beyond_retrieval.ipynb #25eac6e2
@@ -281,25 +334,32 @@ def beyond_experiment(start:str|Path, # a saved GRACE model folder (memorized, r
                       resume:bool=False, # return out/row.json when it exists
                       progress:bool=False,
                      ) -> dict:
-    "Instruction-tune a saved GRACE model, then score QA and descriptions of the test images and Recall@K before / after."
+    """Instruction-tune a saved GRACE model, then score QA and descriptions of the test images and
+    Recall@K before / after."""
     out = Path(out)
     if resume and (out/"row.json").is_file(): return load_json(out/"row.json")
     model, queries = load_grace_model(start), dataset.queries("test")
-    recall = lambda m: {k: round(v, 2) for k, v in evaluate_grace(m, queries, num_beams=num_beams, num_return=num_return,
-                                                                  progress=False).items() if k in ("R@1", "R@5", "R@10")}
+    recall = lambda m: {k: round(v, 2) for k, v in evaluate_grace(
+        m, queries, num_beams=num_beams, num_return=num_return, progress=False).items()
+        if k in ("R@1", "R@5", "R@10")}
     before, trained_as = recall(model), model.config.get("extra", {})
     token_ids = identifier_token_ids(model.identifier_map, model.flamingo.tokenizer)
-    result = instruction_tune(model.flamingo, token_ids, dataset, features, config, progress=progress)
+    result = instruction_tune(model.flamingo, token_ids, dataset, features, config,
+                              progress=progress)
     test = dataset.split("test")
-    tuned = load_grace_model(save_grace_model(out/"model", model.flamingo, model.identifier_map, [r.image_id for r in test],
-                                              {r.image_id: str(r.path) for r in test},
-                                              extra=dict(instructions=["memorize", "retrieve", "describe", "qa"],
-                                                         prompts=list(PROMPTS.values()), train=config.__dict__,
-                                                         history=result.history, start=str(start))))
+    tuned = load_grace_model(save_grace_model(
+        out/"model", model.flamingo, model.identifier_map, [r.image_id for r in test],
+        {r.image_id: str(r.path) for r in test},
+        extra=dict(instructions=["memorize", "retrieve", "describe", "qa"],
+                   prompts=list(PROMPTS.values()), train=config.__dict__, history=result.history,
+                   start=str(start))))
     started = time.perf_counter()
-    row = dict(start=str(start), start_variant=trained_as.get("variant"), start_pseudo_queries=trained_as.get("pseudo_queries"),
-               steps=config.train_steps, train_seconds=result.train_seconds, last_log=result.history[-1] if result.history else None,
-               recall_before=before, recall_after=recall(tuned), **beyond_scores(tuned.flamingo, token_ids, dataset, features))
+    row = dict(start=str(start), start_variant=trained_as.get("variant"),
+               start_pseudo_queries=trained_as.get("pseudo_queries"), steps=config.train_steps,
+               train_seconds=result.train_seconds,
+               last_log=result.history[-1] if result.history else None,
+               recall_before=before, recall_after=recall(tuned),
+               **beyond_scores(tuned.flamingo, token_ids, dataset, features))
     save_json(row | dict(eval_seconds=round(time.perf_counter() - started, 1)), out/"row.json")
     return load_json(out/"row.json")
 
@@ -309,7 +369,8 @@ def _can_describe(model:GraceModel) -> bool:
     return "describe" in model.config.get("extra", {}).get("instructions", [])
 
 class GraceApp:
-    "An ipywidgets front end to a GRACE model: query, top-k images with identifiers and scores, describe a result."
+    """An ipywidgets front end to a GRACE model: query, top-k images with identifiers and scores,
+    describe a result."""
     def __init__(self, model:GraceModel, # a trained model (`load_grace_model`)
                  top_k:int=5, # results shown
                  can_describe:bool|None=None, # None: read it from the model's config
@@ -318,17 +379,22 @@ class GraceApp:
         import ipywidgets as W
         self.model, self.top_k, self.image_width, self.rows = model, top_k, image_width, []
         self.can_describe = _can_describe(model) if can_describe is None else can_describe
-        self.query = W.Text(placeholder="a red circle in the top left", description="query", continuous_update=False)
-        self.mode = W.ToggleButtons(options=["constrained", "unconstrained"], value="constrained", description="search")
+        self.query = W.Text(placeholder="a red circle in the top left", description="query",
+                            continuous_update=False)
+        self.mode = W.ToggleButtons(options=["constrained", "unconstrained"], value="constrained",
+                                    description="search")
         self.beams = W.IntSlider(value=max(10, top_k), min=1, max=30, description="beams")
-        self.search_button, self.describe_button = W.Button(description="retrieve"), W.Button(description="describe", disabled=True)
+        self.search_button, self.describe_button = (W.Button(description="retrieve"),
+                                                    W.Button(description="describe", disabled=True))
         self.status, self.description = W.HTML(), W.HTML()
         self.results = W.HBox()
         self.choice = W.Dropdown(options=[], description="result")
         self.search_button.on_click(lambda _: self.search())
         self.describe_button.on_click(lambda _: self.describe())
-        self.query.observe(lambda change: self.search() if change["new"].strip() else None, names="value")
-        self.widget = W.VBox([W.HBox([self.query, self.search_button]), self.mode, self.beams, self.status, self.results,
+        self.query.observe(lambda change: self.search() if change["new"].strip() else None,
+                           names="value")
+        self.widget = W.VBox([W.HBox([self.query, self.search_button]), self.mode, self.beams,
+                              self.status, self.results,
                               W.HBox([self.choice, self.describe_button]), self.description])
 
     def _ipython_display_(self):
@@ -339,11 +405,13 @@ class GraceApp:
 def _result_card(app:GraceApp, row:dict):
     "One result: the image (if the model knows its file) above rank, identifier and score."
     import ipywidgets as W
-    label = W.HTML(f"<b>{row['rank']}.</b> <code>{html.escape(row['identifier'])}</code><br>score {row['score']:.3f}"
+    label = W.HTML(f"<b>{row['rank']}.</b> <code>{html.escape(row['identifier'])}</code>"
+                   f"<br>score {row['score']:.3f}"
                    + ("" if row["image_id"] is not None else "<br><i>not a corpus identifier</i>"))
     path = app.model.image_path(row["image_id"]) if row["image_id"] is not None else None
     if path and Path(path).is_file():
-        image = W.Image(value=Path(path).read_bytes(), format=Path(path).suffix.lstrip(".") or "png", width=app.image_width)
+        image = W.Image(value=Path(path).read_bytes(),
+                        format=Path(path).suffix.lstrip(".") or "png", width=app.image_width)
     else: image = W.HTML(f"<div style='width:{app.image_width}px'>(no image file)</div>")
     return W.VBox([image, label])
 
@@ -351,42 +419,48 @@ def _result_card(app:GraceApp, row:dict):
 def search(self:GraceApp) -> list[dict]:
     "Retrieve for the query box's text; fill the result row and the result chooser."
     query = self.query.value.strip()
-    if not query:
-        self.status.value, self.rows = "type a query first", []
+    if not query: self.status.value, self.rows = "type a query first", []
     else:
         beams = int(self.beams.value)
         ranked = self.model.retrieve([query], num_beams=beams, num_return=min(self.top_k, beams),
                                     constrained=self.mode.value == "constrained", progress=False)[0]
-        tok = self.model.flamingo.tokenizer
-        eoc = tok.convert_tokens_to_ids("<|endofchunk|>")
+        tok = self.model.flamingo.tokenizer; eoc = tok.convert_tokens_to_ids("<|endofchunk|>")
         self.rows = []
-        for seq, score, images in zip(ranked.identifiers, ranked.scores, ranked.images_per_identifier):
-            text = tok.decode([t for t in seq if t != eoc], skip_special_tokens=True).strip() or "(empty)"
+        for seq, score, images in zip(ranked.identifiers, ranked.scores,
+                                      ranked.images_per_identifier):
+            text = (tok.decode([t for t in seq if t != eoc], skip_special_tokens=True).strip()
+                    or "(empty)")
             for image_id in images or [None]:
-                self.rows.append(dict(rank=len(self.rows) + 1, image_id=image_id, identifier=text, score=float(score)))
+                self.rows.append(dict(rank=len(self.rows) + 1, image_id=image_id, identifier=text,
+                                      score=float(score)))
         self.rows = self.rows[:self.top_k]
-        self.status.value = f"{len(self.rows)} results for <i>{html.escape(query)}</i> ({self.mode.value}, {beams} beams)"
+        self.status.value = (f"{len(self.rows)} results for <i>{html.escape(query)}</i> "
+                             f"({self.mode.value}, {beams} beams)")
     self.results.children = [_result_card(self, r) for r in self.rows]
-    self.choice.options = [(f"{r['rank']}. {r['identifier']}", r["rank"]) for r in self.rows if r["image_id"] is not None]
-    self.describe_button.disabled = not self.choice.options
-    self.description.value = ""
+    self.choice.options = [(f"{r['rank']}. {r['identifier']}", r["rank"]) for r in self.rows
+                           if r["image_id"] is not None]
+    self.describe_button.disabled = not self.choice.options; self.description.value = ""
     return self.rows
 
 # %% ../nbs/12_beyond_retrieval.ipynb #3a2609ac
-NOT_TUNED_NOTE = ("This model was not instruction-tuned to describe images (its config lists no 'describe' "
-                  "instruction), so the text below is whatever it generates after the describe prompt:")
+NOT_TUNED_NOTE = ("This model was not instruction-tuned to describe images (its config lists no "
+                  "'describe' instruction), so the text below is whatever it generates after the "
+                  "describe prompt:")
 
 @patch
 def describe(self:GraceApp) -> str:
     "Describe the chosen result with the identifier-only prompt; show and return the text."
-    row = next((r for r in self.rows if r["rank"] == self.choice.value and r["image_id"] is not None), None)
+    row = next((r for r in self.rows
+                if r["rank"] == self.choice.value and r["image_id"] is not None), None)
     if row is None:
         self.description.value = "search, then choose a result to describe"
         return ""
     image_id = row["image_id"]
     text = describe_images(self.model.flamingo, self.model.token_ids, [image_id])[image_id]
     note = "" if self.can_describe else f"<i>{NOT_TUNED_NOTE}</i><br>"
-    self.description.value = f"{note}<b>image {image_id}</b> (<code>{html.escape(row['identifier'])}</code>): {html.escape(text) or '(nothing)'}"
+    self.description.value = (f"{note}<b>image {image_id}</b> "
+                              f"(<code>{html.escape(row['identifier'])}</code>): "
+                              f"{html.escape(text) or '(nothing)'}")
     return text
 
 # %% ../nbs/12_beyond_retrieval.ipynb #39d23c8d
@@ -405,7 +479,8 @@ def snapshot(self:GraceApp, path:str|Path|None=None, # save the figure here (PNG
         if file and Path(file).is_file(): ax.imshow(Image.open(file).convert("RGB"))
         ax.set_title(f"{row['rank']}. {row['identifier']}\nscore {row['score']:.2f}", fontsize=8)
     text = re.sub(r"<[^>]+>", "", self.description.value)
-    fig.suptitle(f"query: {self.query.value!r}  ({self.mode.value}, {self.beams.value} beams)", fontsize=9)
+    fig.suptitle(f"query: {self.query.value!r}  ({self.mode.value}, {self.beams.value} beams)",
+                 fontsize=9)
     if text: fig.text(0.01, 0.01, text[:160], fontsize=7, wrap=True)
     fig.tight_layout(rect=(0, 0.08 if text else 0, 1, 0.95))
     if path is not None: fig.savefig(path, dpi=100)
@@ -415,8 +490,10 @@ def snapshot(self:GraceApp, path:str|Path|None=None, # save the figure here (PNG
 # %% ../nbs/12_beyond_retrieval.ipynb #18e0ca6a
 def grace_app(model:GraceModel|str|Path, # a trained model or its folder
               top_k:int=5, # results shown
-              can_describe:bool|None=None, # None: from the model's config (instruction-tuned to describe?)
+              # None: from the model's config (instruction-tuned to describe?)
+              can_describe:bool|None=None,
              ) -> GraceApp:
-    "The interactive demo: display the returned app in Jupyter (its `widget`), or drive it from code."
+    """The interactive demo: display the returned app in Jupyter (its `widget`), or drive it from
+    code."""
     if not isinstance(model, GraceModel): model = load_grace_model(model)
     return GraceApp(model, top_k=top_k, can_describe=can_describe)

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .core import (GraceError, atomic_write, barrier, is_main_process, load_json, main_only, repo_root, save_json,
-                           world_size)
+from .core import (GraceError, atomic_write, barrier, is_main_process, load_json, main_only,
+                           repo_root, save_json, world_size)
 
 # %% auto #0
 __all__ = ['TorchEngine', 'save_checkpoint', 'latest_checkpoint', 'prune_checkpoints', 'CheckpointError', 'load_checkpoint',
@@ -27,12 +27,16 @@ def _average_gradients(params:Sequence[nn.Parameter]) -> None:
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.flatten() for g in grads])
     torch.distributed.all_reduce(flat)
-    for p, g in zip(params, (flat / world_size()).split([g.numel() for g in grads])): p.grad = g.view_as(p).clone()
+    for p, g in zip(params, (flat / world_size()).split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).clone()
 
 class TorchEngine:
-    "Plain PyTorch backward/clip/step/schedule with DeepSpeed's engine interface (data-parallel over the ranks, if several)."
-    def __init__(self, model:nn.Module, optimizer:torch.optim.Optimizer, scheduler, grad_clip:float):
-        self.module, self.optimizer, self.scheduler, self.grad_clip = model, optimizer, scheduler, grad_clip
+    """Plain PyTorch backward/clip/step/schedule with DeepSpeed's engine interface (data-parallel
+    over the ranks, if several)."""
+    def __init__(self, model:nn.Module, optimizer:torch.optim.Optimizer, scheduler,
+                 grad_clip:float):
+        self.module, self.optimizer, self.scheduler, self.grad_clip = (model, optimizer, scheduler,
+                                                                       grad_clip)
         if world_size() > 1:  # every rank starts from rank 0's weights, as DeepSpeed's engine does
             for g in optimizer.param_groups:
                 for p in g["params"]: torch.distributed.broadcast(p.data, src=0)
@@ -47,7 +51,8 @@ class TorchEngine:
 
 # %% ../nbs/06a_checkpoints.ipynb #91e57c3e
 def _zero_managed(p:torch.Tensor) -> bool:
-    "True for a parameter whose fp32 master copy and optimizer state DeepSpeed keeps in partitions (ZeRO 1-3, bf16)."
+    """True for a parameter whose fp32 master copy and optimizer state DeepSpeed keeps in partitions
+    (ZeRO 1-3, bf16)."""
     return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
 
 def _named_trainable(model:nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -59,9 +64,11 @@ def _named_trainable(model:nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 # %% ../nbs/06a_checkpoints.ipynb #3b566af3
 def _trainable_state(model:nn.Module) -> dict[str, torch.Tensor]:
-    "Trainable parameters by name (tied weights once), full fp32 on the CPU; gathered from ZeRO partitions (call on every rank)."
+    """Trainable parameters by name (tied weights once), full fp32 on the CPU; gathered from ZeRO
+    partitions (call on every rank)."""
     from_zero = lambda p: __import__("deepspeed").utils.safe_get_full_fp32_param(p)
-    return {name: (from_zero(p) if _zero_managed(p) else p.detach()).float().cpu().contiguous() for name, p in _named_trainable(model)}
+    return {name: (from_zero(p) if _zero_managed(p) else p.detach()).float().cpu().contiguous()
+            for name, p in _named_trainable(model)}
 
 # %% ../nbs/06a_checkpoints.ipynb #940c9d61
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -73,37 +80,44 @@ def _base_optimizer(optimizer) -> torch.optim.Optimizer:
 
 # %% ../nbs/06a_checkpoints.ipynb #d8cf8340
 def _optimizer_state(model:nn.Module, optimizer) -> dict[str, torch.Tensor]:
-    "AdamW's state per trainable parameter (`<key>.<name>`), full and on the CPU, from a plain or a ZeRO optimizer."
+    """AdamW's state per trainable parameter (`<key>.<name>`), full and on the CPU, from a plain or
+    a ZeRO optimizer."""
     base, tensors = _base_optimizer(optimizer), {}
-    zero_step = next((st["step"] for st in base.state.values() if "step" in st), None)  # one count for all flat groups
+    # one count for all flat groups
+    zero_step = next((st["step"] for st in base.state.values() if "step" in st), None)
     for name, p in _named_trainable(model):
         if _zero_managed(p):
             if zero_step is None: continue  # no step taken yet: no state
             for key in _MOMENTS: tensors[f"{key}.{name}"] = _zero_moment(p, base, key)
             tensors[f"step.{name}"] = torch.as_tensor(zero_step).clone()
-        else: tensors |= {f"{key}.{name}": torch.as_tensor(v) for key, v in base.state.get(p, {}).items()}
+        else: tensors |= {f"{key}.{name}": torch.as_tensor(v)
+                          for key, v in base.state.get(p, {}).items()}
     return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
 
 # %% ../nbs/06a_checkpoints.ipynb #854b7a92
 _CHECKPOINT_FORMAT = "grace_nb.checkpoint/2"
 
 def save_checkpoint(folder:str|Path, # e.g. run/checkpoints/step_000100
-                    model:nn.Module, optimizer, # what is saved (a torch optimizer or DeepSpeed's wrapper of one)
+                    # what is saved (a torch optimizer or DeepSpeed's wrapper of one)
+                    model:nn.Module, optimizer,
                     step:int, # optimizer steps done
                     history:list[dict], # logged losses
                     extra:dict|None=None, # anything JSON-able (config)
                    ) -> Path:
-    "Write a checkpoint folder atomically (safetensors + JSON); under DeepSpeed every rank gathers, rank 0 writes."
+    """Write a checkpoint folder atomically (safetensors + JSON); under DeepSpeed every rank
+    gathers, rank 0 writes."""
     weights, moments = _trainable_state(model), _optimizer_state(model, optimizer)
     if is_main_process():
-        plain = (int, float, bool, str, list, tuple, type(None))  # hyper-parameters, for the record (the config rebuilds them)
-        groups = [{k: v for k, v in g.items() if k != "params" and isinstance(v, plain)} for g in _base_optimizer(optimizer).param_groups]
+        # hyper-parameters, for the record (the config rebuilds them)
+        plain = (int, float, bool, str, list, tuple, type(None))
+        groups = [{k: v for k, v in g.items() if k != "params" and isinstance(v, plain)}
+                  for g in _base_optimizer(optimizer).param_groups]
         with atomic_write(folder) as tmp:
             tmp.mkdir(parents=True)
             save_file(weights, str(tmp/"model.safetensors"))
             save_file(moments, str(tmp/"optimizer.safetensors"))
-            save_json(dict(format=_CHECKPOINT_FORMAT, step=step, history=history, optimizer={"param_groups": groups},
-                           extra=extra or {}), tmp/"state.json")
+            save_json(dict(format=_CHECKPOINT_FORMAT, step=step, history=history,
+                           optimizer={"param_groups": groups}, extra=extra or {}), tmp/"state.json")
     barrier()
     return Path(folder)
 
@@ -111,40 +125,51 @@ def save_checkpoint(folder:str|Path, # e.g. run/checkpoints/step_000100
 def latest_checkpoint(folder:str|Path, # a run's checkpoints folder
                      ) -> Path|None:
     "The checkpoint with the most steps (complete ones only), or None."
-    found = [p for p in Path(folder).glob("step_*") if (p/"state.json").is_file()] if Path(folder).is_dir() else []
+    found = ([p for p in Path(folder).glob("step_*") if (p/"state.json").is_file()]
+             if Path(folder).is_dir() else [])
     return max(found, key=lambda p: int(p.name.split("_")[1]), default=None)
 
 def prune_checkpoints(folder:str|Path, # a run's checkpoints folder
                       keep:int, # newest checkpoints kept; 0 keeps all
                      ) -> list[Path]:
-    "Delete all but the newest `keep` complete checkpoints (rank 0 only); returns the deleted folders."
-    found = sorted((p for p in Path(folder).glob("step_*") if (p/"state.json").is_file()), key=lambda p: int(p.name.split("_")[1]))
+    """Delete all but the newest `keep` complete checkpoints (rank 0 only); returns the deleted
+    folders."""
+    found = sorted((p for p in Path(folder).glob("step_*") if (p/"state.json").is_file()),
+                   key=lambda p: int(p.name.split("_")[1]))
     old = found[:-keep] if keep > 0 and is_main_process() else []
     for p in old: shutil.rmtree(p, ignore_errors=True)
     return old
 
 # %% ../nbs/06a_checkpoints.ipynb #c9970957
 class CheckpointError(GraceError, ValueError):
-    "A checkpoint that cannot be loaded into this model: a missing file, an unknown format, a name or shape that does not fit."
+    """A checkpoint that cannot be loaded into this model: a missing file, an unknown format, a name
+    or shape that does not fit."""
 
 # %% ../nbs/06a_checkpoints.ipynb #19dc3032
 def _load_weights(model:nn.Module, # filled in place
                   path:Path, # a safetensors file of trainable weights (`_trainable_state`)
                   error:type=CheckpointError, # the exception to raise
                  ) -> None:
-    "Copy saved weights into `model` (and ZeRO's fp32 masters), refusing unknown names, missing trainable names and shape mismatches."
-    weights, params = load_file(str(path)), dict(model.named_parameters())  # named_parameters lists tied weights once
-    if unknown := sorted(set(weights) - set(params)): raise error(f"{path}: weight {unknown[0]!r} is not in the model")
+    """Copy saved weights into `model` (and ZeRO's fp32 masters), refusing unknown names, missing
+    trainable names and shape mismatches."""
+    # named_parameters lists tied weights once
+    weights, params = load_file(str(path)), dict(model.named_parameters())
+    if unknown := sorted(set(weights) - set(params)):
+        raise error(f"{path}: weight {unknown[0]!r} is not in the model")
     trainable = {name for name, p in params.items() if p.requires_grad}
-    if missing := sorted(trainable - set(weights)): raise error(f"{path}: no weights for {missing[0]!r} ({len(missing)} missing)")
+    if missing := sorted(trainable - set(weights)):
+        raise error(f"{path}: no weights for {missing[0]!r} ({len(missing)} missing)")
     with torch.no_grad():
         for name, value in weights.items():
             p = params[name]
-            shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps a partitioned parameter's shape in ds_shape
+            # ZeRO-3 keeps a partitioned parameter's shape in ds_shape
+            shape = tuple(getattr(p, "ds_shape", p.shape))
             if shape != tuple(value.shape):
-                raise error(f"{path}: {name} has shape {tuple(value.shape)}, the model's is {shape}")
+                raise error(f"{path}: {name} has shape {tuple(value.shape)}, "
+                            f"the model's is {shape}")
             if p.shape == value.shape: p.copy_(value)
-            if _zero_managed(p): __import__("deepspeed").utils.safe_set_full_fp32_param(p, value.to(p.device))
+            if _zero_managed(p):
+                __import__("deepspeed").utils.safe_set_full_fp32_param(p, value.to(p.device))
 
 # %% ../nbs/06a_checkpoints.ipynb #52d13419
 def _load_optimizer_state(model:nn.Module, optimizer, path:Path) -> None:
@@ -155,66 +180,85 @@ def _load_optimizer_state(model:nn.Module, optimizer, path:Path) -> None:
         by_name.setdefault(name, {})[state_key] = value
     params, base = dict(_named_trainable(model)), _base_optimizer(optimizer)
     if unknown := sorted(set(by_name) - set(params)):
-        raise CheckpointError(f"{path}: optimizer state for {unknown[0]!r}, which is not a trainable parameter of the model")
+        raise CheckpointError(f"{path}: optimizer state for {unknown[0]!r}, which is not a "
+                              "trainable parameter of the model")
     zero = {n: st for n, st in by_name.items() if _zero_managed(params[n])}
     if zero:  # create the flat partitions' state, then scatter each parameter's part into it
         step = next(iter(zero.values()))["step"]
-        # ZeRO-3 empties the torch optimizer's groups between steps and keeps its flat partitions itself
-        flats = getattr(optimizer, "fp32_partitioned_groups_flat", None) or [f for g in base.param_groups for f in g["params"]]
-        for flat in flats: base.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in _MOMENTS}}
+        # ZeRO-3 empties the torch optimizer's groups between steps and keeps its flat partitions
+        # itself
+        flats = (getattr(optimizer, "fp32_partitioned_groups_flat", None)
+                 or [f for g in base.param_groups for f in g["params"]])
+        for flat in flats: base.state[flat] = {"step": step.clone(),
+                                               **{k: torch.zeros_like(flat) for k in _MOMENTS}}
         for name, st in zero.items():
             for key in _MOMENTS: _set_zero_moment(params[name], base, key, st[key])
     for name, st in by_name.items():
         if name not in zero:
             p = params[name]
-            base.state[p] = {k: v if k == "step" else v.to(p.device, p.dtype) for k, v in st.items()}
+            base.state[p] = {k: v if k == "step" else v.to(p.device, p.dtype)
+                             for k, v in st.items()}
 
 # %% ../nbs/06a_checkpoints.ipynb #21154c70
 def load_checkpoint(folder:str|Path, # a checkpoint folder
-                    model:nn.Module, optimizer=None, # filled in place (a torch optimizer or DeepSpeed's wrapper of one)
+                    # filled in place (a torch optimizer or DeepSpeed's wrapper of one)
+                    model:nn.Module, optimizer=None,
                    ) -> dict:
     "Load weights (and optimizer state) saved by `save_checkpoint`; returns state.json's content."
     folder = Path(folder)
     for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
-        if not (folder/name).is_file(): raise CheckpointError(f"checkpoint {folder} is missing {name}")
+        if not (folder/name).is_file():
+            raise CheckpointError(f"checkpoint {folder} is missing {name}")
     state = load_json(folder/"state.json")
     if state.get("format") != _CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{folder/'state.json'}: format {state.get('format', 'grace_nb.checkpoint/1')!r}, this grace_nb reads "
-                            f"{_CHECKPOINT_FORMAT!r} (optimizer state by parameter name); start the run again")
+        raise CheckpointError(f"{folder/'state.json'}: format "
+                              f"{state.get('format', 'grace_nb.checkpoint/1')!r}, "
+                              f"this grace_nb reads {_CHECKPOINT_FORMAT!r} "
+                              f"(optimizer state by parameter name); start the run again")
     _load_weights(model, folder/"model.safetensors")
-    if optimizer is not None: _load_optimizer_state(model, optimizer, folder/"optimizer.safetensors")
+    if optimizer is not None:
+        _load_optimizer_state(model, optimizer, folder/"optimizer.safetensors")
     return state
 
 # %% ../nbs/06a_checkpoints.ipynb #a8ae8e2a
 def _resume_point(folder:Path) -> Path|None:
-    "Rank 0 deletes cut-off checkpoints (atomic_write's hidden temporaries) and names the latest complete one to every rank."
+    """Rank 0 deletes cut-off checkpoints (atomic_write's hidden temporaries) and names the latest
+    complete one to every rank."""
     def find():
         for half in Path(folder).glob(".step_*"): shutil.rmtree(half, ignore_errors=True)
         return latest_checkpoint(folder)
     return main_only(find)
 
 # %% ../nbs/06a_checkpoints.ipynb #d837e29a
-def start_engine(model:nn.Module, optimizer:torch.optim.Optimizer, scheduler, # the run's model, AdamW and schedule
-                 grad_clip:float, # max gradient norm (TorchEngine; DeepSpeed reads its config's gradient_clipping)
-                 ds_config:dict|None=None, # a DeepSpeed config (`load_deepspeed_config`): a DeepSpeed engine; None: TorchEngine
+def start_engine(model:nn.Module, optimizer:torch.optim.Optimizer,
+                 scheduler, # the run's model, AdamW and schedule
+                 # max gradient norm (TorchEngine; DeepSpeed reads its config's gradient_clipping)
+                 grad_clip:float,
+                 # `load_deepspeed_config`'s config: a DeepSpeed engine; None: TorchEngine
+                 ds_config:dict|None=None,
                  checkpoint:Path|None=None, # a checkpoint folder to resume from (`_resume_point`)
                 ) -> tuple[object, dict|None]:
-    "The run's engine, restored from `checkpoint` (weights, AdamW state, schedule) if given; and the checkpoint's state.json."
-    if checkpoint is not None: _load_weights(model, checkpoint/"model.safetensors")  # before the engine: ZeRO partitions these
+    """The run's engine, restored from `checkpoint` (weights, AdamW state, schedule) if given; and
+    the checkpoint's state.json."""
+    # before the engine: ZeRO partitions these
+    if checkpoint is not None: _load_weights(model, checkpoint/"model.safetensors")
     if ds_config is not None: engine = deepspeed_engine(model, optimizer, scheduler, ds_config)
     else: engine = TorchEngine(model, optimizer, scheduler, grad_clip)
     if checkpoint is None: return engine, None
     state = load_checkpoint(checkpoint, engine.module, engine.optimizer)
     if (saved := state["extra"].get("world_size", 1)) != world_size():
-        warnings.warn(f"{checkpoint} was written by {saved} rank(s), this run has {world_size()}: its steps' batches grow or shrink")
-    with warnings.catch_warnings():  # stepping the schedule alone, to where the saved run stood, is intended
+        warnings.warn(f"{checkpoint} was written by {saved} rank(s), this run has {world_size()}: "
+                      f"its steps' batches grow or shrink")
+    # stepping the schedule alone, to where the saved run stood, is intended
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(state["step"]): scheduler.step()
     return engine, state
 
 # %% ../nbs/06a_checkpoints.ipynb #2263f99c
 class DeepSpeedConfigError(GraceError, ValueError):
-    "A DeepSpeed config grace_nb cannot use: a missing file, an unknown or ill-typed key, an optimizer of its own."
+    """A DeepSpeed config grace_nb cannot use: a missing file, an unknown or ill-typed key, an
+    optimizer of its own."""
 
 # %% ../nbs/06a_checkpoints.ipynb #d44c2a04
 def deepspeed_config_path(name:str, # file name in configs/deepspeed, e.g. "zero0_cpu.json"
@@ -223,7 +267,8 @@ def deepspeed_config_path(name:str, # file name in configs/deepspeed, e.g. "zero
     path = repo_root()/"configs"/"deepspeed"/name
     if not path.is_file():
         have = sorted(p.name for p in path.parent.glob("*.json")) if path.parent.is_dir() else []
-        raise DeepSpeedConfigError(f"no DeepSpeed config {name!r} in {path.parent} (have: {', '.join(have) or 'none'})")
+        raise DeepSpeedConfigError(f"no DeepSpeed config {name!r} in {path.parent} "
+                                   f"(have: {', '.join(have) or 'none'})")
     return path
 
 # %% ../nbs/06a_checkpoints.ipynb #240b52b7
@@ -232,21 +277,25 @@ def _quiet() -> bool:
     return logging.getLogger().level >= logging.ERROR
 
 def _import_deepspeed():
-    "The deepspeed module; its logger keeps the level it had before the import (quiet's), which the import resets to INFO."
+    """The deepspeed module; its logger keeps the level it had before the import (quiet's), which
+    the import resets to INFO."""
     if "deepspeed" not in sys.modules:
         ds_logger = logging.getLogger("DeepSpeed")
         level, keep = ds_logger.level, logging.Filter()
         keep.filter = lambda record: record.levelno >= level
-        ds_logger.addFilter(keep)  # the import logs its accelerator choice after resetting the level
+        # the import logs its accelerator choice after resetting the level
+        ds_logger.addFilter(keep)
         try: import deepspeed
         finally: ds_logger.removeFilter(keep); ds_logger.setLevel(level or logging.INFO)
     return sys.modules["deepspeed"]
 
 @contextlib.contextmanager
 def _quiet_start():
-    "When quiet: DeepSpeed's printed op-build note and torch's 'no CUDA runtime' warning are dropped while a process group starts."
+    """When quiet: DeepSpeed's printed op-build note and torch's 'no CUDA runtime' warning are
+    dropped while a process group starts."""
     if not _quiet(): yield; return
-    cpp, level = logging.getLogger("torch.utils.cpp_extension"), logging.getLogger("torch.utils.cpp_extension").level
+    cpp, level = (logging.getLogger("torch.utils.cpp_extension"),
+                  logging.getLogger("torch.utils.cpp_extension").level)
     cpp.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()): yield
@@ -254,34 +303,45 @@ def _quiet_start():
 
 # %% ../nbs/06a_checkpoints.ipynb #ab3799f6
 def _check_deepspeed_sections(config:dict, path) -> None:
-    "Validate the zero_optimization, bf16 and fp16 sections with DeepSpeed's own models; DeepSpeedConfigError naming the key."
+    """Validate the zero_optimization, bf16 and fp16 sections with DeepSpeed's own models;
+    DeepSpeedConfigError naming the key."""
     import pydantic
     _import_deepspeed()  # before its submodules, so that quiet() holds
     from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-    for section, model in (("zero_optimization", DeepSpeedZeroConfig), ("bf16", DeepSpeedBF16Config), ("fp16", DeepSpeedFP16Config)):
+    for section, model in (("zero_optimization", DeepSpeedZeroConfig),
+                           ("bf16", DeepSpeedBF16Config), ("fp16", DeepSpeedFP16Config)):
         if section not in config: continue
-        if not isinstance(config[section], dict): raise DeepSpeedConfigError(f"{path}: {section} must be a JSON object, got {config[section]!r}")
+        if not isinstance(config[section], dict):
+            raise DeepSpeedConfigError(f"{path}: {section} must be a JSON object, "
+                                       f"got {config[section]!r}")
         try: model(**config[section])
         except pydantic.ValidationError as e:
             error = e.errors()[0]
             key = ".".join([section, *map(str, error["loc"])])
-            raise DeepSpeedConfigError(f"{path}: {key}: {error['msg']} (value {error.get('input')!r})") from None
+            raise DeepSpeedConfigError(f"{path}: {key}: {error['msg']} "
+                                       f"(value {error.get('input')!r})") from None
 
 # %% ../nbs/06a_checkpoints.ipynb #9f873774
 def load_deepspeed_config(path:str|Path, # a DeepSpeed JSON config
                          ) -> dict:
-    "Read a DeepSpeed config and check the keys grace_nb relies on (clear errors before DeepSpeed's own)."
+    """Read a DeepSpeed config and check the keys grace_nb relies on (clear errors before
+    DeepSpeed's own)."""
     config = load_json(path)
-    known = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
-             "zero_optimization", "bf16", "fp16", "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer",
-             "activation_checkpointing", "communication_data_type", "prescale_gradients", "optimizer", "scheduler"}
+    known = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+             "gradient_clipping", "zero_optimization", "bf16", "fp16", "steps_per_print",
+             "wall_clock_breakdown", "zero_allow_untested_optimizer", "activation_checkpointing",
+             "communication_data_type", "prescale_gradients", "optimizer", "scheduler"}
     unknown = sorted(set(config) - known)
-    if unknown: raise DeepSpeedConfigError(f"{path}: unknown DeepSpeed config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if unknown: raise DeepSpeedConfigError(f"{path}: unknown DeepSpeed config key(s) "
+                                           f"{', '.join(unknown)}; "
+                                           f"known: {', '.join(sorted(known))}")
     if "optimizer" in config or "scheduler" in config:
-        raise DeepSpeedConfigError(f"{path}: leave out 'optimizer'/'scheduler'; grace_nb passes its AdamW and linear schedule")
+        raise DeepSpeedConfigError(f"{path}: leave out 'optimizer'/'scheduler'; grace_nb passes "
+                                   f"its AdamW and linear schedule")
     stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3): raise DeepSpeedConfigError(f"{path}: zero_optimization.stage must be 0-3, got {stage!r}")
+    if stage not in (0, 1, 2, 3):
+        raise DeepSpeedConfigError(f"{path}: zero_optimization.stage must be 0-3, got {stage!r}")
     _check_deepspeed_sections(config, path)
     return config
 
@@ -290,37 +350,51 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
-def deepspeed_engine(model:nn.Module, optimizer:torch.optim.Optimizer, scheduler, # as for TorchEngine
+def deepspeed_engine(model:nn.Module, optimizer:torch.optim.Optimizer,
+                     scheduler, # as for TorchEngine
                      config:dict, # a DeepSpeed config (see `load_deepspeed_config`)
                     ):
-    "A DeepSpeed engine over our model, optimizer and schedule (starts a 1-process group when not launched)."
+    """A DeepSpeed engine over our model, optimizer and schedule (starts a 1-process group when not
+    launched)."""
     deepspeed = _import_deepspeed()
     if "RANK" not in os.environ:  # not under the deepspeed launcher: a single local process
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
     with _quiet_start():
         if not torch.distributed.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                       verbose=False)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               lr_scheduler=scheduler, config=config)
     return engine
 
 # %% ../nbs/06a_checkpoints.ipynb #97a60d0f
 def _zero_moment(p:nn.Parameter, base:torch.optim.Optimizer, key:str) -> torch.Tensor:
-    "The full optimizer state `key` of a ZeRO-managed parameter, gathered from the flat partitions (collective)."
-    if hasattr(p, "ds_id"): return __import__("deepspeed").utils.safe_get_full_optimizer_state(p, key)  # ZeRO-3
-    # ZeRO-1/2 and the bf16 optimizer: read the parameter's slice of its group's flat state (DeepSpeed 0.19 links these
-    # slices once, after the first group's first step, so a second group's slices would be missing), then sum the ranks'
+    """The full optimizer state `key` of a ZeRO-managed parameter, gathered from the flat partitions
+    (collective)."""
+    if hasattr(p, "ds_id"):  # ZeRO-3
+        return __import__("deepspeed").utils.safe_get_full_optimizer_state(p, key)
+    # ZeRO-1/2 and the bf16 optimizer: read the parameter's slice of its group's flat state
+    # (DeepSpeed 0.19 links these slices once, after the first group's first step, so a second
+    # group's slices would be missing), then sum the ranks'
     buffer, mapping = torch.zeros(p.numel(), dtype=torch.float32, device=p.device), p._hp_mapping
     if mapping is not None:
         flat = base.param_groups[mapping.param_group_index]["params"][0]
         hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
-        buffer.narrow(0, lp.start, lp.numel).copy_(base.state[flat][key].narrow(0, hp.start, hp.numel))
+        buffer.narrow(0, lp.start, lp.numel).copy_(
+            base.state[flat][key].narrow(0, hp.start, hp.numel))
     torch.distributed.all_reduce(buffer, group=p._dp_group)
     return buffer.view(p.shape)
 
-def _set_zero_moment(p:nn.Parameter, base:torch.optim.Optimizer, key:str, value:torch.Tensor) -> None:
-    "Scatter a full optimizer state `key` into a ZeRO-managed parameter's partition (the state must exist)."
-    if hasattr(p, "ds_id"): return __import__("deepspeed").utils.safe_set_full_optimizer_state(p, value.to(p.device), key)
+def _set_zero_moment(p:nn.Parameter, base:torch.optim.Optimizer, key:str,
+                     value:torch.Tensor) -> None:
+    """Scatter a full optimizer state `key` into a ZeRO-managed parameter's partition (the state
+    must exist)."""
+    if hasattr(p, "ds_id"):
+        return __import__("deepspeed").utils.safe_set_full_optimizer_state(
+            p, value.to(p.device), key)
     if (mapping := p._hp_mapping) is None: return
     flat = base.param_groups[mapping.param_group_index]["params"][0]
     hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
-    base.state[flat][key].narrow(0, hp.start, hp.numel).copy_(value.to(flat.device).flatten().narrow(0, lp.start, lp.numel))
+    base.state[flat][key].narrow(0, hp.start, hp.numel).copy_(
+        value.to(flat.device).flatten().narrow(0, lp.start, lp.numel))

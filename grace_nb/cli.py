@@ -9,21 +9,24 @@ from __future__ import annotations
 import argparse, contextlib, os, sys
 from pathlib import Path
 
-from .core import (GraceError, list_profiles, load_json, load_profile, main_first, packaged_settings, rank,
-                           settings_path, world_size)
+from .core import (GraceError, list_profiles, load_json, load_profile, main_first,
+                           packaged_settings, rank, settings_path, world_size)
 
 # %% auto #0
 __all__ = ['PATHS_NOTE', 'SETTINGS_HELP', 'main']
 
 # %% ../nbs/14_cli.ipynb #b144a960
-PATHS_NOTE = ("Relative paths in a profile resolve against the folder of the settings.ini that defines it; those of a "
-              "packaged profile (one no settings.ini of yours defines) against the current folder.")
-SETTINGS_HELP = ("a settings.ini of yours, read over the packaged profiles: it adds profiles and overrides keys "
-                 "(default: $GRACE_SETTINGS, else the nearest settings.ini in this folder or a parent, if any)")
+PATHS_NOTE = ("Relative paths in a profile resolve against the folder of the settings.ini that "
+              "defines it; those of a packaged profile (one no settings.ini of yours defines) "
+              "against the current folder.")
+SETTINGS_HELP = ("a settings.ini of yours, read over the packaged profiles: it adds profiles and "
+                 "overrides keys (default: $GRACE_SETTINGS, else the nearest settings.ini in this "
+                 "folder or a parent, if any)")
 
 def _command(sub, name:str, help:str) -> argparse.ArgumentParser:
     "A subcommand that takes --settings, as every `grace` command does."
-    q = sub.add_parser(name, help=help, description=f"{help[0].upper()}{help[1:]}.", epilog=PATHS_NOTE)
+    q = sub.add_parser(name, help=help, description=f"{help[0].upper()}{help[1:]}.",
+                       epilog=PATHS_NOTE)
     q.add_argument("--settings", type=Path, default=None, metavar="PATH", help=SETTINGS_HELP)
     return q
 
@@ -31,76 +34,104 @@ def _corpus_options(q:argparse.ArgumentParser) -> None:
     "The seed and split sizes of a generated corpus."
     q.add_argument("--seed", type=int, default=None, help="seed (default: the profile's)")
     for split in ("train", "val", "test"):
-        q.add_argument(f"--n-{split}", type=int, default=None, help=f"{split} images of a generated corpus")
+        q.add_argument(f"--n-{split}", type=int, default=None,
+                       help=f"{split} images of a generated corpus")
 
 # %% ../nbs/14_cli.ipynb #cc30dd0c
 def _data_parsers(sub) -> None:
     "`grace data shapes` and `grace data karpathy-check`."
-    data = sub.add_parser("data", help="datasets: write the shapes corpus, or check a Karpathy-format file")
+    data = sub.add_parser("data",
+                          help="datasets: write the shapes corpus, or check a Karpathy-format file")
     kinds = data.add_subparsers(dest="data_command", required=True)
-    shapes = _command(kinds, "shapes", "write the synthetic shapes corpus (PNGs + dataset_shapes.json)")
+    shapes = _command(kinds, "shapes",
+                      "write the synthetic shapes corpus (PNGs + dataset_shapes.json)")
     shapes.add_argument("--out", required=True, type=Path, help="output folder")
     _corpus_options(shapes)
-    shapes.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the profile's)")
-    check = _command(kinds, "karpathy-check", "check a Karpathy-format dataset file and its images and list every "
-                     "bad entry, without training (exit status 1 when there is one)")
-    check.add_argument("json_path", type=Path, metavar="FILE", help="the dataset JSON, e.g. dataset_flickr30k.json")
-    check.add_argument("--image-root", type=Path, default=None, help="folder of the entries' images (default: the file's folder)")
+    shapes.add_argument("--image-size", type=int, default=None,
+                        help="image side in pixels (default: the profile's)")
+    check = _command(kinds, "karpathy-check", "check a Karpathy-format dataset file and its images "
+                     "and list every bad entry, without training (exit status 1 when there is one)")
+    check.add_argument("json_path", type=Path, metavar="FILE",
+                       help="the dataset JSON, e.g. dataset_flickr30k.json")
+    check.add_argument("--image-root", type=Path, default=None,
+                       help="folder of the entries' images (default: the file's folder)")
     check.add_argument("--check", choices=("decode", "exists"), default="decode",
                        help="decode every image (default), or only look for the files")
 
 # %% ../nbs/14_cli.ipynb #4ff3535f
 def _reproduce_parsers(sub) -> argparse.ArgumentParser:
     "`grace pretrain` and `grace reproduce` (whose parser is returned, for its experiment flags)."
-    pre = _command(sub, "pretrain", "build (or find in the cache) a tiny profile's pretrained Flamingo preset")
+    pre = _command(sub, "pretrain",
+                   "build (or find in the cache) a tiny profile's pretrained Flamingo preset")
     pre.add_argument("--profile", default="shapes", help="a tiny profile (default: shapes)")
     rep = _command(sub, "reproduce", "run the main job of a profile")
-    rep.add_argument("--profile", default="shapes", help="profile name; `grace profiles` lists them (default: shapes)")
+    rep.add_argument("--profile", default="shapes",
+                     help="profile name; `grace profiles` lists them (default: shapes)")
     rep.add_argument("--out", type=Path, default=None, help="run folder (default: runs/PROFILE)")
     _corpus_options(rep)
-    rep.add_argument("--train-steps", type=int, default=None, help="GRACE optimizer steps (default: the profile's)")
-    rep.add_argument("--clip-steps", type=int, default=None, help="CLIP training steps, tutorial scale (default: the profile's)")
-    rep.add_argument("--identifiers", nargs="+", default=None, help="identifier types to train (default: the profile's)")
-    rep.add_argument("--caption-steps", type=int, default=None, help="captioner training steps (default: the profile's)")
-    rep.add_argument("--on-error", choices=("raise", "skip"), default=None, help="a bad entry of a Karpathy-format "
-                     "dataset: stop (raise), or leave bad entries out and report them (skip) (default: the profile's on_error)")
+    rep.add_argument("--train-steps", type=int, default=None,
+                     help="GRACE optimizer steps (default: the profile's)")
+    rep.add_argument("--clip-steps", type=int, default=None,
+                     help="CLIP training steps, tutorial scale (default: the profile's)")
+    rep.add_argument("--identifiers", nargs="+", default=None,
+                     help="identifier types to train (default: the profile's)")
+    rep.add_argument("--caption-steps", type=int, default=None,
+                     help="captioner training steps (default: the profile's)")
+    rep.add_argument("--on-error", choices=("raise", "skip"), default=None,
+                     help="a bad entry of a Karpathy-format dataset: stop (raise), or leave bad "
+                     "entries out and report them (skip) (default: the profile's on_error)")
     for q in (pre, rep):
-        q.add_argument("--pretrain-images", type=int, default=None, help="pretraining pool images (default: the profile's)")
-        q.add_argument("--pretrain-steps", type=int, default=None, help="Flamingo pretraining steps (default: the profile's)")
-        q.add_argument("--pretrain-clip-steps", type=int, default=None, help="pool CLIP steps (default: the profile's)")
+        q.add_argument("--pretrain-images", type=int, default=None,
+                       help="pretraining pool images (default: the profile's)")
+        q.add_argument("--pretrain-steps", type=int, default=None,
+                       help="Flamingo pretraining steps (default: the profile's)")
+        q.add_argument("--pretrain-clip-steps", type=int, default=None,
+                       help="pool CLIP steps (default: the profile's)")
     rep.add_argument("--resume", action="store_true",
-                     help="reuse the saved CLIP and captions, skip finished GRACE runs, continue unfinished ones from checkpoints")
+                     help="reuse the saved CLIP and captions, skip finished GRACE runs, "
+                     "continue unfinished ones from checkpoints")
     return rep
 
+# %% ../nbs/14_cli.ipynb #ae0f6fa4
 def _experiment_flags(rep:argparse.ArgumentParser) -> None:
     exp = rep.add_argument_group("experiments (each adds to the main job's runs)")
-    exp.add_argument("--table1", action="store_true", help="Table 1: every identifier type, atomic with both inits")
-    exp.add_argument("--ablations", action="store_true", help="Table 2: w/o memorize, w/o constrained generation, w/o pseudo-queries")
+    exp.add_argument("--table1", action="store_true",
+                     help="Table 1: every identifier type, atomic with both inits")
+    exp.add_argument("--ablations", action="store_true",
+                     help="Table 2: w/o memorize, w/o constrained generation, w/o pseudo-queries")
     exp.add_argument("--beams", action="store_true", help="Figure 6: Recall@1/10 against beam size")
-    exp.add_argument("--efficiency", action="store_true", help="Figure 4: latency against corpus size, GRACE vs CLIP search")
-    exp.add_argument("--budget", action="store_true", help="R@K and memorization against training steps, on the validation split")
-    exp.add_argument("--length-penalties", action="store_true", help="validation R@K of the identifier types at each length penalty")
+    exp.add_argument("--efficiency", action="store_true",
+                     help="Figure 4: latency against corpus size, GRACE vs CLIP search")
+    exp.add_argument("--budget", action="store_true",
+                     help="R@K and memorization against training steps, on the validation split")
+    exp.add_argument("--length-penalties", action="store_true",
+                     help="validation R@K of the identifier types at each length penalty")
     exp.add_argument("--all", action="store_true", help="every experiment above, and findings.md")
 
-# %% ../nbs/14_cli.ipynb #ae0f6fa4
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="grace", description="GRACE generative cross-modal retrieval (grace_nb)", epilog=PATHS_NOTE)
+    p = argparse.ArgumentParser(prog="grace",
+                                description="GRACE generative cross-modal retrieval (grace_nb)",
+                                epilog=PATHS_NOTE)
     sub = p.add_subparsers(dest="command", required=True)
-    _command(sub, "profiles", "list the experiment profiles, each with the settings.ini it comes from")
+    _command(sub, "profiles",
+             "list the experiment profiles, each with the settings.ini it comes from")
     _data_parsers(sub)
     _experiment_flags(_reproduce_parsers(sub))
     ret = _command(sub, "retrieve", "retrieve images for text queries with a saved GRACE model")
-    ret.add_argument("--model", required=True, type=Path, help="a GRACE model folder (e.g. runs/shapes/grace-atomic/model)")
+    ret.add_argument("--model", required=True, type=Path,
+                     help="a GRACE model folder (e.g. runs/shapes/grace-atomic/model)")
     ret.add_argument("queries", nargs="+", help="one or more text queries")
     ret.add_argument("--k", type=int, default=5, help="images to show per query (default 5)")
     ret.add_argument("--beams", type=int, default=10, help="beam size (default 10)")
-    ret.add_argument("--unconstrained", action="store_true", help="generate without the trie (identifiers may be invalid)")
+    ret.add_argument("--unconstrained", action="store_true",
+                     help="generate without the trie (identifiers may be invalid)")
     return p
 
 # %% ../nbs/14_cli.ipynb #7b9386d3
 def _pretrain_overrides(args) -> dict:
     "PretrainConfig fields given on the command line."
-    given = dict(images=args.pretrain_images, steps=args.pretrain_steps, clip_steps=args.pretrain_clip_steps)
+    given = dict(images=args.pretrain_images, steps=args.pretrain_steps,
+                 clip_steps=args.pretrain_clip_steps)
     return {k: v for k, v in given.items() if v is not None}
 
 def _profiles(args) -> None:
@@ -108,24 +139,28 @@ def _profiles(args) -> None:
     for name in list_profiles():
         prof = load_profile(name)
         packaged = prof.source == packaged_settings()
-        print(f"{name:12s} {prof.model_preset:16s} {prof.source}{' (packaged: paths from the current folder)' if packaged else ''}")
+        print(f"{name:12s} {prof.model_preset:16s} {prof.source}"
+              f"{' (packaged: paths from the current folder)' if packaged else ''}")
 
 def _pretrain(args) -> None:
     from grace_nb.pipeline import pretrain_stage
-    preset = main_first(lambda main: pretrain_stage(load_profile(args.profile), overrides=_pretrain_overrides(args)))
+    preset = main_first(lambda main: pretrain_stage(load_profile(args.profile),
+                                                    overrides=_pretrain_overrides(args)))
     print(preset.root)
     pool = load_json(preset.root/"pretraining.json").get("pool_provenance")
-    if pool: print(f"pretrained on {pool['source']}: {pool['images']:,} images (content {pool['content_hash']})")
+    if pool: print(f"pretrained on {pool['source']}: {pool['images']:,} images "
+                   f"(content {pool['content_hash']})")
 
 def _reproduce(args) -> None:
     from grace_nb.pipeline import reproduce
     prof = load_profile(args.profile)
     if args.on_error is not None: prof = prof.replace(on_error=args.on_error)
     reproduce(prof, args.out or Path("runs")/args.profile, seed=args.seed, n_train=args.n_train,
-              n_val=args.n_val, n_test=args.n_test, train_steps=args.train_steps, clip_steps=args.clip_steps,
-              identifiers=args.identifiers, resume=args.resume, caption_steps=args.caption_steps, table1=args.table1,
-              ablations=args.ablations, beams=args.beams, efficiency=args.efficiency, run_all=args.all,
-              budget=args.budget, length_penalties=args.length_penalties, pretrain=_pretrain_overrides(args))
+              n_val=args.n_val, n_test=args.n_test, train_steps=args.train_steps,
+              clip_steps=args.clip_steps, identifiers=args.identifiers, resume=args.resume,
+              caption_steps=args.caption_steps, table1=args.table1, ablations=args.ablations,
+              beams=args.beams, efficiency=args.efficiency, run_all=args.all, budget=args.budget,
+              length_penalties=args.length_penalties, pretrain=_pretrain_overrides(args))
 
 # %% ../nbs/14_cli.ipynb #725ff6d4
 def _karpathy_check(args) -> int:
@@ -133,9 +168,11 @@ def _karpathy_check(args) -> int:
     from grace_nb.data import check_karpathy
     report = check_karpathy(args.json_path, image_root=args.image_root, check=args.check)
     usable = ", ".join(f"{split} {n}" for split, n in report["usable"].items()) or "none"
-    print(f"{report['file']} ({report['dataset']}): {report['entries']} entries; usable: {usable}; bad: {len(report['bad'])}")
+    print(f"{report['file']} ({report['dataset']}): {report['entries']} entries; usable: {usable}; "
+          f"bad: {len(report['bad'])}")
     for line in report["bad"]: print(f"  {line}")
-    if report["bad"]: print("to train without them: grace reproduce --on-error skip (or on_error = skip in the profile)")
+    if report["bad"]: print("to train without them: grace reproduce --on-error skip "
+                            "(or on_error = skip in the profile)")
     return 1 if report["bad"] else 0
 
 def _data(args) -> int|None:
@@ -143,7 +180,8 @@ def _data(args) -> int|None:
     from grace_nb.pipeline import prepare_corpus
     prof = load_profile("shapes")
     if args.image_size is not None: prof = prof.replace(image_size=args.image_size)
-    dataset = prepare_corpus(prof, args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+    dataset = prepare_corpus(prof, args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
+                             n_test=args.n_test)
     print(dataset.json_path)
 
 # %% ../nbs/14_cli.ipynb #5edb4268
@@ -151,16 +189,19 @@ def _data(args) -> int|None:
 def _settings(path:Path|None):
     "GRACE_SETTINGS is `path` inside the block (when given); as it was, after."
     before = os.environ.get("GRACE_SETTINGS")
-    if path is not None: os.environ["GRACE_SETTINGS"] = str(settings_path(path))  # settings_path: an error if missing
+    # settings_path: an error if missing
+    if path is not None: os.environ["GRACE_SETTINGS"] = str(settings_path(path))
     try: yield
     finally:
         if before is None: os.environ.pop("GRACE_SETTINGS", None)
         else: os.environ["GRACE_SETTINGS"] = before
 
 def main(argv:list[str]|None=None) -> int:
-    "Entry point of the `grace` command: exit status 0, 1 when `data karpathy-check` finds bad entries, 2 on a user error."
+    """Entry point of the `grace` command: exit status 0, 1 when `data karpathy-check` finds bad
+    entries, 2 on a user error."""
     args = _parser().parse_args(argv)
-    commands = dict(profiles=_profiles, data=_data, pretrain=_pretrain, reproduce=_reproduce, retrieve=_retrieve)
+    commands = dict(profiles=_profiles, data=_data, pretrain=_pretrain, reproduce=_reproduce,
+                    retrieve=_retrieve)
     try:
         with _settings(args.settings): return commands[args.command](args) or 0
     except GraceError as e:
@@ -172,20 +213,24 @@ def _retrieve(args) -> None:
     "Print ranked image files for each query of `grace retrieve`."
     from grace_nb.evaluation import load_grace_model
     import grace_nb.vq  # registers the vq identifier kind, so that a vq model folder loads
-    if args.k < 1 or args.beams < 1: raise GraceError(f"--k and --beams must be positive, got {args.k} and {args.beams}")
+    if args.k < 1 or args.beams < 1:
+        raise GraceError(f"--k and --beams must be positive, got {args.k} and {args.beams}")
     if any(not q.strip() for q in args.queries): raise GraceError("a query is empty")
     model = load_grace_model(args.model)
-    results = model.retrieve(args.queries, num_beams=max(args.beams, args.k), num_return=max(args.beams, args.k),
-                             constrained=not args.unconstrained, progress=False)
+    results = model.retrieve(args.queries, num_beams=max(args.beams, args.k),
+                             num_return=max(args.beams, args.k), constrained=not args.unconstrained,
+                             progress=False)
     tok = model.flamingo.tokenizer
     for query, result in zip(args.queries, results):
         print(f"query: {query}")
         shown = 0
-        for seq, score, images in zip(result.identifiers, result.scores, result.images_per_identifier):
+        for seq, score, images in zip(result.identifiers, result.scores,
+                                      result.images_per_identifier):
             identifier = tok.decode(seq, skip_special_tokens=True).strip()
             for image in images or [None]:
                 if shown == args.k: break
                 shown += 1
-                where = model.image_path(image) if image is not None else "(not an identifier of the corpus)"
+                where = (model.image_path(image) if image is not None
+                         else "(not an identifier of the corpus)")
                 print(f"  {shown:2d}. {score:8.3f}  {identifier:24s} {where}")
         if shown == 0: print("  (nothing generated)")

@@ -29,7 +29,8 @@ __all__ = ['ClipError', 'create_clip', 'image_tensor', 'caption_tokens', 'clip_b
 
 # %% ../nbs/05_clip.ipynb #34d9ef6e
 class ClipError(GraceError, ValueError):
-    "Bad input to the CLIP baseline: empty or mismatched embeddings, rankings or queries, a wrong weights file."
+    """Bad input to the CLIP baseline: empty or mismatched embeddings, rankings or queries,
+    a wrong weights file."""
 
 # %% ../nbs/05_clip.ipynb #fd092564
 @contextmanager
@@ -42,17 +43,21 @@ def _quiet_open_clip():
 
 def create_clip(config:dict|None=None, # an open_clip config (default `tiny_clip_config()`)
                 name:str="grace-tiny-clip", # the open_clip model name it is registered under
-                folder:str|Path|None=None, # where `<name>.json` is written (default: a temp folder per config)
+                # where `<name>.json` is written (default: a temp folder per config)
+                folder:str|Path|None=None,
                 seed:int=0, # initialises the weights (the global torch RNG is left as it was)
                 weights:str|Path|None=None, # an open_clip state dict (.safetensors) to load instead
                ) -> tuple:
-    "Register `config` and build (model, preprocess_train, preprocess_val, tokenizer) with open_clip."
+    """Register `config` and build (model, preprocess_train, preprocess_val, tokenizer)
+    with open_clip."""
     config = tiny_clip_config() if config is None else config
-    if folder is None:  # one folder per config: files open_clip has registered are never deleted or rewritten
+    # one folder per config: files open_clip has registered are never deleted or rewritten
+    if folder is None:
         digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
         folder = Path(tempfile.gettempdir())/"grace_nb_clip_configs"/digest
     register_clip_config(name, config, folder)
-    if weights is not None and not Path(weights).is_file(): raise ClipError(f"CLIP weights file not found: {weights}")
+    if weights is not None and not Path(weights).is_file():
+        raise ClipError(f"CLIP weights file not found: {weights}")
     with torch.random.fork_rng(devices=[]), _quiet_open_clip():
         torch.manual_seed(seed)
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
@@ -67,7 +72,9 @@ def image_tensor(dataset:KarpathyDataset, # the corpus the records belong to
                 ) -> torch.Tensor:
     "Decode and transform `records` into one [N, 3, H, W] tensor."
     if not records: raise ClipError("no images to load (empty record list)")
-    return torch.stack([preprocess(dataset.load_image(r)) for r in progress_bar(records, desc="loading images", leave=False, progress=progress)])
+    return torch.stack([preprocess(dataset.load_image(r))
+                        for r in progress_bar(records, desc="loading images", leave=False,
+                                              progress=progress)])
 
 def caption_tokens(records:list[ImageRecord], # images whose captions are tokenized
                    tokenizer, # open_clip tokenizer
@@ -76,7 +83,9 @@ def caption_tokens(records:list[ImageRecord], # images whose captions are tokeni
     captions = [c for r in records for c in r.captions]
     counts = np.array([len(r.captions) for r in records])
     if not captions or counts.min() == 0:
-        raise ClipError(f"every training image needs a caption; image {records[int(np.argmin(counts))].image_id if len(counts) else None} has none")
+        raise ClipError("every training image needs a caption; image "
+                        f"{records[int(np.argmin(counts))].image_id if len(counts) else None}"
+                        " has none")
     return tokenizer(captions), np.concatenate([[0], np.cumsum(counts)[:-1]]), counts
 
 # %% ../nbs/05_clip.ipynb #510c7054
@@ -107,28 +116,34 @@ class ClipRun:
     tokenizer:object # open_clip tokenizer (callable: list of str -> [N, context] ids)
     preprocess:object # the evaluation image transform (PIL -> [3, H, W])
     config:dict # the open_clip config it was built from
-    history:list = field(default_factory=list) # [{"step": s, "loss": mean loss of the steps since the last entry}]
+    # [{"step": s, "loss": mean loss of the steps since the last entry}]
+    history:list = field(default_factory=list)
     train_seconds:float = 0.0 # wall time of `train_clip`, image loading included
     name:str = "grace-tiny-clip" # the open_clip model name the config is registered under
     hparams:dict = field(default_factory=dict) # the training arguments
 
     def __repr__(self):
         last = f", final loss {self.history[-1]['loss']:.3f}" if self.history else ""
-        return f"ClipRun({self.name}: {sum(p.numel() for p in self.model.parameters()):,} parameters, {self.hparams}{last}, {self.train_seconds:.1f}s)"
+        return (f"ClipRun({self.name}: {sum(p.numel() for p in self.model.parameters()):,} "
+                f"parameters, {self.hparams}{last}, {self.train_seconds:.1f}s)")
 
 # %% ../nbs/05_clip.ipynb #964e8e51
 def _optimizer(model:nn.Module, lr:float, weight_decay:float) -> torch.optim.Optimizer:
     "Fused AdamW with weight decay on matrices only (open_clip's grouping)."
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": rest, "weight_decay": 0.0}],
                              lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
 
 # %% ../nbs/05_clip.ipynb #5d2bdfa5
 def clip_step(model:nn.Module, # the open_clip CLIP being trained
-              optimizer:torch.optim.Optimizer, schedule, # AdamW (`_optimizer`) and its learning-rate schedule
-              pixels:torch.Tensor, tokens:torch.Tensor, # all training images and caption tokens (`image_tensor`, `caption_tokens`)
-              images:np.ndarray, captions:np.ndarray, # the batch: image indices and caption rows (`clip_batch`)
+              # AdamW (`_optimizer`) and its learning-rate schedule
+              optimizer:torch.optim.Optimizer, schedule,
+              # all training images and caption tokens (`image_tensor`, `caption_tokens`)
+              pixels:torch.Tensor, tokens:torch.Tensor,
+              # the batch: image indices and caption rows (`clip_batch`)
+              images:np.ndarray, captions:np.ndarray,
               loss_fn:nn.Module=ClipLoss(), # the symmetric InfoNCE loss
              ) -> float:
     "One contrastive step on a batch; returns its loss."
@@ -137,6 +152,19 @@ def clip_step(model:nn.Module, # the open_clip CLIP being trained
     optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step(); schedule.step()
     with torch.no_grad(): model.logit_scale.clamp_(0, math.log(100))
     return loss.item()
+
+# %% ../nbs/05_clip.ipynb #1ed0e742
+def _training_records(dataset:KarpathyDataset, split:str, steps:int, batch_size:int,
+                      init_temperature:float) -> list[ImageRecord]:
+    "The records of `split` that `train_clip` trains on, after checking its arguments."
+    if steps < 1 or batch_size < 2: raise ClipError(
+        f"need steps >= 1 and batch_size >= 2, got steps={steps}, batch_size={batch_size}")
+    records = dataset.split(split)
+    if len(records) < 2: raise ClipError(f"split {split!r} of {dataset.name} has {len(records)} "
+                                         "images; contrastive training needs at least 2")
+    if not 0 < init_temperature <= 1:
+        raise ClipError(f"init_temperature must be in (0, 1], got {init_temperature}")
+    return records
 
 # %% ../nbs/05_clip.ipynb #0674eb36
 def train_clip(dataset:KarpathyDataset, # the corpus
@@ -150,41 +178,44 @@ def train_clip(dataset:KarpathyDataset, # the corpus
                log_every:int=10, # steps per history entry
                warmup:int|None=None, # warm-up steps (default 10% of `steps`)
                weight_decay:float=0.1, # AdamW weight decay on matrices
-               init_temperature:float=0.2, # starting softmax temperature (open_clip starts at 0.07); it is learned
+               init_temperature:float=0.2, # starting softmax temperature (open_clip: 0.07); learned
                name:str="grace-tiny-clip", # open_clip model name
               ) -> ClipRun:
     "Train a CLIP contrastively from scratch on `split`; deterministic for a given seed."
     start = time.perf_counter()
-    if steps < 1 or batch_size < 2: raise ClipError(f"need steps >= 1 and batch_size >= 2, got steps={steps}, batch_size={batch_size}")
-    records = dataset.split(split)
-    if len(records) < 2: raise ClipError(f"split {split!r} of {dataset.name} has {len(records)} images; contrastive training needs at least 2")
+    records = _training_records(dataset, split, steps, batch_size, init_temperature)
     config = tiny_clip_config() if config is None else config
-    if not 0 < init_temperature <= 1: raise ClipError(f"init_temperature must be in (0, 1], got {init_temperature}")
     model, _, preprocess, tokenizer = create_clip(config, name=name, seed=seed)
     with torch.no_grad(): model.logit_scale.fill_(math.log(1 / init_temperature))
-    pixels, (tokens, first_caption, n_captions) = image_tensor(dataset, records, preprocess, progress), caption_tokens(records, tokenizer)
+    pixels, (tokens, first_caption, n_captions) = (
+        image_tensor(dataset, records, preprocess, progress), caption_tokens(records, tokenizer))
     warmup = max(1, steps // 10) if warmup is None else warmup
     optimizer, loss_fn = _optimizer(model, lr, weight_decay), ClipLoss()
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                 lambda s: warmup_cosine(s, steps, warmup))
     history, window = [], []
     model.train()
     for step in (bar := progress_bar(range(steps), desc="training CLIP", progress=progress)):
-        window.append(clip_step(model, optimizer, schedule, pixels, tokens, *clip_batch(first_caption, n_captions, batch_size, seed, step), loss_fn))
+        window.append(clip_step(model, optimizer, schedule, pixels, tokens, *clip_batch(
+            first_caption, n_captions, batch_size, seed, step), loss_fn))
         if (step + 1) % log_every == 0 or step + 1 == steps:
             history.append({"step": step + 1, "loss": float(np.mean(window))}); window = []
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
     model.eval()
-    hparams = dict(split=split, steps=steps, batch_size=batch_size, lr=lr, seed=seed, warmup=warmup, weight_decay=weight_decay,
-                   init_temperature=init_temperature)
-    return ClipRun(model, tokenizer, preprocess, config, history, time.perf_counter() - start, name, hparams)
+    hparams = dict(split=split, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                   warmup=warmup, weight_decay=weight_decay, init_temperature=init_temperature)
+    return ClipRun(model, tokenizer, preprocess, config, history, time.perf_counter() - start,
+                   name, hparams)
 
 # %% ../nbs/05_clip.ipynb #3f48701e
 def _model_and_preprocess(run_or_model:ClipRun|nn.Module) -> tuple[nn.Module, object]:
     "The open_clip model and evaluation transform of a ClipRun or a bare model."
     if isinstance(run_or_model, ClipRun): return run_or_model.model, run_or_model.preprocess
-    if not hasattr(run_or_model, "encode_image"): raise ClipError(f"expected a ClipRun or an open_clip model, got {type(run_or_model).__name__}")
+    if not hasattr(run_or_model, "encode_image"): raise ClipError(
+        f"expected a ClipRun or an open_clip model, got {type(run_or_model).__name__}")
     from open_clip.transform import PreprocessCfg, image_transform_v2
-    return run_or_model, image_transform_v2(PreprocessCfg(**run_or_model.visual.preprocess_cfg), is_train=False)
+    return run_or_model, image_transform_v2(PreprocessCfg(**run_or_model.visual.preprocess_cfg),
+                                            is_train=False)
 
 @contextmanager
 def _evaluating(model:nn.Module):
@@ -204,10 +235,13 @@ def encode_images(run_or_model:ClipRun|nn.Module, # a trained run or an open_cli
                  ) -> np.ndarray:
     "L2-normalised image embeddings, float32 [len(records), D]."
     model, preprocess = _model_and_preprocess(run_or_model)
-    device, out = next(model.parameters()).device, [np.zeros((0, model.visual.output_dim), np.float32)]
+    device, out = (next(model.parameters()).device,
+                   [np.zeros((0, model.visual.output_dim), np.float32)])
     with _evaluating(model):
-        for start in progress_bar(range(0, len(records), batch_size), desc="encoding images", leave=False, progress=progress):
-            pixels = image_tensor(dataset, records[start:start + batch_size], preprocess, progress=False)
+        for start in progress_bar(range(0, len(records), batch_size), desc="encoding images",
+                                  leave=False, progress=progress):
+            pixels = image_tensor(dataset, records[start:start + batch_size], preprocess,
+                                  progress=False)
             out.append(model.encode_image(pixels.to(device), normalize=True).float().cpu().numpy())
     return np.concatenate(out)
 
@@ -221,11 +255,15 @@ def encode_texts(run_or_model:ClipRun|nn.Module, # a trained run or an open_clip
     model, _ = _model_and_preprocess(run_or_model)
     tokenizer = tokenizer or getattr(run_or_model, "tokenizer", None)
     if tokenizer is None: raise ClipError("encode_texts needs a tokenizer for a bare model")
-    if isinstance(texts, str): raise ClipError(f"texts must be a list of strings, got one string {texts[:40]!r}")
-    device, out = next(model.parameters()).device, [np.zeros((0, model.visual.output_dim), np.float32)]
+    if isinstance(texts, str):
+        raise ClipError(f"texts must be a list of strings, got one string {texts[:40]!r}")
+    device, out = (next(model.parameters()).device,
+                   [np.zeros((0, model.visual.output_dim), np.float32)])
     with _evaluating(model):
         for start in range(0, len(texts), batch_size):
-            out.append(model.encode_text(tokenizer(list(texts[start:start + batch_size])).to(device), normalize=True).float().cpu().numpy())
+            out.append(model.encode_text(
+                tokenizer(list(texts[start:start + batch_size])).to(device),
+                normalize=True).float().cpu().numpy())
     return np.concatenate(out)
 
 # %% ../nbs/05_clip.ipynb #07f52833
@@ -235,9 +273,11 @@ def exact_search(query_emb:np.ndarray, # [Q, D] query embeddings
                  batch_size:int=1024, # queries scored at once
                 ) -> tuple[np.ndarray, np.ndarray]:
     "Top-k images per query by inner product: (scores [Q, k], indices [Q, k]), best first."
-    queries, images = (torch.as_tensor(np.asarray(e, dtype=np.float32)) for e in (query_emb, image_emb))
+    queries, images = (torch.as_tensor(np.asarray(e, dtype=np.float32))
+                       for e in (query_emb, image_emb))
     if queries.ndim != 2 or images.ndim != 2 or queries.shape[1] != images.shape[1]:
-        raise ClipError(f"need [Q, D] queries and [N, D] images with the same D, got {tuple(queries.shape)} and {tuple(images.shape)}")
+        raise ClipError(f"need [Q, D] queries and [N, D] images with the same D, "
+                        f"got {tuple(queries.shape)} and {tuple(images.shape)}")
     if len(images) == 0: raise ClipError("exact_search over an empty image set")
     if k < 1: raise ClipError(f"k must be at least 1, got {k}")
     k = min(k, len(images))
@@ -251,9 +291,11 @@ def exact_search(query_emb:np.ndarray, # [Q, D] query embeddings
 def _query_hits(ranked:list, gold:list, ks:tuple) -> np.ndarray:
     "[queries, ks] bool: is each query's gold image among its first K results (the inputs checked)?"
     ranked, gold = list(ranked), list(gold)
-    if len(ranked) != len(gold): raise ClipError(f"{len(ranked)} ranked lists for {len(gold)} gold images: one of each per query")
+    if len(ranked) != len(gold): raise ClipError(
+        f"{len(ranked)} ranked lists for {len(gold)} gold images: one of each per query")
     if not gold: raise ClipError("recall_at_k of no queries")
-    if not ks or any(not isinstance(k, (int, np.integer)) or k < 1 for k in ks): raise ClipError(f"cut-offs must be positive integers, got {ks}")
+    if not ks or any(not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
+        raise ClipError(f"cut-offs must be positive integers, got {ks}")
     hits = np.zeros((len(gold), len(ks)), dtype=bool)
     for i, (row, target) in enumerate(zip(ranked, gold)):
         row = [] if row is None else list(row)
@@ -264,21 +306,26 @@ def recall_at_k(ranked:list, # per query: ranked image ids (shorter than K, empt
                 gold:list, # per query: the relevant image id
                 ks:tuple=(1, 5, 10), # cut-offs
                ) -> dict:
-    "Recall@K in percent, {'R@1': ..., ...}: share of queries whose gold image is in their first K results."
+    """Recall@K in percent, {'R@1': ..., ...}: share of queries whose gold image is in
+    their first K results."""
     hits = _query_hits(ranked, gold, ks).sum(0)
     return {f"R@{k}": float(100 * h / len(gold)) for k, h in zip(ks, hits)}
 
 # %% ../nbs/05_clip.ipynb #6d73c61b
 def recall_interval(ranked:list, # per query: ranked image ids, as for `recall_at_k`
-                    gold:list, # per query: the relevant image id (queries of one image are resampled together)
+                    # per query: the relevant image id (queries of one image are resampled together)
+                    gold:list,
                     ks:tuple=(1, 5, 10), # cut-offs
                     n_boot:int=1000, # bootstrap resamples
                     level:float=0.95, # the interval's coverage
                     seed:int=0, # of the resampling
-                    groups:list|None=None, # per query: what is resampled together (default: its gold image)
+                    # per query: what is resampled together (default: its gold image)
+                    groups:list|None=None,
                    ) -> dict:
-    "Percentile bootstrap interval of each Recall@K (percent), resampling images with all their queries."
-    if not 0 < level < 1 or n_boot < 1: raise ClipError(f"need 0 < level < 1 and n_boot >= 1, got {level}, {n_boot}")
+    """Percentile bootstrap interval of each Recall@K (percent), resampling images with all
+    their queries."""
+    if not 0 < level < 1 or n_boot < 1:
+        raise ClipError(f"need 0 < level < 1 and n_boot >= 1, got {level}, {n_boot}")
     query_hits = _query_hits(ranked, gold, ks)  # the checks and the hits of Recall@K itself
     groups = list(gold) if groups is None else list(groups)
     if len(groups) != len(gold): raise ClipError(f"{len(groups)} groups for {len(gold)} queries")
@@ -288,10 +335,12 @@ def recall_interval(ranked:list, # per query: ranked image ids, as for `recall_a
     hits = np.zeros((len(images), len(ks)))
     np.add.at(hits, group_of, query_hits)                                  # [images, ks]
     draws = np.random.default_rng(seed).integers(0, len(images), size=(n_boot, len(images)))
-    counts = np.stack([np.bincount(d, minlength=len(images)) for d in draws])  # [n_boot, images]: times drawn
+    # [n_boot, images]: times drawn
+    counts = np.stack([np.bincount(d, minlength=len(images)) for d in draws])
     values = 100 * (counts @ hits) / (counts @ queries)[:, None]               # [n_boot, ks]
     tail = 100 * (1 - level) / 2
-    return {f"R@{k}": [round(float(np.percentile(values[:, j], tail)), 2), round(float(np.percentile(values[:, j], 100 - tail)), 2)]
+    return {f"R@{k}": [round(float(np.percentile(values[:, j], tail)), 2),
+                       round(float(np.percentile(values[:, j], 100 - tail)), 2)]
             for j, k in enumerate(ks)}
 
 # %% ../nbs/05_clip.ipynb #25e17c5d
@@ -304,14 +353,17 @@ def evaluate_clip(run:ClipRun, # a trained CLIP
     "Text-to-image Recall@K of `run` on `split` (in percent), with query count and wall time."
     start = time.perf_counter()
     records, queries = dataset.split(split), dataset.queries(split)
-    if not records or not queries: raise ClipError(f"split {split!r} of {dataset.name} has no images or no captions")
+    if not records or not queries: raise ClipError(
+        f"split {split!r} of {dataset.name} has no images or no captions")
     image_ids = np.array([r.image_id for r in records])
     image_emb = encode_images(run, dataset, records, progress=progress)
     text_emb = encode_texts(run, run.tokenizer, [caption for caption, _ in queries])
     _, indices = exact_search(text_emb, image_emb, k=max(ks))
     ranked, gold = image_ids[indices].tolist(), [image_id for _, image_id in queries]
-    recall = {**recall_at_k(ranked, gold, ks), "ci": recall_interval(ranked, gold, ks)}  # ci: 95% bootstrap intervals
-    return {**recall, "n_queries": len(queries), "n_images": len(records), "eval_seconds": time.perf_counter() - start}
+    # ci: 95% bootstrap intervals
+    recall = {**recall_at_k(ranked, gold, ks), "ci": recall_interval(ranked, gold, ks)}
+    return {**recall, "n_queries": len(queries), "n_images": len(records),
+            "eval_seconds": time.perf_counter() - start}
 
 # %% ../nbs/05_clip.ipynb #1fc2943f
 def _meta_path(path:Path) -> Path: return path.with_suffix(".json")
@@ -319,13 +371,17 @@ def _meta_path(path:Path) -> Path: return path.with_suffix(".json")
 def save_clip(run:ClipRun, # the trained CLIP
               path:str|Path, # a `.safetensors` file; `<stem>.json` is written beside it
              ) -> Path:
-    "Save the open_clip state dict (safetensors) and a JSON of config, history and hyper-parameters."
+    """Save the open_clip state dict (safetensors) and a JSON of config, history and
+    hyper-parameters."""
     path = Path(path)
-    if path.suffix != ".safetensors": raise ClipError(f"save_clip writes a .safetensors file (open_clip reads it by suffix), got {path.name}")
+    if path.suffix != ".safetensors": raise ClipError(
+        f"save_clip writes a .safetensors file (open_clip reads it by suffix), got {path.name}")
     state = {k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()}
-    with atomic_write(path) as tmp: save_file(state, str(tmp), metadata={"format": "pt", "open_clip_model": run.name})
-    save_json({"name": run.name, "config": run.config, "history": run.history, "train_seconds": run.train_seconds,
-               "hparams": run.hparams, "weights": path.name}, _meta_path(path))
+    with atomic_write(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "open_clip_model": run.name})
+    save_json({"name": run.name, "config": run.config, "history": run.history,
+               "train_seconds": run.train_seconds, "hparams": run.hparams, "weights": path.name},
+              _meta_path(path))
     return path
 
 def load_clip(path:str|Path, # a `.safetensors` file written by `save_clip`
@@ -335,8 +391,8 @@ def load_clip(path:str|Path, # a `.safetensors` file written by `save_clip`
     if not path.is_file(): raise ClipError(f"CLIP weights file not found: {path}")
     meta = load_json(_meta_path(path))
     model, _, preprocess, tokenizer = create_clip(meta["config"], name=meta["name"], weights=path)
-    return ClipRun(model.eval(), tokenizer, preprocess, meta["config"], meta["history"], meta["train_seconds"],
-                   meta["name"], meta["hparams"])
+    return ClipRun(model.eval(), tokenizer, preprocess, meta["config"], meta["history"],
+                   meta["train_seconds"], meta["name"], meta["hparams"])
 
 # %% ../nbs/05_clip.ipynb #084832b6
 def image_embedding_table(run:ClipRun, # a trained CLIP
@@ -346,4 +402,5 @@ def image_embedding_table(run:ClipRun, # a trained CLIP
                          ) -> dict[int, np.ndarray]:
     "image id -> L2-normalised CLIP image embedding (float32), for every record."
     records = dataset.records if records is None else records
-    return dict(zip((r.image_id for r in records), encode_images(run, dataset, records, progress=progress)))
+    return dict(zip((r.image_id for r in records),
+                    encode_images(run, dataset, records, progress=progress)))

@@ -30,13 +30,15 @@ def set_faiss_threads(threads:int) -> int:
     faiss.omp_set_num_threads(threads)
     return previous
 
-# faiss before the 2026 change compares the query count with the threshold (default 20), after it queries x d (128000)
+# faiss before the 2026 change compares the query count with the threshold (default 20),
+# after it queries x d (128000)
 _BLAS_COUNTS_QUERIES = faiss.cvar.distance_compute_blas_threshold == 20
 
 def blas_from(queries:int, # search calls with at least this many queries use BLAS
               dim:int, # the embedding size
              ) -> int:
-    "Set faiss's BLAS threshold so that calls with `queries` or more queries use BLAS; return the previous value."
+    """Set faiss's BLAS threshold so that calls with `queries` or more queries use BLAS;
+    return the previous value."""
     previous = faiss.cvar.distance_compute_blas_threshold
     value = int(queries) if _BLAS_COUNTS_QUERIES else int(queries) * int(dim)
     faiss.cvar.distance_compute_blas_threshold = min(value, 2**31 - 1)  # a C int
@@ -56,15 +58,18 @@ def time_search(search, # callable: [q, D] float32 queries -> [q, k] ids
                 repeats:int=3, # passes over all queries; the median pass counts
                ) -> float:
     "Milliseconds per query of `search` over `queries` in batches (`median_pass_ms`)."
-    batches = [np.ascontiguousarray(queries[i:i + batch_size]) for i in range(0, len(queries), batch_size)]
+    batches = [np.ascontiguousarray(queries[i:i + batch_size])
+               for i in range(0, len(queries), batch_size)]
     return median_pass_ms(search, batches, repeats, per=len(queries))
 
 # %% ../nbs/10b_clip_latency.ipynb #d6a43fd5
 def ivf_index(corpus:np.ndarray, # [N, D] unit float32 image embeddings
-              nlist:int|None=None, # number of cells (default √N, at most N / 39 so that k-means has 39 points a cell)
+              # number of cells (default √N, at most N / 39 so that k-means has 39 points a cell)
+              nlist:int|None=None,
               seed:int=0, # training sample and k-means seed
              ) -> faiss.Index:
-    "An inverted-file inner-product index (`IndexIVFFlat`), trained on at most 64 vectors per cell."
+    """An inverted-file inner-product index (`IndexIVFFlat`),
+    trained on at most 64 vectors per cell."""
     n, dim = corpus.shape
     nlist = nlist or max(1, min(math.isqrt(n), n // 39))
     if not 1 <= nlist <= n: raise EfficiencyError(f"nlist must be in 1..{n}, got {nlist}")
@@ -78,9 +83,12 @@ def ivf_index(corpus:np.ndarray, # [N, D] unit float32 image embeddings
 def recall_vs_exact(found:np.ndarray, # [Q, k] ids an approximate index returned
                     exact:np.ndarray, # [Q, k] ids exact search returned
                    ) -> float:
-    "Mean share of each query's exact top-k that the approximate top-k contains (recall@k against exact search)."
-    if found.shape != exact.shape: raise EfficiencyError(f"found {found.shape} and exact {exact.shape} differ in shape")
-    return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found.tolist(), exact.tolist())]))
+    """Mean share of each query's exact top-k that the approximate top-k contains
+    (recall@k against exact search)."""
+    if found.shape != exact.shape:
+        raise EfficiencyError(f"found {found.shape} and exact {exact.shape} differ in shape")
+    return float(np.mean([len(set(f) & set(e)) / len(e)
+                          for f, e in zip(found.tolist(), exact.tolist())]))
 
 # %% ../nbs/10b_clip_latency.ipynb #e169b037
 def tune_nprobe(index:faiss.Index, # from `ivf_index`
@@ -88,7 +96,8 @@ def tune_nprobe(index:faiss.Index, # from `ivf_index`
                 exact:np.ndarray, # [Q, k] exact top-k ids of the queries
                 target:float=0.95, # recall@k against exact search to reach
                ) -> tuple[int, float]:
-    "Smallest power-of-two `nprobe` whose recall@k against exact search reaches `target` (or all cells); sets it."
+    """Smallest power-of-two `nprobe` whose recall@k against exact search reaches `target`
+    (or all cells); sets it."""
     nprobe = 1
     while True:
         index.nprobe = nprobe
@@ -101,10 +110,12 @@ def strawman_search(queries:np.ndarray, # [Q, D] query embeddings
                     corpus:np.ndarray, # [N, D] image embeddings
                     k:int=10, # results per query
                    ) -> np.ndarray:
-    "Top-k ids by cosine, one query at a time in float64, re-normalising the corpus per query (the reference's timing)."
+    """Top-k ids by cosine, one query at a time in float64, re-normalising the corpus per query
+    (the reference's timing)."""
     images, out = np.asarray(corpus, dtype=np.float64), []
     for query in np.asarray(queries, dtype=np.float64):
-        cosine = (images / np.linalg.norm(images, axis=1, keepdims=True)) @ (query / np.linalg.norm(query))
+        cosine = ((images / np.linalg.norm(images, axis=1, keepdims=True))
+                  @ (query / np.linalg.norm(query)))
         top = np.argpartition(-cosine, min(k, len(cosine) - 1))[:k]
         out.append(top[np.argsort(-cosine[top], kind="stable")])
     return np.stack(out)
@@ -113,8 +124,10 @@ def strawman_search(queries:np.ndarray, # [Q, D] query embeddings
 def clip_text_tower(backbone:str="tiny", # a key of `BACKBONES`
                     device:str|torch.device="cpu",
                    ) -> tuple[nn.Module, object]:
-    "The backbone's CLIP (random weights, a one-layer vision tower it never uses) and its tokenizer."
-    if backbone not in BACKBONES: raise EfficiencyError(f"unknown backbone {backbone!r}; use one of {list(BACKBONES)}")
+    """The backbone's CLIP (random weights, a one-layer vision tower it never uses)
+    and its tokenizer."""
+    if backbone not in BACKBONES:
+        raise EfficiencyError(f"unknown backbone {backbone!r}; use one of {list(BACKBONES)}")
     config = BACKBONES[backbone]["clip"]
     if isinstance(config, str): config = open_clip.get_model_config(config)
     config = {**config, "vision_cfg": {**config["vision_cfg"], "layers": 1}}
@@ -129,6 +142,8 @@ def time_clip_text(model:nn.Module, # from `clip_text_tower`
                   ) -> float:
     "Milliseconds per query of CLIP's text tower (normalised embeddings) over `queries` in batches."
     device = next(model.parameters()).device
-    batches = [clip_tokenizer(queries[i:i + batch_size]).to(device) for i in range(0, len(queries), batch_size)]
+    batches = [clip_tokenizer(queries[i:i + batch_size]).to(device)
+               for i in range(0, len(queries), batch_size)]
     with torch.no_grad():
-        return median_pass_ms(lambda batch: model.encode_text(batch, normalize=True), batches, repeats, device, per=len(queries))
+        return median_pass_ms(lambda batch: model.encode_text(batch, normalize=True), batches,
+                              repeats, device, per=len(queries))

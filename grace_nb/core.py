@@ -23,22 +23,28 @@ __all__ = ['RANK_TIMEOUT', 'QUIET_LOGGERS', 'GraceError', 'settings_path', 'pack
 
 # %% ../nbs/00_core.ipynb #9bded674
 class GraceError(Exception):
-    "Base class of every user-facing error raised by grace_nb (bad input, missing file, wrong name)."
+    """Base class of every user-facing error raised by grace_nb
+    (bad input, missing file, wrong name)."""
 
 # %% ../nbs/00_core.ipynb #7e5aef6d
 def settings_path(path:str|Path|None=None, # an explicit settings.ini; overrides the search
                  ) -> Path|None:
-    "Your `settings.ini`: `path`, else $GRACE_SETTINGS, else the nearest one in the current folder or its parents."
-    given, origin = (path, "given") if path is not None else (os.environ.get("GRACE_SETTINGS") or None, "GRACE_SETTINGS")
+    """Your `settings.ini`: `path`, else $GRACE_SETTINGS, else the nearest one in the current folder
+    or its parents."""
+    given, origin = ((path, "given") if path is not None
+                     else (os.environ.get("GRACE_SETTINGS") or None, "GRACE_SETTINGS"))
     if given is not None:
         if Path(given).expanduser().is_file(): return Path(given).expanduser().resolve()
-        raise GraceError(f"settings.ini not found: {given} ({origin}); name an existing file, or none to use the packaged profiles")
+        raise GraceError(f"settings.ini not found: {given} ({origin}); name an existing file, "
+                         "or none to use the packaged profiles")
     here = Path.cwd().resolve()
-    return next(((d/"settings.ini").resolve() for d in [here, *here.parents] if (d/"settings.ini").is_file()), None)
+    return next(((d/"settings.ini").resolve() for d in [here, *here.parents]
+                 if (d/"settings.ini").is_file()), None)
 
 # %% ../nbs/00_core.ipynb #5bec2c7e
 def packaged_settings() -> Path:
-    "The profiles shipped inside the package: `grace_nb/settings.ini` (in a checkout, a link to the repository's)."
+    """The profiles shipped inside the package: `grace_nb/settings.ini`
+    (in a checkout, a link to the repository's)."""
     import grace_nb
     return Path(grace_nb.__file__).with_name("settings.ini")
 
@@ -60,13 +66,15 @@ class Profile:
     def __init__(self, name:str, # the section name, e.g. "shapes"
                  values:dict, # parsed key -> value
                  root:Path, # folder that relative paths are resolved against
-                 source:Path|None=None, # the settings.ini that defines the profile (the last one, when several do)
+                 # the settings.ini that defines the profile (the last one, when several do)
+                 source:Path|None=None,
                 ):
         self.name, self._values, self.root, self.source = name, dict(values), Path(root), source
 
     def __getitem__(self, key:str) -> Any:
         if key not in self._values:
-            raise GraceError(f"profile [{self.name}] has no key {key!r}; valid keys: {', '.join(sorted(self._values))}")
+            raise GraceError(f"profile [{self.name}] has no key {key!r}; "
+                             f"valid keys: {', '.join(sorted(self._values))}")
         return self._values[key]
 
     def __getattr__(self, key:str) -> Any:
@@ -84,38 +92,47 @@ from fastcore.basics import patch
 
 @patch
 def path(self:Profile, key:str) -> Path:
-    "The value of `key` as an absolute path (relative values are resolved against the profile's `root`)."
+    """The value of `key` as an absolute path (relative values are resolved against
+    the profile's `root`)."""
     p = Path(str(self[key])).expanduser()
     return p if p.is_absolute() else (self.root/p).resolve()
 
 @patch
 def replace(self:Profile, **overrides) -> Profile:
-    "A copy of the profile with some values overridden (e.g. from command-line flags); keys must exist."
+    """A copy of the profile with some values overridden (e.g. from command-line flags);
+    keys must exist."""
     for k in overrides: self[k]  # unknown keys raise with the list of valid ones
     return Profile(self.name, {**self._values, **overrides}, self.root, self.source)
 
 # %% ../nbs/00_core.ipynb #0fc36f21
 def _read_ini(paths:Sequence[Path], # settings files, read in order: a later file's keys win
-              raw:bool=False, # no interpolation, and [DEFAULT] kept as a plain section (each section's own keys)
+              # no interpolation, and [DEFAULT] kept as a plain section (each section's own keys)
+              raw:bool=False,
              ) -> configparser.ConfigParser:
-    cfg = (configparser.ConfigParser(interpolation=None, default_section="\0no defaults") if raw else
+    cfg = (configparser.ConfigParser(interpolation=None, default_section="\0no defaults")
+           if raw else
            configparser.ConfigParser(interpolation=configparser.ExtendedInterpolation()))
     for path in paths:
         try: cfg.read(path, encoding="utf-8")
-        except configparser.Error as e: raise GraceError(f"{path}: cannot parse settings file: {e}") from e
+        except configparser.Error as e:
+            raise GraceError(f"{path}: cannot parse settings file: {e}") from e
     return cfg
 
 def _profile_files(path:str|Path|None=None) -> list[Path]:
-    "The settings files profiles are read from: the packaged one, then yours (which adds and overrides)."
+    """The settings files profiles are read from: the packaged one, then yours
+    (which adds and overrides)."""
     packaged, yours = packaged_settings(), settings_path(path)
     files = [packaged] if packaged.is_file() else []
     if yours is not None: files = [f for f in files if f.resolve() != yours] + [yours]
-    if not files: raise GraceError(f"no profiles: {packaged} is missing and no settings.ini was found; set GRACE_SETTINGS")
+    if not files: raise GraceError(f"no profiles: {packaged} is missing and no settings.ini "
+                                   "was found; set GRACE_SETTINGS")
     return files
 
 def _profile_sources(files:Sequence[Path]) -> dict[str, Path]:
-    "Each profile's name -> the last of `files` that defines its section, in the order profiles first appear."
-    return {name: f for f in files for name in _read_ini([f], raw=True).sections() if name != "DEFAULT"}
+    """Each profile's name -> the last of `files` that defines its section, in the order
+    profiles first appear."""
+    return {name: f for f in files for name in _read_ini([f], raw=True).sections()
+            if name != "DEFAULT"}
 
 # %% ../nbs/00_core.ipynb #aab2d290
 def _extended(raw:configparser.ConfigParser, # the settings files read raw (each section's own keys)
@@ -127,10 +144,12 @@ def _extended(raw:configparser.ConfigParser, # the settings files read raw (each
     base = own.pop("extends", None)
     if base is None: return own
     if base in chain + (name,):
-        raise GraceError(f"profile [{name}] extends {base!r}, which extends it: {' -> '.join(chain + (name, base))}")
+        raise GraceError(f"profile [{name}] extends {base!r}, which extends it: "
+                         f"{' -> '.join(chain + (name, base))}")
     if base == "DEFAULT" or not raw.has_section(base):
         profiles = ", ".join(s for s in raw.sections() if s != "DEFAULT")
-        raise GraceError(f"profile [{name}] extends {base!r}, which is not a profile; profiles: {profiles}")
+        raise GraceError(f"profile [{name}] extends {base!r}, which is not a profile; "
+                         f"profiles: {profiles}")
     return {**_extended(raw, base, chain + (name,)), **own}
 
 # %% ../nbs/00_core.ipynb #e85500d2
@@ -141,41 +160,48 @@ def list_profiles(path:str|Path|None=None, # your settings.ini (default: found b
 
 # %% ../nbs/00_core.ipynb #5bddc1d1
 def load_profile(name:str="shapes", # profile (section) name; `list_profiles()` shows them
-                 path:str|Path|None=None, # your settings.ini (default: found by `settings_path`), read over the packaged one
+                 # your settings.ini (default: found by `settings_path`), read over the packaged one
+                 path:str|Path|None=None,
                 ) -> Profile:
-    "Read the experiment profile `name` (packaged, or added or changed by your settings.ini), with typed values."
+    """Read the experiment profile `name` (packaged, or added or changed by your settings.ini),
+    with typed values."""
     files = _profile_files(path)
     sources = _profile_sources(files)
     if name not in sources:
-        raise GraceError(f"unknown profile {name!r} in {' + '.join(map(str, files))}; valid profiles: {', '.join(sources)}")
+        raise GraceError(f"unknown profile {name!r} in {' + '.join(map(str, files))}; "
+                         f"valid profiles: {', '.join(sources)}")
     cfg = _read_ini(files)
     try:
         cfg[name] = _extended(_read_ini(files, raw=True), name)
         values = {k: _parse_value(v) for k, v in cfg.items(name)}
-    except (configparser.Error, ValueError) as e: raise GraceError(f"{sources[name]} [{name}]: {e}") from e
+    except (configparser.Error, ValueError) as e:
+        raise GraceError(f"{sources[name]} [{name}]: {e}") from e
     root = Path.cwd() if sources[name] == packaged_settings() else sources[name].parent
     return Profile(name, values, root, source=sources[name])
 
 # %% ../nbs/00_core.ipynb #374d229d
 def seed_everything(seed:int, # the run's seed
                    ) -> None:
-    "Seed Python's `random`, NumPy's global generator and torch (all devices) for a reproducible run."
+    """Seed Python's `random`, NumPy's global generator and torch (all devices)
+    for a reproducible run."""
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise GraceError(f"seed must be an integer, got {seed!r}")
     random.seed(int(seed)); np.random.seed(int(seed) % 2**32); torch.manual_seed(int(seed))
 
 # %% ../nbs/00_core.ipynb #1d9a35c3
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 def pick_device(preference:str="auto", # "auto", "cpu", "cuda" or "cuda:N"
                ) -> torch.device:
     "The torch device to run on: CUDA when available under 'auto', else the CPU."
     if preference == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try: device = torch.device(preference)
-    except RuntimeError as e: raise GraceError(f"unknown device {preference!r}; use auto, cpu, cuda or cuda:N") from e
+    except RuntimeError as e:
+        raise GraceError(f"unknown device {preference!r}; use auto, cpu, cuda or cuda:N") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise GraceError(f"device {preference!r} was asked for but CUDA is not available on this machine")
+        raise GraceError(f"device {preference!r} was asked for but CUDA is not available "
+                         "on this machine")
     return device
 
 def pick_dtype(device:torch.device|str, # where the model runs
@@ -184,8 +210,10 @@ def pick_dtype(device:torch.device|str, # where the model runs
     "The parameter dtype: bf16 on a GPU that supports it under 'auto', float32 otherwise."
     if preference == "auto":
         device = torch.device(device)
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    if preference not in _DTYPES: raise GraceError(f"unknown precision {preference!r}; valid: auto, {', '.join(_DTYPES)}")
+        return (torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported()
+                else torch.float32)
+    if preference not in _DTYPES:
+        raise GraceError(f"unknown precision {preference!r}; valid: auto, {', '.join(_DTYPES)}")
     return _DTYPES[preference]
 
 # %% ../nbs/00_core.ipynb #e356b71a
@@ -198,8 +226,9 @@ def atomic_write(path:str|Path, # the final file or folder
     try:
         yield tmp
         if not tmp.exists(): raise GraceError(f"atomic_write: nothing was written for {path}")
-        if path.is_dir() and tmp.is_dir():  # swap folders: old one aside, new one in, old one removed
-            old = tmp.parent/(path.name + ".old"); os.replace(path, old); os.replace(tmp, path); shutil.rmtree(old)
+        if path.is_dir() and tmp.is_dir():  # swap folders: old one aside, new one in, old one gone
+            old = tmp.parent/(path.name + ".old"); os.replace(path, old)
+            os.replace(tmp, path); shutil.rmtree(old)
         else: os.replace(tmp, path)
     finally: shutil.rmtree(tmp.parent, ignore_errors=True)
 
@@ -209,7 +238,8 @@ def save_json(obj:Any, # anything `json` can write
              ) -> Path:
     "Write `obj` as deterministic UTF-8 JSON, atomically."
     with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n",
+                       encoding="utf-8")
     return Path(path)
 
 def load_json(path:str|Path, # file to read
@@ -218,43 +248,46 @@ def load_json(path:str|Path, # file to read
     path = Path(path)
     if not path.is_file(): raise GraceError(f"JSON file not found: {path}")
     try: return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise GraceError(f"{path}: not valid JSON ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GraceError(f"{path}: not valid JSON ({e})") from e
 
 # %% ../nbs/00_core.ipynb #27606e16
-RANK_TIMEOUT = timedelta(hours=2)  # how long a rank waits at a collective: rank 0 alone may pretrain or time Figure 4
-_ALONE = [False]  # True while this process runs a `main_only` / `main_first` block: it acts as a single process
+RANK_TIMEOUT = timedelta(hours=2)  # how long a rank waits at a collective:
+                                   # rank 0 alone may pretrain or time Figure 4
+_ALONE = [False]  # True inside a `main_only` / `main_first` block, where this process acts alone
 
 def init_ranks() -> int:
-    "Join the launcher's process group (once; none without a launcher) and return the number of ranks."
+    """Join the launcher's process group (once; none without a launcher) and return
+    the number of ranks."""
     dist = torch.distributed
-    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if (dist.is_available() and not dist.is_initialized()
+            and int(os.environ.get("WORLD_SIZE", "1")) > 1):
         if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=RANK_TIMEOUT)
-        atexit.register(_leave_ranks)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=RANK_TIMEOUT); atexit.register(_leave_ranks)
     return world_size()
 
 def _leave_ranks() -> None:
-    "Leave the process group at exit: left open, gloo's threads can abort a rank before it flushes its output."
+    """Leave the process group at exit: left open, gloo's threads can abort a rank
+    before it flushes its output."""
     if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
 
 def _grouped() -> bool:
     "Whether this process takes part in a process group now (joining the launcher's on first use)."
     if _ALONE[0] or not torch.distributed.is_available(): return False
-    if not torch.distributed.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1: init_ranks()
+    if (not torch.distributed.is_initialized()
+            and int(os.environ.get("WORLD_SIZE", "1")) > 1): init_ranks()
     return torch.distributed.is_initialized()
 
 def rank() -> int:
     "This process's rank (0 without a process group)."
     return torch.distributed.get_rank() if _grouped() else 0
-
 def world_size() -> int:
     "The number of ranks (1 without a process group)."
     return torch.distributed.get_world_size() if _grouped() else 1
-
 def is_main_process() -> bool:
     "True on rank 0 and in a process without a group: the one process that writes files."
     return rank() == 0
-
 def barrier() -> None:
     "Wait for every rank (no-op without a process group)."
     if world_size() > 1: torch.distributed.barrier()
@@ -262,12 +295,16 @@ def barrier() -> None:
 # %% ../nbs/00_core.ipynb #80f99277
 def shard_batches(n:int, # items to share
                   batch_size:int, # items per batch
-                  rank_index:int|None=None, ranks:int|None=None, # default: this process's rank and the world size
+                  # default: this process's rank and the world size
+                  rank_index:int|None=None, ranks:int|None=None,
                  ) -> list[int]:
-    "Positions of the items one rank handles: whole batches of `batch_size`, batch b going to rank b mod ranks."
+    """Positions of the items one rank handles: whole batches of `batch_size`,
+    batch b going to rank b mod ranks."""
     if batch_size < 1: raise GraceError(f"batch_size must be at least 1, got {batch_size}")
-    r, w = (rank() if rank_index is None else rank_index), (world_size() if ranks is None else ranks)
-    return [i for start in range(r * batch_size, n, w * batch_size) for i in range(start, min(start + batch_size, n))]
+    r, w = ((rank() if rank_index is None else rank_index),
+            (world_size() if ranks is None else ranks))
+    return [i for start in range(r * batch_size, n, w * batch_size)
+            for i in range(start, min(start + batch_size, n))]
 
 # %% ../nbs/00_core.ipynb #e9d45541
 def gather_objects(value:Any) -> list:
@@ -280,23 +317,27 @@ def gather_objects(value:Any) -> list:
 def _raise_first(failure:Exception|None, messages:Sequence[str|None]) -> None:
     "Re-raise this rank's own failure, else a GraceError naming the first rank that failed."
     if failure is not None: raise failure
-    if failed := next(((r, m) for r, m in enumerate(messages) if m), None): raise GraceError(f"rank {failed[0]} failed: {failed[1]}")
+    if failed := next(((r, m) for r, m in enumerate(messages) if m), None):
+        raise GraceError(f"rank {failed[0]} failed: {failed[1]}")
 
 def shard_map(fn:Callable[[list], Sequence], # list of items -> list of results, one per item
               items:Sequence, # what to share out
               batch_size:int, # the batch size `fn` uses (ranks take whole batches)
              ) -> list:
-    "`fn` over this rank's whole batches of `items`; every rank gets all the results, in item order."
+    """`fn` over this rank's whole batches of `items`; every rank gets all the results,
+    in item order."""
     items = list(items)
     if world_size() == 1: return list(fn(items))
     mine, part, failure = shard_batches(len(items), batch_size), [], None
     try: part = list(fn([items[i] for i in mine])) if mine else []
     except Exception as e: failure = e
-    parts = gather_objects((mine, part, None if failure is None else f"{type(failure).__name__}: {failure}"))
+    parts = gather_objects((mine, part,
+                            None if failure is None else f"{type(failure).__name__}: {failure}"))
     _raise_first(failure, [m for _, _, m in parts])
     out = [None] * len(items)
     for positions, results, _ in parts:
-        if len(results) != len(positions): raise GraceError(f"shard_map: {len(results)} results for {len(positions)} items")
+        if len(results) != len(positions):
+            raise GraceError(f"shard_map: {len(results)} results for {len(positions)} items")
         for p, v in zip(positions, results): out[p] = v
     return out
 
@@ -322,7 +363,8 @@ def main_only(fn:Callable[[], Any]) -> Any:
     return shared[0][0]
 
 def main_first(fn:Callable[[bool], Any]) -> Any:
-    "`fn(True)` on rank 0 first (it writes), then `fn(False)` on the other ranks (they read); returns this rank's value."
+    """`fn(True)` on rank 0 first (it writes), then `fn(False)` on the other ranks (they read);
+    returns this rank's value."""
     if world_size() == 1: return fn(True)
     kept = []
     main_only(lambda: kept.append(fn(True)))  # only None travels: each rank keeps its own value
@@ -330,24 +372,32 @@ def main_first(fn:Callable[[bool], Any]) -> Any:
     with _alone(): return fn(False)
 
 # %% ../nbs/00_core.ipynb #40fc6d0f
-_SHOW_PROGRESS = True   # `quiet()` sets it; read at each bar, so it applies to bars made after the call
+_SHOW_PROGRESS = True   # `quiet()` sets it; read at each bar, so it applies to bars made after it
 
-def progress_bar(iterable:Iterable|None=None, # what to iterate over (None: update the bar by hand, with `total=`)
+def progress_bar(
+                 # what to iterate over (None: update the bar by hand, with `total=`)
+                 iterable:Iterable|None=None,
                  progress:bool=True, # the caller's own switch (its `progress=` argument)
                  **kwargs # tqdm's options: desc, total, leave, initial, ...
                 ) -> tqdm:
-    "A tqdm bar over `iterable`, drawn only when `progress` is on, on rank 0, and unless `quiet` turned bars off"
+    """A tqdm bar over `iterable`, drawn only when `progress` is on, on rank 0,
+    and unless `quiet` turned bars off"""
     return tqdm(iterable, disable=not (progress and _SHOW_PROGRESS and is_main_process()), **kwargs)
 
 # %% ../nbs/00_core.ipynb #8ad8f1a0
-QUIET_LOGGERS = ("transformers", "huggingface_hub", "torch.distributed", "DeepSpeed", "open_clip", "PIL", "matplotlib")
+QUIET_LOGGERS = ("transformers", "huggingface_hub", "torch.distributed", "DeepSpeed", "open_clip",
+                 "PIL", "matplotlib")
 
-def quiet(progress:bool|None=None, # our progress bars; None: off when run headless (the IN_TEST variable is set)
+def quiet(
+          # our progress bars; None: off when run headless (the IN_TEST variable is set)
+          progress:bool|None=None,
          ) -> None:
-    "Silence library chatter for a notebook's outputs: logging below ERROR, Hugging Face's bars, and (headless) ours"
+    """Silence library chatter for a notebook's outputs: logging below ERROR, Hugging Face's bars,
+    and (headless) ours"""
     global _SHOW_PROGRESS
     _SHOW_PROGRESS = not os.environ.get("IN_TEST") if progress is None else bool(progress)
     for name in ("",) + QUIET_LOGGERS: logging.getLogger(name).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*(TypedStorage|torch.utils._pytree|resume_download).*")
+    warnings.filterwarnings("ignore",
+                            message=".*(TypedStorage|torch.utils._pytree|resume_download).*")

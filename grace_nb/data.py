@@ -39,7 +39,8 @@ def to_rgb(image:Image.Image, # a PIL image in any mode
     "Convert `image` to 3-channel RGB, compositing any transparency on `background`."
     if image.mode == "RGB" and "transparency" not in image.info: return image
     if image.mode.startswith("I;16"):  # 16-bit grayscale PNG: scale 0..65535 to 0..255
-        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8), "L")
+        image = Image.fromarray(
+            (np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         canvas = Image.new("RGBA", image.size, tuple(background) + (255,))
         canvas.alpha_composite(image.convert("RGBA"))
@@ -49,7 +50,8 @@ def to_rgb(image:Image.Image, # a PIL image in any mode
 # %% ../nbs/01_data.ipynb #43645d69
 def read_rgb(path:str|Path, # image file to read
             ) -> Image.Image:
-    "Open and fully decode the image at `path` as RGB; `DataError` naming the file if missing or undecodable."
+    """Open and fully decode the image at `path` as RGB; `DataError` naming the file if missing
+    or undecodable."""
     path = Path(path)
     if not path.is_file(): raise DataError(f"image file not found: {path}")
     try:
@@ -63,34 +65,42 @@ def read_rgb(path:str|Path, # image file to read
 SHAPE_WORDS = {"circle": ["circle", "disc"], "square": ["square", "box"], "triangle": ["triangle"],
                "star": ["star"], "diamond": ["diamond", "rhombus"], "cross": ["cross", "plus sign"],
                "ring": ["ring", "hoop"], "heart": ["heart"]}
-COLORS = {"red": (220, 30, 30), "orange": (250, 140, 0), "yellow": (235, 200, 0), "green": (40, 160, 50),
-          "blue": (30, 70, 220), "purple": (140, 50, 180), "pink": (250, 110, 190), "black": (25, 25, 25)}
+COLORS = {"red": (220, 30, 30), "orange": (250, 140, 0), "yellow": (235, 200, 0),
+          "green": (40, 160, 50), "blue": (30, 70, 220), "purple": (140, 50, 180),
+          "pink": (250, 110, 190), "black": (25, 25, 25)}
 COLOR_WORDS = {c: [c] for c in COLORS} | {"purple": ["purple", "violet"]}
 SIZE_WORDS = {"large": ["big", "large"], "small": ["small", "little"]}
 BACKGROUNDS = {"white": (255, 255, 255), "grey": (215, 215, 215), "light blue": (205, 225, 250),
                "cream": (250, 240, 210)}
-BACKGROUND_WORDS = {"white": ["white"], "grey": ["grey", "gray"], "light blue": ["light blue", "pale blue"],
-                    "cream": ["cream", "beige"]}
-POSITION_WORDS = {(0, 0): ["in the top left", "in the upper left corner"], (0, 1): ["at the top", "in the top middle"],
-                  (0, 2): ["in the top right", "in the upper right corner"], (1, 0): ["on the left", "at the left edge"],
-                  (1, 1): ["in the center", "in the middle"], (1, 2): ["on the right", "at the right edge"],
-                  (2, 0): ["in the bottom left", "in the lower left corner"], (2, 1): ["at the bottom", "in the bottom middle"],
+BACKGROUND_WORDS = {"white": ["white"], "grey": ["grey", "gray"],
+                    "light blue": ["light blue", "pale blue"], "cream": ["cream", "beige"]}
+POSITION_WORDS = {(0, 0): ["in the top left", "in the upper left corner"],
+                  (0, 1): ["at the top", "in the top middle"],
+                  (0, 2): ["in the top right", "in the upper right corner"],
+                  (1, 0): ["on the left", "at the left edge"],
+                  (1, 1): ["in the center", "in the middle"],
+                  (1, 2): ["on the right", "at the right edge"],
+                  (2, 0): ["in the bottom left", "in the lower left corner"],
+                  (2, 1): ["at the bottom", "in the bottom middle"],
                   (2, 2): ["in the bottom right", "in the lower right corner"]}
 
 # %% ../nbs/01_data.ipynb #61c1bd10
 def sample_scene(rng:np.random.Generator, # the corpus' random stream
                  max_objects:int=3, # a scene holds 1..max_objects objects
                 ) -> dict:
-    "Draw one random scene: a background and 1-`max_objects` objects in distinct cells of a 3x3 grid."
+    """Draw one random scene: a background and 1-`max_objects` objects in distinct cells
+    of a 3x3 grid."""
     n_objects = int(rng.integers(1, max_objects + 1))
     cells = sorted(int(c) for c in rng.choice(9, size=n_objects, replace=False))
     choose = lambda names: list(names)[int(rng.integers(len(names)))]
-    objects = [{"shape": choose(SHAPE_WORDS), "color": choose(COLORS), "size": choose(SIZE_WORDS), "row": cell // 3, "col": cell % 3}
+    objects = [{"shape": choose(SHAPE_WORDS), "color": choose(COLORS), "size": choose(SIZE_WORDS),
+                "row": cell // 3, "col": cell % 3}
                for cell in cells]
     return {"background": choose(BACKGROUNDS), "objects": objects}
 
 def _scene_key(scene:dict) -> tuple:
-    return (scene["background"],) + tuple((o["shape"], o["color"], o["size"], o["row"], o["col"]) for o in scene["objects"])
+    return (scene["background"],) + tuple((o["shape"], o["color"], o["size"], o["row"], o["col"])
+                                          for o in scene["objects"])
 
 # %% ../nbs/01_data.ipynb #fa1c041d
 _SUPERSAMPLE = 4
@@ -100,27 +110,35 @@ def _regular(cx, cy, r, corners, start=-90.0, inner=None):
     "Corners of a regular polygon, or of a star when `inner` (inner radius share) is given."
     n = corners * 2 if inner else corners
     radii = [r if not inner or i % 2 == 0 else r * inner for i in range(n)]
-    return [(cx + rr * math.cos(math.radians(start + 360 * i / n)), cy + rr * math.sin(math.radians(start + 360 * i / n)))
+    return [(cx + rr * math.cos(math.radians(start + 360 * i / n)),
+             cy + rr * math.sin(math.radians(start + 360 * i / n)))
             for i, rr in enumerate(radii)]
 
 # %% ../nbs/01_data.ipynb #85f48515
-def _draw_shape(draw:ImageDraw.ImageDraw, shape:str, cx:float, cy:float, r:float, fill:tuple, background:tuple):
+def _draw_shape(draw:ImageDraw.ImageDraw, shape:str, cx:float, cy:float, r:float, fill:tuple,
+                background:tuple):
     "Draw one `shape` of radius `r` centred on (cx, cy)."
     if shape == "circle": draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square": draw.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fill)
     elif shape == "triangle": draw.polygon(_regular(cx, cy + 0.15 * r, 1.1 * r, 3), fill=fill)
-    elif shape == "star": draw.polygon(_regular(cx, cy + 0.1 * r, 1.1 * r, 5, inner=0.45), fill=fill)
-    elif shape == "diamond": draw.polygon([(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)], fill=fill)
+    elif shape == "star":
+        draw.polygon(_regular(cx, cy + 0.1 * r, 1.1 * r, 5, inner=0.45), fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)],
+                     fill=fill)
     elif shape == "cross":
         w = 0.36 * r
-        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill); draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
     elif shape == "ring":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         draw.ellipse([cx - r / 2, cy - r / 2, cx + r / 2, cy + r / 2], fill=background)
     elif shape == "heart":
         draw.ellipse([cx - r, cy - 0.75 * r, cx, cy + 0.15 * r], fill=fill)
         draw.ellipse([cx, cy - 0.75 * r, cx + r, cy + 0.15 * r], fill=fill)
-        draw.polygon([(cx - 0.97 * r, cy - 0.15 * r), (cx + 0.97 * r, cy - 0.15 * r), (cx, cy + r)], fill=fill)
+        draw.polygon([(cx - 0.97 * r, cy - 0.15 * r), (cx + 0.97 * r, cy - 0.15 * r), (cx, cy + r)],
+                     fill=fill)
     else: raise DataError(f"unknown shape {shape!r}; known: {', '.join(SHAPE_WORDS)}")
 
 # %% ../nbs/01_data.ipynb #42f3bf8b
@@ -133,7 +151,8 @@ def draw_scene(scene:dict, # a scene as made by `sample_scene`
     draw, cell = ImageDraw.Draw(canvas), big / 3
     for obj in scene["objects"]:
         cx, cy = (obj["col"] + 0.5) * cell, (obj["row"] + 0.5) * cell
-        _draw_shape(draw, obj["shape"], cx, cy, _RADIUS[obj["size"]] * cell, COLORS[obj["color"]], background)
+        _draw_shape(draw, obj["shape"], cx, cy, _RADIUS[obj["size"]] * cell, COLORS[obj["color"]],
+                    background)
     return canvas.resize((image_size, image_size), Image.Resampling.LANCZOS)
 
 # %% ../nbs/01_data.ipynb #d57a009d
@@ -141,13 +160,16 @@ def _pick(rng:np.random.Generator, words:list) -> str: return words[int(rng.inte
 
 def _with_article(phrase:str) -> str: return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
-def _object_phrase(obj:dict, rng:np.random.Generator, size:bool=True, color:bool=True, position:bool=False) -> str:
+def _object_phrase(obj:dict, rng:np.random.Generator, size:bool=True, color:bool=True,
+                   position:bool=False) -> str:
     "Describe one object, e.g. 'a big red circle in the top left'."
-    words = ([_pick(rng, SIZE_WORDS[obj["size"]])] if size else []) + ([_pick(rng, COLOR_WORDS[obj["color"]])] if color else [])
+    words = (([_pick(rng, SIZE_WORDS[obj["size"]])] if size else [])
+             + ([_pick(rng, COLOR_WORDS[obj["color"]])] if color else []))
     phrase = _with_article(" ".join(words + [_pick(rng, SHAPE_WORDS[obj["shape"]])]))
     return phrase + (" " + _pick(rng, POSITION_WORDS[(obj["row"], obj["col"])]) if position else "")
 
-def _join(phrases:list) -> str: return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+def _join(phrases:list) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 _COUNTS = {1: "one shape", 2: "two shapes", 3: "three shapes"}
 
@@ -173,10 +195,12 @@ def _t_picture_with(objs, bg, rng):  # one object, colour and shape only
 def _t_relation(objs, bg, rng):  # a spatial relation between two objects
     if len(objs) == 1: return _object_phrase(objs[0], rng) + " and nothing else"
     a, b = (objs[k] for k in rng.choice(len(objs), 2, replace=False))
-    return f"{_object_phrase(a, rng, size=False)} {_relation(a, b)} {_object_phrase(b, rng, size=bool(rng.integers(2)))}"
+    return (f"{_object_phrase(a, rng, size=False)} {_relation(a, b)} "
+            f"{_object_phrase(b, rng, size=bool(rng.integers(2)))}")
 def _t_background(objs, bg, rng):  # every object (no positions) and the background
     where = _pick(rng, ["on a", "against a"])
-    return f"{_join([_object_phrase(o, rng, size=False) for o in objs])} {where} {_pick(rng, BACKGROUND_WORDS[bg])} background"
+    return (f"{_join([_object_phrase(o, rng, size=False) for o in objs])} {where} "
+            f"{_pick(rng, BACKGROUND_WORDS[bg])} background")
 def _t_count(objs, bg, rng):  # how many shapes, and one of them
     if len(objs) == 1: return f"a single {_object_phrase(objs[0], rng).split(' ', 1)[1]} on its own"
     return f"{_COUNTS[len(objs)]} including {_object_phrase(objs[rng.integers(len(objs))], rng)}"
@@ -193,7 +217,8 @@ def caption_scene(scene:dict, # a scene as made by `sample_scene`
                  ) -> list[str]:
     "Write `n_captions` distinct captions of `scene`, each from a different template."
     if not 1 <= n_captions <= len(CAPTION_TEMPLATES):
-        raise DataError(f"n_captions must be between 1 and {len(CAPTION_TEMPLATES)}, got {n_captions}")
+        raise DataError(f"n_captions must be between 1 and {len(CAPTION_TEMPLATES)}, "
+                        f"got {n_captions}")
     captions = []
     for t in rng.permutation(len(CAPTION_TEMPLATES)):
         caption = CAPTION_TEMPLATES[t](scene["objects"], scene["background"], rng)
@@ -206,9 +231,12 @@ def _phrase_table(words:dict) -> list[tuple[str, object]]:
     "(phrase, canonical value) pairs, longest phrase first (so 'light blue' is read before 'blue')."
     return sorted(((p, name) for name, ps in words.items() for p in ps), key=lambda pv: -len(pv[0]))
 
-_COUNT_PHRASES = {"one shape": 1, "two shapes": 2, "three shapes": 3, "a single": 1, "there is only": 1, "and nothing else": 1}
+_COUNT_PHRASES = {"one shape": 1, "two shapes": 2, "three shapes": 3, "a single": 1,
+                  "there is only": 1, "and nothing else": 1}
 _READERS = [  # (kind, pattern or None, phrase -> value), in reading order
-    ("background", re.compile(r"\b(" + "|".join(re.escape(p) for p, _ in _phrase_table(BACKGROUND_WORDS)) + r") background\b"),
+    ("background",
+     re.compile(r"\b(" + "|".join(re.escape(p) for p, _ in _phrase_table(BACKGROUND_WORDS))
+                + r") background\b"),
      dict(_phrase_table(BACKGROUND_WORDS))),
     ("position", None, dict(_phrase_table(POSITION_WORDS))),
     ("count", re.compile(r"\b(" + "|".join(_COUNT_PHRASES) + r")\b"), _COUNT_PHRASES),
@@ -228,7 +256,8 @@ def caption_attributes(text:str, # a caption or a generated description
             continue
         for phrase, value in values.items():
             for form in (phrase + "s", phrase):  # plural shapes ("two stars")
-                if f" {form} " in text: found.add((kind, value)); text = text.replace(f" {form} ", " ")
+                if f" {form} " in text:
+                    found.add((kind, value)); text = text.replace(f" {form} ", " ")
     return found
 
 # %% ../nbs/01_data.ipynb #a1d0c007
@@ -236,8 +265,10 @@ def scene_graph_attributes(scene:dict, # a shapes scene graph (`ImageRecord.scen
                           ) -> set[tuple[str, object]]:
     "Every attribute of a scene, in `caption_attributes`' terms."
     objs = scene["objects"]
-    return ({("shape", o["shape"]) for o in objs} | {("color", o["color"]) for o in objs} | {("size", o["size"]) for o in objs}
-            | {("position", (o["row"], o["col"])) for o in objs} | {("background", scene["background"]), ("count", len(objs))})
+    return ({("shape", o["shape"]) for o in objs} | {("color", o["color"]) for o in objs}
+            | {("size", o["size"]) for o in objs}
+            | {("position", (o["row"], o["col"])) for o in objs}
+            | {("background", scene["background"]), ("count", len(objs))})
 
 # %% ../nbs/01_data.ipynb #3425f3d9
 def sample_scenes(n:int, # how many scenes
@@ -265,9 +296,10 @@ def _check_sizes(**sizes):
 def _shapes_entry(index:int, split:str, scene:dict, captions:list[str], first_sentid:int) -> dict:
     "The Karpathy-format JSON entry of one shapes image."
     sentids = list(range(first_sentid, first_sentid + len(captions)))
-    sentences = [{"raw": c, "tokens": _tokens(c), "imgid": index, "sentid": s} for c, s in zip(captions, sentids)]
-    return {"filename": f"shapes_{index:06d}.png", "filepath": "images", "split": split, "imgid": index,
-            "sentids": sentids, "sentences": sentences, "scene": scene}
+    sentences = [{"raw": c, "tokens": _tokens(c), "imgid": index, "sentid": s}
+                 for c, s in zip(captions, sentids)]
+    return {"filename": f"shapes_{index:06d}.png", "filepath": "images", "split": split,
+            "imgid": index, "sentids": sentids, "sentences": sentences, "scene": scene}
 
 # %% ../nbs/01_data.ipynb #4b7f49ca
 SHAPES_JSON = "dataset_shapes.json"  # the file name `write_shapes_corpus` writes
@@ -279,20 +311,26 @@ def write_shapes_corpus(out_dir:str|Path, # folder to write into (created if mis
                         n_captions:int=5, # captions per image (1-8)
                         progress:bool=True, # show a progress bar over images
                        ) -> Path:
-    "Generate the shapes corpus: PNGs in `out_dir/images/` and the Karpathy JSON; returns the JSON's path."
-    _check_sizes(n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, image_size=image_size, n_captions=n_captions)
-    if n_train + n_val + n_test == 0: raise DataError("the corpus needs at least one image (n_train + n_val + n_test = 0)")
+    """Generate the shapes corpus: PNGs in `out_dir/images/` and the Karpathy JSON;
+    returns the JSON's path."""
+    _check_sizes(n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, image_size=image_size,
+                 n_captions=n_captions)
+    if n_train + n_val + n_test == 0:
+        raise DataError("the corpus needs at least one image (n_train + n_val + n_test = 0)")
     if image_size < 16: raise DataError(f"image_size must be at least 16 pixels, got {image_size}")
     if not 1 <= n_captions <= len(CAPTION_TEMPLATES):
-        raise DataError(f"n_captions must be between 1 and {len(CAPTION_TEMPLATES)}, got {n_captions}")
+        raise DataError(f"n_captions must be between 1 and {len(CAPTION_TEMPLATES)}, "
+                        f"got {n_captions}")
     out_dir = Path(out_dir); json_path = out_dir / SHAPES_JSON
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     json_path.unlink(missing_ok=True)  # an old JSON must not describe half-rewritten images
     splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
     entries = []
     scenes = sample_scenes(len(splits), seed)
-    for i, (split, scene) in enumerate(progress_bar(list(zip(splits, scenes)), desc="shapes corpus", progress=progress)):
-        draw_scene(scene, image_size).save(out_dir / "images" / f"shapes_{i:06d}.png", format="PNG")
+    for i, (split, scene) in enumerate(progress_bar(list(zip(splits, scenes)), desc="shapes corpus",
+                                                    progress=progress)):
+        draw_scene(scene, image_size).save(out_dir / "images" / f"shapes_{i:06d}.png",
+                                           format="PNG")
         captions = caption_scene(scene, np.random.default_rng([seed, 1, i]), n_captions)
         entries.append(_shapes_entry(i, split, scene, captions, first_sentid=i * n_captions))
     generator = {"seed": int(seed), "image_size": int(image_size), "n_captions": int(n_captions)}
@@ -313,15 +351,20 @@ class ImageRecord:
 # %% ../nbs/01_data.ipynb #901a412c
 def _entry_problem(entry:Any) -> tuple[str, str] | None:
     "The first structural problem of an entry (keys, types, split), or None."
-    if not isinstance(entry, dict): return "malformed entry", f"expected a JSON object, got {type(entry).__name__}"
+    if not isinstance(entry, dict):
+        return "malformed entry", f"expected a JSON object, got {type(entry).__name__}"
     for key in ("filename", "split", "imgid"):
         if key not in entry: return "missing key", f"missing required key {key!r}"
-    filename, filepath, imgid, split = entry["filename"], entry.get("filepath", ""), entry["imgid"], entry["split"]
+    filename, filepath, imgid, split = (entry["filename"], entry.get("filepath", ""),
+                                        entry["imgid"], entry["split"])
     if not isinstance(filename, str) or not filename.strip():
         return "bad value", f"'filename' must be a non-empty string, got {filename!r}"
-    if not isinstance(filepath, str): return "bad value", f"'filepath' must be a string, got {filepath!r}"
-    if not isinstance(imgid, int) or isinstance(imgid, bool): return "bad value", f"'imgid' must be an integer, got {imgid!r}"
-    if split not in KARPATHY_SPLITS: return "unknown split", f"split {split!r} is not one of {', '.join(KARPATHY_SPLITS)}"
+    if not isinstance(filepath, str):
+        return "bad value", f"'filepath' must be a string, got {filepath!r}"
+    if not isinstance(imgid, int) or isinstance(imgid, bool):
+        return "bad value", f"'imgid' must be an integer, got {imgid!r}"
+    if split not in KARPATHY_SPLITS:
+        return "unknown split", f"split {split!r} is not one of {', '.join(KARPATHY_SPLITS)}"
     return None
 
 # %% ../nbs/01_data.ipynb #5a0914e3
@@ -342,7 +385,8 @@ def _captions(entry:dict) -> tuple[list[str] | None, tuple[str, str] | None]:
 
 # %% ../nbs/01_data.ipynb #28371746
 def _image_problem(path:Path, check:str) -> tuple[str, str] | None:
-    "The problem with the image file at `path` under `check` ('exists', 'decode' or 'none'), or None."
+    """The problem with the image file at `path` under `check` ('exists', 'decode' or 'none'),
+    or None."""
     if check == "none": return None
     if not path.is_file(): return "missing image", f"image file not found: {path}"
     if check == "decode":
@@ -356,9 +400,11 @@ class KarpathyDataset:
     def __init__(self, records:list[ImageRecord], # the loaded records, in file order
                  name:str="dataset", # the file's `dataset` value
                  json_path:Path|None=None, # the file they came from
-                 skipped:dict|None=None, # reason -> ["entry i ('file')", ...] for entries skipped on request
+                 # reason -> ["entry i ('file')", ...] for entries skipped on request
+                 skipped:dict|None=None,
                 ):
-        self.records, self.name, self.json_path, self.skipped = list(records), name, json_path, dict(skipped or {})
+        self.records, self.name, self.json_path, self.skipped = (
+            list(records), name, json_path, dict(skipped or {}))
         self._by_id = {r.image_id: r for r in self.records}
 
     def __len__(self): return len(self.records)
@@ -369,7 +415,8 @@ def _skip_report(skipped:dict, n_entries:int, json_path:Path, shown:int=3) -> st
     "A few lines saying how many entries were skipped, per reason, with the first few named."
     lines = [f"skipped {sum(map(len, skipped.values()))} of {n_entries} entries of {json_path}:"]
     for reason, labels in skipped.items():
-        lines.append(f"  {reason}: {len(labels)} ({'; '.join(labels[:shown])}{'; ...' if len(labels) > shown else ''})")
+        lines.append(f"  {reason}: {len(labels)} "
+                     f"({'; '.join(labels[:shown])}{'; ...' if len(labels) > shown else ''})")
     return "\n".join(lines)
 
 # %% ../nbs/01_data.ipynb #48558b05
@@ -378,8 +425,10 @@ def _read_karpathy_file(json_path:Path) -> tuple[list, str]:
     try: data = load_json(json_path)
     except GraceError as e: raise DataError(str(e)) from e
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DataError(f"{json_path}: not a Karpathy-format dataset file: expected a JSON object with an 'images' list "
-                        f"(got {type(data).__name__}{' with keys ' + ', '.join(map(str, data)) if isinstance(data, dict) else ''})")
+        raise DataError(
+            f"{json_path}: not a Karpathy-format dataset file: expected a JSON object with an "
+            f"'images' list (got {type(data).__name__}"
+            f"{' with keys ' + ', '.join(map(str, data)) if isinstance(data, dict) else ''})")
     if not data["images"]: raise DataError(f"{json_path}: the 'images' list is empty")
     return data["images"], str(data.get("dataset", json_path.stem))
 
@@ -387,11 +436,15 @@ def _read_karpathy_file(json_path:Path) -> tuple[list, str]:
 def _check_options(splits, include_restval, check, on_error):
     unknown = [s for s in splits if s not in KARPATHY_SPLITS]
     if isinstance(splits, str) or unknown or not splits:
-        raise DataError(f"splits must be a non-empty list of {', '.join(KARPATHY_SPLITS)}; got {splits!r}")
-    if check not in ("exists", "decode", "none"): raise DataError(f"check must be 'exists', 'decode' or 'none', got {check!r}")
-    if on_error not in ("raise", "skip"): raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        raise DataError(f"splits must be a non-empty list of {', '.join(KARPATHY_SPLITS)}; "
+                        f"got {splits!r}")
+    if check not in ("exists", "decode", "none"):
+        raise DataError(f"check must be 'exists', 'decode' or 'none', got {check!r}")
+    if on_error not in ("raise", "skip"):
+        raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if include_restval and "train" not in splits:
-        raise DataError(f"include_restval=True merges restval into 'train', but splits={tuple(splits)} has no 'train'")
+        raise DataError(f"include_restval=True merges restval into 'train', "
+                        f"but splits={tuple(splits)} has no 'train'")
 
 # %% ../nbs/01_data.ipynb #9d2d77db
 _RECORD_KEYS = {"filename", "filepath", "split", "sentences", "imgid", "scene"}
@@ -400,33 +453,44 @@ def _make_record(entry:dict, captions:list[str], path:Path, include_restval:bool
     extra = {k: v for k, v in entry.items() if k not in _RECORD_KEYS}
     split = entry["split"]
     if include_restval and split == "restval": split, extra["karpathy_split"] = "train", "restval"
-    return ImageRecord(entry["imgid"], entry["filename"], path, split, captions, entry.get("scene"), extra)
+    return ImageRecord(entry["imgid"], entry["filename"], path, split, captions, entry.get("scene"),
+                       extra)
 
 # %% ../nbs/01_data.ipynb #fa95ceda
-_SKIP_HINT = ("(on_error='skip', the profile key `on_error = skip` or `grace reproduce --on-error skip` leave bad entries "
-             "out and report them; `grace data karpathy-check FILE` lists them all)")
+_SKIP_HINT = ("(on_error='skip', the profile key `on_error = skip` or "
+              "`grace reproduce --on-error skip` leave bad entries "
+              "out and report them; `grace data karpathy-check FILE` lists them all)")
 
 def _image_root(json_path:Path, image_root:str|Path|None, check:str) -> Path:
     "The folder images are under (default: the JSON's); it must exist when images are checked."
     root = json_path.parent if image_root is None else Path(image_root)
-    if check != "none" and not root.is_dir(): raise DataError(f"image root not found: {root} (images of {json_path})")
+    if check != "none" and not root.is_dir():
+        raise DataError(f"image root not found: {root} (images of {json_path})")
     return root
 
-def _checked_entries(entries:list, image_root:Path, wanted:set, check:str, include_restval:bool, progress:bool, desc:str):
-    "Each entry as (label, problem, record): problem None for a good entry, whose record is None outside `wanted`."
+def _checked_entries(entries:list, image_root:Path, wanted:set, check:str, include_restval:bool,
+                     progress:bool, desc:str):
+    """Each entry as (label, problem, record): problem None for a good entry, whose record is None
+    outside `wanted`."""
     seen_files, seen_ids = {}, {}
-    for i, entry in enumerate(progress_bar(entries, desc=desc, progress=progress and len(entries) >= 1000)):
-        problem, record = _load_entry(entry, i, image_root, wanted, check, include_restval, seen_files, seen_ids)
-        yield (f"entry {i} ({entry.get('filename')!r})" if isinstance(entry, dict) else f"entry {i}"), problem, record
+    for i, entry in enumerate(progress_bar(entries, desc=desc,
+                                           progress=progress and len(entries) >= 1000)):
+        problem, record = _load_entry(entry, i, image_root, wanted, check, include_restval,
+                                      seen_files, seen_ids)
+        yield ((f"entry {i} ({entry.get('filename')!r})" if isinstance(entry, dict)
+                else f"entry {i}"), problem, record)
 
 # %% ../nbs/01_data.ipynb #291a4354
 def _load_entry(entry, i, image_root, wanted, check, include_restval, seen_files, seen_ids):
-    "(problem, None) for a bad entry, (None, record) for a good one, (None, None) for one outside `wanted`."
+    """(problem, None) for a bad entry, (None, record) for a good one, (None, None) for one
+    outside `wanted`."""
     if (problem := _entry_problem(entry)) is not None: return problem, None
     key = f"{entry.get('filepath', '')}/{entry['filename']}".lstrip("/")
-    if key in seen_files: return ("duplicate filename", f"{key!r} is also entry {seen_files[key]}"), None
+    if key in seen_files:
+        return ("duplicate filename", f"{key!r} is also entry {seen_files[key]}"), None
     if entry["imgid"] in seen_ids:
-        return ("duplicate imgid", f"imgid {entry['imgid']} is also entry {seen_ids[entry['imgid']]}"), None
+        return ("duplicate imgid",
+                f"imgid {entry['imgid']} is also entry {seen_ids[entry['imgid']]}"), None
     seen_files[key], seen_ids[entry["imgid"]] = i, i
     if entry["split"] not in wanted: return None, None
     captions, problem = _captions(entry)
@@ -436,12 +500,18 @@ def _load_entry(entry, i, image_root, wanted, check, include_restval, seen_files
     return None, _make_record(entry, captions, path, include_restval)
 
 # %% ../nbs/01_data.ipynb #0153c92b
-def load_karpathy(json_path:str|Path, # dataset_flickr30k.json, dataset_coco.json, dataset_shapes.json, ...
-                  image_root:str|Path|None=None, # folder the entries' filepath/filename are under (default: the JSON's folder)
+def load_karpathy(
+                  # dataset_flickr30k.json, dataset_coco.json, dataset_shapes.json, ...
+                  json_path:str|Path,
+                  # folder the entries' filepath/filename are under (default: the JSON's folder)
+                  image_root:str|Path|None=None,
                   splits:tuple=("train", "val", "test"), # which splits to load
-                  include_restval:bool=False, # merge COCO's restval into train (the GRACE reference code leaves it out)
-                  check:str="exists", # per image: "exists" (cheap), "decode" (reads every pixel) or "none"
-                  on_error:str="raise", # "raise" at the first bad entry, or "skip" bad entries and report them
+                  # merge COCO's restval into train (the GRACE reference code leaves it out)
+                  include_restval:bool=False,
+                  # per image: "exists" (cheap), "decode" (reads every pixel) or "none"
+                  check:str="exists",
+                  # "raise" at the first bad entry, or "skip" bad entries and report them
+                  on_error:str="raise",
                   progress:bool=True, # progress bar when checking 1000+ images
                  ) -> KarpathyDataset:
     "Load and validate a Karpathy-format dataset JSON."
@@ -451,11 +521,13 @@ def load_karpathy(json_path:str|Path, # dataset_flickr30k.json, dataset_coco.jso
     image_root = _image_root(json_path, image_root, check)
     wanted = set(splits) | ({"restval"} if include_restval else set())
     records, skipped = [], {}
-    for label, problem, record in _checked_entries(entries, image_root, wanted, check, include_restval, progress,
+    for label, problem, record in _checked_entries(entries, image_root, wanted, check,
+                                                   include_restval, progress,
                                                    desc=f"checking {json_path.name}"):
         if problem is None:
             if record is not None: records.append(record)
-        elif on_error == "raise": raise DataError(f"{json_path}: {label}: {problem[1]} {_SKIP_HINT}")
+        elif on_error == "raise":
+            raise DataError(f"{json_path}: {label}: {problem[1]} {_SKIP_HINT}")
         else: skipped.setdefault(problem[0], []).append(label)
     if skipped: print(_skip_report(skipped, len(entries), json_path))
     if not records: raise DataError(f"{json_path}: no usable entries in splits {tuple(splits)}")
@@ -466,7 +538,8 @@ def load_karpathy(json_path:str|Path, # dataset_flickr30k.json, dataset_coco.jso
 def split(self:KarpathyDataset, name:str, # train, val, test or restval
          ) -> list[ImageRecord]:
     "The records of split `name`, in file order."
-    if name not in KARPATHY_SPLITS: raise DataError(f"unknown split {name!r}; splits are {', '.join(KARPATHY_SPLITS)}")
+    if name not in KARPATHY_SPLITS:
+        raise DataError(f"unknown split {name!r}; splits are {', '.join(KARPATHY_SPLITS)}")
     return [r for r in self.records if r.split == name]
 
 # %% ../nbs/01_data.ipynb #5965c4df
@@ -474,7 +547,8 @@ def split(self:KarpathyDataset, name:str, # train, val, test or restval
 def by_id(self:KarpathyDataset, image_id:int, # an `imgid` of the file
          ) -> ImageRecord:
     "The record whose `image_id` is `image_id`."
-    if image_id not in self._by_id: raise DataError(f"no image with id {image_id!r} in {self.name} ({len(self)} images)")
+    if image_id not in self._by_id:
+        raise DataError(f"no image with id {image_id!r} in {self.name} ({len(self)} images)")
     return self._by_id[image_id]
 
 @patch
@@ -502,8 +576,10 @@ def summary(self:KarpathyDataset) -> dict:
 @patch
 def __repr__(self:KarpathyDataset) -> str:
     rows = [f"{'split':<8}{'images':>8}{'captions':>10}"]
-    rows += [f"{split:<8}{c['images']:>8}{c['captions']:>10}" for split, c in self.summary().items()]
-    if (skipped := sum(map(len, self.skipped.values()))): rows.append(f"skipped {skipped} entries: see .skipped")
+    rows += [f"{split:<8}{c['images']:>8}{c['captions']:>10}"
+             for split, c in self.summary().items()]
+    if (skipped := sum(map(len, self.skipped.values()))):
+        rows.append(f"skipped {skipped} entries: see .skipped")
     source = f" from {self.json_path.name}" if self.json_path else ""
     return "\n".join([f"KarpathyDataset {self.name!r}{source}"] + rows)
 
@@ -517,29 +593,35 @@ def show_records(dataset:KarpathyDataset, # the dataset the records belong to
     "A small matplotlib grid of `records` with one caption each; returns the figure."
     import matplotlib.pyplot as plt
     nrows = max(1, math.ceil(len(records) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * (size + 0.6)), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * (size + 0.6)),
+                             squeeze=False)
     for ax in axes.flat[len(records):]: ax.axis("off")
     for ax, record in zip(axes.flat, records):
         ax.imshow(dataset.load_image(record)); ax.set_xticks([]); ax.set_yticks([])
         for spine in ax.spines.values(): spine.set_color("0.8")  # a frame, so white images show
-        text = textwrap.shorten(record.captions[caption % len(record.captions)], 80, placeholder=" ...")
+        text = textwrap.shorten(record.captions[caption % len(record.captions)], 80,
+                                placeholder=" ...")
         ax.set_xlabel("\n".join(textwrap.wrap(text, 28)), fontsize=7)
     fig.tight_layout()
     return fig
 
 # %% ../nbs/01_data.ipynb #1feb7f3d
 def check_karpathy(json_path:str|Path, # the dataset JSON
-                   image_root:str|Path|None=None, # folder the entries' filepath/filename are under (default: the JSON's folder)
+                   # folder the entries' filepath/filename are under (default: the JSON's folder)
+                   image_root:str|Path|None=None,
                    check:str="decode", # per image: "decode" (reads every pixel), "exists" or "none"
                    progress:bool=True, # progress bar when checking 1000+ images
                   ) -> dict:
-    "Check every entry of a Karpathy-format file (all splits) and its images: good entries per split, every bad one."
+    """Check every entry of a Karpathy-format file (all splits) and its images: good entries
+    per split, every bad one."""
     _check_options(KARPATHY_SPLITS, False, check, "skip")
     json_path = Path(json_path)
     entries, name = _read_karpathy_file(json_path)
     usable, bad = {}, []
-    for label, problem, record in _checked_entries(entries, _image_root(json_path, image_root, check), set(KARPATHY_SPLITS),
-                                                   check, False, progress, desc=f"checking {json_path.name}"):
+    for label, problem, record in _checked_entries(
+            entries, _image_root(json_path, image_root, check), set(KARPATHY_SPLITS), check, False,
+            progress, desc=f"checking {json_path.name}"):
         if problem is None: usable[record.split] = usable.get(record.split, 0) + 1
         else: bad.append(f"{label}: {problem[0]}: {problem[1]}")
-    return {"dataset": name, "file": str(json_path), "entries": len(entries), "usable": usable, "bad": bad}
+    return {"dataset": name, "file": str(json_path), "entries": len(entries), "usable": usable,
+            "bad": bad}

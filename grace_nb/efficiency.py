@@ -25,7 +25,8 @@ __all__ = ['GRACE_KINDS', 'EfficiencyError', 'synthetic_embeddings', 'synthetic_
 
 # %% ../nbs/10_efficiency.ipynb #a9eebe01
 class EfficiencyError(GraceError, ValueError):
-    "Bad benchmark settings: sizes, identifier kinds, backbones, devices, thread counts, index parameters."
+    """Bad benchmark settings: sizes, identifier kinds, backbones, devices, thread counts,
+    index parameters."""
 
 def synthetic_embeddings(n:int, # how many image embeddings
                          dim:int, # their size (tiny CLIP: 128, ViT-L/14: 768)
@@ -55,7 +56,8 @@ def synthetic_queries(corpus:np.ndarray, # [N, D] unit rows from `synthetic_embe
     "`n` float32 unit query vectors near corpus rows, and the row each came from."
     rng = np.random.default_rng(seed)
     sources = rng.integers(len(corpus), size=n)
-    queries = corpus[sources] + rng.standard_normal((n, corpus.shape[1]), dtype=np.float32) * (noise / math.sqrt(corpus.shape[1]))
+    queries = corpus[sources] + (rng.standard_normal((n, corpus.shape[1]), dtype=np.float32)
+                                 * (noise / math.sqrt(corpus.shape[1])))
     return (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32), sources
 
 # %% ../nbs/10_efficiency.ipynb #b6cbb6a6
@@ -63,9 +65,12 @@ def structured_codes(n:int, # images
                      k:int=30, # clusters per split (paper: 30)
                      c:int=30, # a group of more than c images is split again (paper: 30)
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    "0-based child index per level [n, L] (-1 after a path ends) and path lengths [n] of an evenly split k-means tree."
-    if n < 1 or k < 2 or c < 1: raise EfficiencyError(f"need n >= 1, k >= 2, c >= 1; got n={n}, k={k}, c={c}")
-    offset, size = torch.arange(n), torch.full((n,), n)  # each image's position in its group, the group's size
+    """0-based child index per level [n, L] (-1 after a path ends) and path lengths [n]
+    of an evenly split k-means tree."""
+    if n < 1 or k < 2 or c < 1:
+        raise EfficiencyError(f"need n >= 1, k >= 2, c >= 1; got n={n}, k={k}, c={c}")
+    # each image's position in its group, the group's size
+    offset, size = torch.arange(n), torch.full((n,), n)
     active, columns = torch.ones(n, dtype=torch.bool), []
     while bool(active.any()):
         leaf = active & (size <= c) & (len(columns) > 0)
@@ -84,7 +89,8 @@ GRACE_KINDS = ("structured", "atomic", "numeric", "string")
 
 @dataclass
 class SyntheticIdentifiers:
-    "`n` identifiers of one kind as token ids (end token included), padded with -1, and the vocabulary they need."
+    """`n` identifiers of one kind as token ids (end token included), padded with -1,
+    and the vocabulary they need."""
     kind:str # one of `GRACE_KINDS`
     tokens:torch.Tensor # int64 [n, L]
     lengths:torch.Tensor # int64 [n], end token included
@@ -92,24 +98,28 @@ class SyntheticIdentifiers:
     def __len__(self): return len(self.tokens)
     @property
     def max_new_tokens(self) -> int: return int(self.lengths.max())  # beam steps
-    def trie(self, end_token:int) -> TensorTrie: return TensorTrie.build(self.tokens, self.lengths, end_token=end_token)
+    def trie(self, end_token:int) -> TensorTrie:
+        return TensorTrie.build(self.tokens, self.lengths, end_token=end_token)
     def __repr__(self):
-        return (f"SyntheticIdentifiers({self.kind}, {len(self):,} identifiers, {self.lengths.float().mean():.2f} tokens "
-                f"on average (end token included), at most {self.max_new_tokens}, vocab {self.vocab_size:,})")
+        return (f"SyntheticIdentifiers({self.kind}, {len(self):,} identifiers, "
+                f"{self.lengths.float().mean():.2f} tokens on average (end token included), "
+                f"at most {self.max_new_tokens}, vocab {self.vocab_size:,})")
 
 # %% ../nbs/10_efficiency.ipynb #86cd684d
 def _padded(rows:list[list[int]], end_token:int) -> tuple[torch.Tensor, torch.Tensor]:
     "Token lists + end token as a -1 padded int64 tensor and lengths."
     lengths = torch.tensor([len(r) + 1 for r in rows])
     tokens = torch.full((len(rows), int(lengths.max())), -1, dtype=torch.long)
-    tokens[torch.arange(tokens.shape[1]) < lengths[:, None] - 1] = torch.tensor([t for r in rows for t in r], dtype=torch.long)
+    tokens[torch.arange(tokens.shape[1]) < lengths[:, None] - 1] = torch.tensor(
+        [t for r in rows for t in r], dtype=torch.long)
     tokens[torch.arange(len(rows)), lengths - 1] = end_token
     return tokens, lengths
 
 def _number_tokens(kind:str, n:int, tokenizer) -> list[list[int]]:
     "Token ids of the numeric (`1 2 3`) or string (`123`) identifiers of 1..n."
     texts = [" ".join(str(m)) if kind == "numeric" else str(m) for m in range(1, n + 1)]
-    return [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return [e.ids for e in
+            tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 # %% ../nbs/10_efficiency.ipynb #0a929da1
 def synthetic_identifiers(kind:str, # one of `GRACE_KINDS`
@@ -120,19 +130,23 @@ def synthetic_identifiers(kind:str, # one of `GRACE_KINDS`
                           k:int=30, c:int=30, # structured tree shape (paper: 30, 30)
                           seed:int=0, # order of the atomic tokens
                          ) -> SyntheticIdentifiers:
-    "Identifiers of `kind` for `n` images with the token counts and vocabulary growth of the real ones."
-    if kind not in GRACE_KINDS: raise EfficiencyError(f"unknown identifier kind {kind!r}; use one of {GRACE_KINDS}")
+    """Identifiers of `kind` for `n` images with the token counts and vocabulary growth
+    of the real ones."""
+    if kind not in GRACE_KINDS:
+        raise EfficiencyError(f"unknown identifier kind {kind!r}; use one of {GRACE_KINDS}")
     if n < 1: raise EfficiencyError(f"need at least one image, got n={n}")
     if kind == "structured":
         codes, lengths = structured_codes(n, k, c)
         width = max(k, c)  # token of (level l, index j): base + l * width + j
-        tokens = torch.where(codes >= 0, base_vocab + torch.arange(codes.shape[1]) * width + codes, -1)
+        tokens = torch.where(codes >= 0,
+                             base_vocab + torch.arange(codes.shape[1]) * width + codes, -1)
         tokens = torch.cat([tokens, torch.full((n, 1), -1)], 1)
         tokens[torch.arange(n), lengths] = end_token
         return SyntheticIdentifiers(kind, tokens, lengths + 1, base_vocab + codes.shape[1] * width)
     if kind == "atomic":
         ids = base_vocab + torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        return SyntheticIdentifiers(kind, torch.stack([ids, torch.full_like(ids, end_token)], 1), torch.full((n,), 2), base_vocab + n)
+        return SyntheticIdentifiers(kind, torch.stack([ids, torch.full_like(ids, end_token)], 1),
+                                    torch.full((n,), 2), base_vocab + n)
     if tokenizer is None: raise EfficiencyError(f"{kind} identifiers need the BPE tokenizer")
     tokens, lengths = _padded(_number_tokens(kind, n, tokenizer), end_token)
     return SyntheticIdentifiers(kind, tokens, lengths, max(base_vocab, len(tokenizer)))
@@ -157,10 +171,12 @@ def _sync(device):
 def median_pass_ms(run, # called once per batch
                    batches:list, # what `run` is called with, in order; batches[0] also warms up
                    repeats:int=3, # timed passes over all batches; the median counts
-                   device:str|torch.device="cpu", # where `run` queues its work (GPU work is waited for)
+                   # where `run` queues its work (GPU work is waited for)
+                   device:str|torch.device="cpu",
                    per:int=1, # divide the pass time by this (the number of queries: ms per query)
                   ) -> float:
-    "Median milliseconds of a pass of `run` over `batches` (after one warm-up call), divided by `per`."
+    """Median milliseconds of a pass of `run` over `batches` (after one warm-up call),
+    divided by `per`."""
     run(batches[0]); passes = []
     for _ in range(repeats):
         _sync(device); start = time.perf_counter()

@@ -15,7 +15,9 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .core import GraceError, atomic_write, barrier, is_main_process, load_json, save_json, shard_map, progress_bar
+from .tables import PAPER_TABLE1
+from .core import (GraceError, atomic_write, barrier, is_main_process, load_json, save_json,
+                           shard_map, progress_bar)
 from .data import KarpathyDataset, caption_attributes, scene_graph_attributes
 from .identifiers import IdentifierMap, identifier_token_ids
 from .trie import TensorTrie
@@ -23,12 +25,13 @@ from .backbone import Flamingo, Preset, load_flamingo
 from .clip import recall_at_k, recall_interval
 from .training import MEMORIZE_PROMPT, RETRIEVE_PROMPT, FeatureCache
 from .checkpoints import _load_weights, _trainable_state
-from .inference import FlamingoDecoder, Ranked, beam_search, corpus_trie, make_decoder, retrieve
+from .inference import (FlamingoDecoder, Ranked, beam_search, corpus_trie, make_decoder,
+                                retrieve)
 
 # %% auto #0
-__all__ = ['MODEL_FILES', 'PAPER_TABLE1', 'FINDINGS', 'ranked_images', 'EvaluationError', 'grace_recall', 'GraceModel',
-           'save_grace_model', 'load_grace_model', 'evaluate_grace', 'consistent_counts', 'ambiguity_ceiling',
-           'collapse_report', 'memorize_rankings', 'memorization_accuracy', 'split_memorization', 'findings']
+__all__ = ['MODEL_FILES', 'FINDINGS', 'ranked_images', 'EvaluationError', 'grace_recall', 'GraceModel', 'save_grace_model',
+           'load_grace_model', 'evaluate_grace', 'consistent_counts', 'ambiguity_ceiling', 'collapse_report',
+           'memorize_rankings', 'memorization_accuracy', 'split_memorization', 'findings']
 
 # %% ../nbs/08_evaluation.ipynb #a34df7b0
 def ranked_images(result:Ranked, # one query's beam-search result from `retrieve`
@@ -46,10 +49,13 @@ def grace_recall(results:Sequence[Ranked], # one per query, from `retrieve`
                  gold:Sequence[int], # the relevant image of each query
                  ks:tuple=(1, 5, 10), # cut-offs
                 ) -> dict:
-    "Recall@K (percent) of beam-search results, invalid sequences holding their rank, plus how many were invalid."
-    if len(results) != len(gold): raise EvaluationError(f"{len(results)} results for {len(gold)} queries")
+    """Recall@K (percent) of beam-search results, invalid sequences holding their rank,
+    plus how many were invalid."""
+    if len(results) != len(gold):
+        raise EvaluationError(f"{len(results)} results for {len(gold)} queries")
     ranked = [ranked_images(r) for r in results]
-    recall = {**recall_at_k(ranked, list(gold), ks), "ci": recall_interval(ranked, list(gold), ks)}  # 95% bootstrap intervals
+    # 95% bootstrap intervals
+    recall = {**recall_at_k(ranked, list(gold), ks), "ci": recall_interval(ranked, list(gold), ks)}
     generated = sum(len(r.identifiers) for r in results)
     invalid = sum(r.invalid for r in results)
     return {**recall, "n_queries": len(gold), "generated": generated, "invalid": invalid,
@@ -57,7 +63,8 @@ def grace_recall(results:Sequence[Ranked], # one per query, from `retrieve`
 
 # %% ../nbs/08_evaluation.ipynb #0ccb7765
 _FORMAT, _VERSION = "grace_nb.model", 1
-MODEL_FILES = ("preset", "tokenizer", "identifiers.json", "trie.safetensors", "model.safetensors", "config.json")
+MODEL_FILES = ("preset", "tokenizer", "identifiers.json", "trie.safetensors", "model.safetensors",
+               "config.json")
 
 @dataclass
 class GraceModel:
@@ -75,21 +82,29 @@ class GraceModel:
         "The file of a retrieval image, if the model was saved with image paths."
         return self.config.get("image_paths", {}).get(str(image_id))
     def retrieve(self, queries:Sequence[str], **kwargs) -> list[Ranked]:
-        "Ranked images for each query (keyword arguments go to `inference.retrieve`); under a launcher the ranks share the batches."
-        search = lambda part: retrieve(self.flamingo, part, self.token_ids, trie=self.trie, **kwargs)
-        return shard_map(search, list(queries), kwargs.get("batch_size", 32))  # 32: inference.retrieve's default
+        """Ranked images for each query (keyword arguments go to `inference.retrieve`);
+        under a launcher the ranks share the batches."""
+        search = lambda part: retrieve(self.flamingo, part, self.token_ids, trie=self.trie,
+                                       **kwargs)
+        # 32: inference.retrieve's default
+        return shard_map(search, list(queries), kwargs.get("batch_size", 32))
     def __repr__(self):
-        return f"GraceModel({self.kind} identifiers, {len(self.retrieval_ids)} retrieval images, {self.flamingo!r})"
+        return (f"GraceModel({self.kind} identifiers, {len(self.retrieval_ids)} retrieval images, "
+                f"{self.flamingo!r})")
 
 # %% ../nbs/08_evaluation.ipynb #338f892a
 _PRESET_PATHS = ("clip_weights", "lm_path", "tokenizer_path", "clip_config", "flamingo_checkpoint")
 
 def _copy_preset(preset:Preset, dest:Path) -> None:
-    "Copy a self-contained preset folder (every path inside it), or write a preset.json that points at absolute paths."
+    """Copy a self-contained preset folder (every path inside it), or write a preset.json
+    that points at absolute paths."""
     paths = {k: getattr(preset, k) for k in _PRESET_PATHS}
-    if all(p is None or not Path(p).is_absolute() for p in paths.values()) and (Path(preset.root)/"preset.json").is_file():
+    if (all(p is None or not Path(p).is_absolute() for p in paths.values())
+        and (Path(preset.root)/"preset.json").is_file()):
         shutil.copytree(preset.root, dest)
-    else:  # OpenFlamingo's files stay where the user keeps them (never a copy of root, which can be "/")
+    else:
+        # OpenFlamingo's files stay where the user keeps them
+        # (never a copy of root, which can be "/")
         dest.mkdir(parents=True)
         absolute = {k: None if p is None else str(preset.resolve(p)) for k, p in paths.items()}
         Preset(**(preset.__dict__ | absolute | {"root": Path("/")})).save(dest)
@@ -99,19 +114,24 @@ def save_grace_model(folder:str|Path, # the model folder to (re)write
                      flamingo:Flamingo, # trained bundle (tokenizer grown)
                      identifier_map:IdentifierMap, # identifiers of the whole corpus
                      retrieval_ids:Sequence[int], # the retrieval corpus
-                     image_paths:dict[int, str]|None=None, # retrieval image id -> file, for `grace retrieve`
+                     # retrieval image id -> file, for `grace retrieve`
+                     image_paths:dict[int, str]|None=None,
                      extra:dict|None=None, # JSON-able facts (training config, seed, metrics)
                     ) -> Path:
-    "Write a GRACE model folder atomically: preset, tokenizer, identifiers, trie, weights, config (under a launcher: every rank calls it, rank 0 writes)."
-    weights = _trainable_state(flamingo.model)  # under DeepSpeed ZeRO the ranks gather the weights together
+    """Write a GRACE model folder atomically: preset, tokenizer, identifiers, trie, weights, config
+    (under a launcher: every rank calls it, rank 0 writes)."""
+    # under DeepSpeed ZeRO the ranks gather the weights together
+    weights = _trainable_state(flamingo.model)
     retrieval_ids = [int(i) for i in retrieval_ids]
     eoc = flamingo.tokenizer.convert_tokens_to_ids("<|endofchunk|>")
     token_ids = identifier_token_ids(identifier_map.subset(retrieval_ids), flamingo.tokenizer)
     trie = corpus_trie(token_ids, eoc)
-    config = dict(format=_FORMAT, version=_VERSION, kind=identifier_map.kind, preset=flamingo.preset.name,
-                  vocab_size=flamingo.vocab_size, tokenizer_size=len(flamingo.tokenizer), retrieval_ids=retrieval_ids,
+    config = dict(format=_FORMAT, version=_VERSION, kind=identifier_map.kind,
+                  preset=flamingo.preset.name, vocab_size=flamingo.vocab_size,
+                  tokenizer_size=len(flamingo.tokenizer), retrieval_ids=retrieval_ids,
                   image_paths={str(k): str(v) for k, v in (image_paths or {}).items()},
-                  memorize_prompt=MEMORIZE_PROMPT, retrieve_prompt=RETRIEVE_PROMPT, extra=extra or {})
+                  memorize_prompt=MEMORIZE_PROMPT, retrieve_prompt=RETRIEVE_PROMPT,
+                  extra=extra or {})
     if is_main_process():
         with atomic_write(folder) as tmp:
             tmp.mkdir(parents=True)
@@ -132,30 +152,40 @@ def load_grace_model(folder:str|Path, # written by `save_grace_model`
     folder = Path(folder)
     if not folder.is_dir(): raise EvaluationError(f"model folder {folder} does not exist")
     if missing := [f for f in MODEL_FILES if not (folder/f).exists()]:
-        raise EvaluationError(f"model folder {folder} is missing {', '.join(missing)} (a GRACE model folder holds {', '.join(MODEL_FILES)})")
+        raise EvaluationError(f"model folder {folder} is missing {', '.join(missing)} "
+                              f"(a GRACE model folder holds {', '.join(MODEL_FILES)})")
     config = load_json(folder/"config.json")
-    if config.get("format") != _FORMAT: raise EvaluationError(f"{folder/'config.json'} is not a grace_nb model config")
+    if config.get("format") != _FORMAT:
+        raise EvaluationError(f"{folder/'config.json'} is not a grace_nb model config")
     flamingo = load_flamingo(folder/"preset", tokenizer_path=folder/"tokenizer", device=device)
-    if len(flamingo.tokenizer) != config["tokenizer_size"] or flamingo.vocab_size != config["vocab_size"]:
-        raise EvaluationError(f"{folder/'tokenizer'} has {len(flamingo.tokenizer)} tokens, config.json says {config['tokenizer_size']}")
+    if (len(flamingo.tokenizer) != config["tokenizer_size"]
+        or flamingo.vocab_size != config["vocab_size"]):
+        raise EvaluationError(f"{folder/'tokenizer'} has {len(flamingo.tokenizer)} tokens, "
+                              f"config.json says {config['tokenizer_size']}")
     imap = IdentifierMap.load(folder/"identifiers.json")
     vocab = flamingo.tokenizer.get_vocab()
     if absent := [t for t in imap.new_tokens if t not in vocab]:
-        raise EvaluationError(f"{folder/'identifiers.json'} does not match the tokenizer: {len(absent)} identifier tokens "
-                              f"are not in it, e.g. {absent[0]!r}")
-    if imap.kind != config["kind"]: raise EvaluationError(f"identifiers.json holds {imap.kind} identifiers, config.json says {config['kind']}")
+        raise EvaluationError(f"{folder/'identifiers.json'} does not match the tokenizer: "
+                              f"{len(absent)} identifier tokens are not in it, e.g. {absent[0]!r}")
+    if imap.kind != config["kind"]:
+        raise EvaluationError(f"identifiers.json holds {imap.kind} identifiers, "
+                              f"config.json says {config['kind']}")
     token_ids = identifier_token_ids(imap.subset(config["retrieval_ids"]), flamingo.tokenizer)
     trie = TensorTrie.from_state_dict(load_file(str(folder/"trie.safetensors")))
     expected = corpus_trie(token_ids, flamingo.tokenizer.convert_tokens_to_ids("<|endofchunk|>"))
-    if not (torch.equal(trie.edge_keys, expected.edge_keys) and torch.equal(trie.child_offsets, expected.child_offsets)):
-        raise EvaluationError(f"{folder/'trie.safetensors'} is not the trie of identifiers.json under this tokenizer")
+    if not (torch.equal(trie.edge_keys, expected.edge_keys)
+            and torch.equal(trie.child_offsets, expected.child_offsets)):
+        raise EvaluationError(f"{folder/'trie.safetensors'} is not the trie of identifiers.json "
+                              "under this tokenizer")
     _load_weights(flamingo.model, folder/"model.safetensors", EvaluationError)
     flamingo.model.to(device).eval()
-    return GraceModel(flamingo, imap, list(config["retrieval_ids"]), token_ids, trie.to(device), config)
+    return GraceModel(flamingo, imap, list(config["retrieval_ids"]), token_ids, trie.to(device),
+                      config)
 
 # %% ../nbs/08_evaluation.ipynb #dc96f9e9
 def evaluate_grace(model:GraceModel, # a trained model
-                   queries:Sequence[tuple[str, int]], # (caption, gold image id), e.g. `dataset.queries("test")`
+                   # (caption, gold image id), e.g. `dataset.queries("test")`
+                   queries:Sequence[tuple[str, int]],
                    ks:tuple=(1, 5, 10), # cut-offs
                    constrained:bool=True, # False: Table 2's "w/o constrained generation"
                    num_beams:int=10, num_return:int=10, # the paper's beam settings
@@ -163,30 +193,38 @@ def evaluate_grace(model:GraceModel, # a trained model
                    length_penalty:float=1.0, # beam score normalisation
                    progress:bool=True, # progress bar
                   ) -> dict:
-    "Recall@K of a GRACE model over text queries, with timing and the share of invalid generated identifiers."
+    """Recall@K of a GRACE model over text queries, with timing and the share of invalid
+    generated identifiers."""
     if not queries: raise EvaluationError("no queries to evaluate")
     outside = sorted({i for _, i in queries} - set(model.retrieval_ids))
-    if outside: raise EvaluationError(f"{len(outside)} query images are not in the model's retrieval corpus, e.g. image {outside[0]}")
+    if outside: raise EvaluationError(f"{len(outside)} query images are not in the model's "
+                                      f"retrieval corpus, e.g. image {outside[0]}")
     start = time.perf_counter()
-    results = model.retrieve([q for q, _ in queries], constrained=constrained, num_beams=num_beams, num_return=num_return,
-                             batch_size=batch_size, length_penalty=length_penalty, progress=progress)
+    results = model.retrieve([q for q, _ in queries], constrained=constrained, num_beams=num_beams,
+                             num_return=num_return, batch_size=batch_size,
+                             length_penalty=length_penalty, progress=progress)
     metrics = grace_recall(results, [i for _, i in queries], ks)
     return metrics | {"eval_seconds": round(time.perf_counter() - start, 2)}
 
 # %% ../nbs/08_evaluation.ipynb #d1a90003
 def consistent_counts(dataset:KarpathyDataset, # a shapes corpus (records carry scene graphs)
-                      split:str="test", # whose captions are the queries and whose images they choose from
+                      # whose captions are the queries and whose images they choose from
+                      split:str="test",
                      ) -> list[int]:
-    "For each query of `split`, how many of the split's images fit its caption (the gold image always counts)."
+    """For each query of `split`, how many of the split's images fit its caption
+    (the gold image always counts)."""
     records = dataset.split(split)
     if missing := [r.image_id for r in records if r.scene is None]:
-        raise EvaluationError(f"image {missing[0]} has no scene graph ({len(missing)} of {len(records)} in split {split!r} "
-                              "have none): the ambiguity ceiling needs the shapes corpus")
+        raise EvaluationError(f"image {missing[0]} has no scene graph ({len(missing)} of "
+                              f"{len(records)} in split {split!r} have none): "
+                              "the ambiguity ceiling needs the shapes corpus")
     if not records: raise EvaluationError(f"split {split!r} has no images")
-    having, everyone = defaultdict(set), {r.image_id for r in records}  # attribute -> images that have it
+    # attribute -> images that have it
+    having, everyone = defaultdict(set), {r.image_id for r in records}
     for r in records:
         for attribute in scene_graph_attributes(r.scene): having[attribute].add(r.image_id)
-    return [len(set.intersection(everyone, *(having[a] for a in caption_attributes(caption))) | {gold})
+    return [len(set.intersection(everyone, *(having[a] for a in caption_attributes(caption)))
+                | {gold})
             for caption, gold in dataset.queries(split)]
 
 # %% ../nbs/08_evaluation.ipynb #d1a90007
@@ -194,7 +232,8 @@ def ambiguity_ceiling(dataset:KarpathyDataset, # a shapes corpus (records carry 
                       split:str="test", # queries and the images they choose from
                       ks:tuple=(1, 5, 10), # cut-offs
                      ) -> dict:
-    "The best expected Recall@K (percent) of any ranking that orders the images fitting a caption at random, and how many fit."
+    """The best expected Recall@K (percent) of any ranking that orders the images fitting a caption
+    at random, and how many fit."""
     counts = consistent_counts(dataset, split)
     if not counts: raise EvaluationError(f"split {split!r} has no queries")
     recall = {f"R@{k}": 100 * sum(min(1, k / n) for n in counts) / len(counts) for k in ks}
@@ -203,60 +242,78 @@ def ambiguity_ceiling(dataset:KarpathyDataset, # a shapes corpus (records carry 
 
 # %% ../nbs/08_evaluation.ipynb #d1a90013
 def collapse_report(results:Sequence[Ranked], # one per query, from `retrieve`
-                    threshold:float=0.5, # collapsed when more than this share of the queries get the same top-1
+                    # collapsed when more than this share of the queries get the same top-1
+                    threshold:float=0.5,
                    ) -> dict:
-    "Distinct top-1 identifiers over the queries, the most common one's share (percent), and whether that is a collapse."
+    """Distinct top-1 identifiers over the queries, the most common one's share (percent),
+    and whether that is a collapse."""
     if not results: raise EvaluationError("no results to check for collapse")
     top1 = Counter(tuple(r.identifiers[0]) if r.identifiers else None for r in results)
     share = 100 * top1.most_common(1)[0][1] / len(results)
-    return {"distinct_top1": len(top1), "top1_share": round(share, 2), "collapsed": share > 100 * threshold,
-            "n_queries": len(results)}
+    return {"distinct_top1": len(top1), "top1_share": round(share, 2),
+            "collapsed": share > 100 * threshold, "n_queries": len(results)}
 
 # %% ../nbs/08_evaluation.ipynb #d1a90017
 @torch.no_grad()
 def memorize_rankings(model:GraceModel, # a trained model; its identifier map covers the images
-                      features:FeatureCache, # vision features of the images (`features(ids)` -> [B, tokens, vis_dim])
+                      # vision features of the images (`features(ids)` -> [B, tokens, vis_dim])
+                      features:FeatureCache,
                       image_ids:Sequence[int], # the images shown, one memorize prompt each
-                      corpus_ids:Sequence[int]|None=None, # images whose identifiers the trie allows (default: image_ids)
-                      batch_size:int=32, num_beams:int=10, length_penalty:float=1.0, progress:bool=False,
+                      # images whose identifiers the trie allows (default: image_ids)
+                      corpus_ids:Sequence[int]|None=None,
+                      batch_size:int=32, num_beams:int=10, length_penalty:float=1.0,
+                      progress:bool=False,
                      ) -> dict[int, list[tuple[list[int], float]]]:
-    "Per image, up to 10 identifiers (token ids with the end token, score) generated from the memorize prompt and the image, best first."
+    """Per image, up to 10 identifiers (token ids with the end token, score) generated
+    from the memorize prompt and the image, best first."""
     image_ids = list(dict.fromkeys(int(i) for i in image_ids))
-    corpus_ids = image_ids if corpus_ids is None else list(dict.fromkeys(int(i) for i in corpus_ids))
+    corpus_ids = (image_ids if corpus_ids is None
+                  else list(dict.fromkeys(int(i) for i in corpus_ids)))
     if not image_ids: raise EvaluationError("no images to check memorization on")
-    if outside := [i for i in image_ids if i not in set(corpus_ids)]: raise EvaluationError(f"image {outside[0]} is not in corpus_ids")
+    if outside := [i for i in image_ids if i not in set(corpus_ids)]:
+        raise EvaluationError(f"image {outside[0]} is not in corpus_ids")
     tok, net = model.flamingo.tokenizer, model.flamingo.model
     eoc, device = tok.convert_tokens_to_ids("<|endofchunk|>"), next(net.parameters()).device
     token_ids = identifier_token_ids(model.identifier_map.subset(corpus_ids), tok)
-    search = dict(trie=corpus_trie(token_ids, eoc, device), eos_token_id=eoc, num_beams=num_beams, num_return=min(10, num_beams),
-                  max_new_tokens=max(map(len, token_ids.values())), length_penalty=length_penalty)
+    search = dict(trie=corpus_trie(token_ids, eoc, device), eos_token_id=eoc, num_beams=num_beams,
+                  num_return=min(10, num_beams), max_new_tokens=max(map(len, token_ids.values())),
+                  length_penalty=length_penalty)
     prompt = torch.tensor(tok(MEMORIZE_PROMPT, add_special_tokens=False).input_ids, device=device)
     decoder, was_training = make_decoder(net, tok.pad_token_id), net.training
     def rankings(shown:list[int]) -> list:  # beam search over this rank's images, batch by batch
         found = []
-        for start in progress_bar(range(0, len(shown), batch_size), desc="memorization", leave=False, progress=progress):
+        for start in progress_bar(range(0, len(shown), batch_size), desc="memorization",
+                                  leave=False, progress=progress):
             part = shown[start:start + batch_size]
             ids = prompt.expand(len(part), -1)
-            found += beam_search(decoder, ids, torch.ones_like(ids), features=features(part).to(device), **search)
+            found += beam_search(decoder, ids, torch.ones_like(ids),
+                                 features=features(part).to(device), **search)
         return found
     net.eval()
-    try: return dict(zip(image_ids, shard_map(rankings, image_ids, batch_size)))  # under a launcher the ranks share the batches
+    # under a launcher the ranks share the batches
+    try: return dict(zip(image_ids, shard_map(rankings, image_ids, batch_size)))
     finally: net.train(was_training)
 
 # %% ../nbs/08_evaluation.ipynb #d1a90021
 def memorization_accuracy(model:GraceModel, # a trained model; its identifier map covers the images
                           features:FeatureCache, # vision features of the images
-                          image_ids:Sequence[int], # the images to check; the trie spans them (or `corpus_ids`)
-                          batch_size:int=32, num_beams:int=10, length_penalty:float=1.0, progress:bool=False,
-                          corpus_ids:Sequence[int]|None=None, # images whose identifiers the trie allows (default: image_ids)
+                          # the images to check; the trie spans them (or `corpus_ids`)
+                          image_ids:Sequence[int],
+                          batch_size:int=32, num_beams:int=10, length_penalty:float=1.0,
+                          progress:bool=False,
+                          # images whose identifiers the trie allows (default: image_ids)
+                          corpus_ids:Sequence[int]|None=None,
                          ) -> dict:
-    "Percent of images whose own identifier the model generates first (top1) or among its first ten (top10) from the image."
-    found = memorize_rankings(model, features, image_ids, corpus_ids, batch_size, num_beams, length_penalty, progress)
+    """Percent of images whose own identifier the model generates first (top1)
+    or among its first ten (top10) from the image."""
+    found = memorize_rankings(model, features, image_ids, corpus_ids, batch_size, num_beams,
+                              length_penalty, progress)
     own = identifier_token_ids(model.identifier_map.subset(found), model.flamingo.tokenizer)
-    ranks = [[seq for seq, _ in found[i]].index(own[i]) if any(seq == own[i] for seq, _ in found[i]) else None for i in found]
+    ranks = [[seq for seq, _ in found[i]].index(own[i]) if any(seq == own[i] for seq, _ in found[i])
+             else None for i in found]
     pct = lambda hits: round(100 * hits / len(ranks), 2)
-    return {"top1": pct(sum(r == 0 for r in ranks)), "top10": pct(sum(r is not None and r < 10 for r in ranks)),
-            "n_images": len(ranks)}
+    return {"top1": pct(sum(r == 0 for r in ranks)),
+            "top10": pct(sum(r is not None and r < 10 for r in ranks)), "n_images": len(ranks)}
 
 # %% ../nbs/08_evaluation.ipynb #d1a90024
 def split_memorization(model:GraceModel, # a trained model
@@ -267,69 +324,81 @@ def split_memorization(model:GraceModel, # a trained model
                        seed:int=0, # of the sample
                        batch_size:int=32, num_beams:int=10, progress:bool=False,
                       ) -> dict:
-    "`memorization_accuracy` per split over its memorized images, the trie spanning every listed split's memorized images."
-    memorized = {s: [r.image_id for r in dataset.split(s) if r.image_id in model.identifier_map] for s in splits}
-    if empty := [s for s, ids in memorized.items() if not ids]: raise EvaluationError(f"split {empty[0]!r} has no memorized images")
+    """`memorization_accuracy` per split over its memorized images, the trie spanning every listed
+    split's memorized images."""
+    memorized = {s: [r.image_id for r in dataset.split(s) if r.image_id in model.identifier_map]
+                 for s in splits}
+    if empty := [s for s, ids in memorized.items() if not ids]:
+        raise EvaluationError(f"split {empty[0]!r} has no memorized images")
     corpus, rng = [i for ids in memorized.values() for i in ids], random.Random(seed)
-    shown = {s: sorted(rng.sample(ids, min(sample, len(ids)))) if sample else ids for s, ids in memorized.items()}
-    return {s: memorization_accuracy(model, features, ids, batch_size, num_beams, progress=progress, corpus_ids=corpus)
+    shown = {s: sorted(rng.sample(ids, min(sample, len(ids)))) if sample else ids
+             for s, ids in memorized.items()}
+    return {s: memorization_accuracy(model, features, ids, batch_size, num_beams, progress=progress,
+                                     corpus_ids=corpus)
             for s, ids in shown.items()}
-
-# %% ../nbs/08_evaluation.ipynb #c64f0d05
-PAPER_TABLE1 = {  # Flickr30K (1K test images), Li et al. 2024, Table 1
-    ("clip", None): (58.4, 81.5, 88.1), ("grace", "numeric"): (22.5, 28.9, 29.4), ("grace", "string"): (30.5, 39.0, 40.4),
-    ("grace", "semantic"): (22.9, 34.9, 37.4), ("grace", "structured"): (37.4, 59.5, 66.2),
-    ("grace", "atomic"): (68.4, 88.9, 93.7),
-    ("grace", "vq"): (50.4, 73.2, 76.9),  # Table 3 (image-tokenization identifiers, Flickr30K)
-}
 
 # %% ../nbs/08_evaluation.ipynb #6f49c6e6
 def _verdict(hits:int, total:int) -> str:
     "Reproduced when every comparison holds, partly when some do, not reproduced when none does."
-    return "not measured" if total == 0 else "reproduced" if hits == total else "partly" if hits else "not reproduced"
+    return ("not measured" if total == 0 else "reproduced" if hits == total
+            else "partly" if hits else "not reproduced")
 
 def _collapsed(row:dict) -> bool: return bool((row.get("collapse") or {}).get("collapsed"))
 def _mark(row:dict) -> str: return " (collapsed)" if _collapsed(row) else ""
 
-def _judged(comparisons:list[tuple[bool, list[dict]]], # (does the paper's claim hold, the rows it rests on)
-           ) -> str:
+def _judged(
+        # (does the paper's claim hold, the rows it rests on)
+        comparisons:list[tuple[bool, list[dict]]],
+    ) -> str:
     "The verdict over comparisons; one resting on a collapsed row never counts as a success."
-    if comparisons and all(any(map(_collapsed, rows)) for _, rows in comparisons): return "not measured (collapsed)"
-    return _verdict(sum(holds and not any(map(_collapsed, rows)) for holds, rows in comparisons), len(comparisons))
+    if comparisons and all(any(map(_collapsed, rows)) for _, rows in comparisons):
+        return "not measured (collapsed)"
+    return _verdict(sum(holds and not any(map(_collapsed, rows)) for holds, rows in comparisons),
+                    len(comparisons))
 
 # %% ../nbs/08_evaluation.ipynb #10d5b8b6
 def _rows_by(metrics:dict, table:str, variant:str) -> dict:
-    return {r["identifier"]: r for r in metrics.get(table) or [] if r.get("method", "grace") == "grace" and r["variant"] == variant}
+    return {r["identifier"]: r for r in metrics.get(table) or []
+            if r.get("method", "grace") == "grace" and r["variant"] == variant}
 
 def _from_scratch(row:dict) -> bool: return str(row.get("backbone") or "").endswith("-scratch")
 
 def _full_rows(metrics:dict) -> dict:
-    "Identifier type -> its Table 1 row (atomic: the profile's init; the other init under 'atomic (other init)'); not from scratch."
+    """Identifier type -> its Table 1 row (atomic: the profile's init; the other init under
+    'atomic (other init)'); not from scratch."""
     rows = {}
     for r in metrics.get("runs", []):
-        if r["method"] != "grace" or _from_scratch(r) or r.get("head"): continue  # from scratch / classifier head: not the paper's model
+        # from scratch / classifier head: not the paper's model
+        if r["method"] != "grace" or _from_scratch(r) or r.get("head"): continue
         key = r["identifier"] if r["identifier"] not in rows else f"{r['identifier']} (other init)"
         rows[key] = r
     return rows
 
 # %% ../nbs/08_evaluation.ipynb #3e0f2be5
 def _finding_constrained(m):
-    "Free generation is the same model decoded without the trie: its collapse is an outcome, so only the full row must not collapse."
-    full, free = {r["identifier"]: r for r in m.get("table2") or [] if r["variant"].startswith("full")}, _rows_by(m, "table2", "w/o constrained generation")
+    """Free generation is the same model decoded without the trie: its collapse is an outcome,
+    so only the full row must not collapse."""
+    full, free = ({r["identifier"]: r for r in m.get("table2") or []
+                   if r["variant"].startswith("full")},
+                  _rows_by(m, "table2", "w/o constrained generation"))
     pairs = [(k, full[k], free[k]) for k in free if k in full]
     return (_judged([(f["R@1"] > u["R@1"], [f]) for _, f, u in pairs]),
-            "; ".join(f"{k} {f['R@1']:.1f}{_mark(f)} → {u['R@1']:.1f}{_mark(u)}" for k, f, u in pairs))
+            "; ".join(f"{k} {f['R@1']:.1f}{_mark(f)} → {u['R@1']:.1f}{_mark(u)}"
+                      for k, f, u in pairs))
 
 # %% ../nbs/08_evaluation.ipynb #2f364d6d
 def _finding_memorize(m):
     "Without the memorize task R@1 is lower for every type, by at most a third of the full R@1."
-    full, nomem = {r["identifier"]: r for r in m.get("table2") or [] if r["variant"].startswith("full")}, _rows_by(m, "table2", "w/o learning to memorize")
+    full, nomem = ({r["identifier"]: r for r in m.get("table2") or []
+                    if r["variant"].startswith("full")},
+                   _rows_by(m, "table2", "w/o learning to memorize"))
     pairs = [(k, full[k], nomem[k]) for k in nomem if k in full]
     clean = [(f["R@1"], w["R@1"]) for _, f, w in pairs if not (_collapsed(f) or _collapsed(w))]
     lower, little = sum(f > w for f, w in clean), sum(f > w and (f - w) <= f / 3 for f, w in clean)
     verdict = ("not measured" if not pairs else "not measured (collapsed)" if not clean else
                "reproduced" if little == len(pairs) else "partly" if lower else "not reproduced")
-    return verdict, "; ".join(f"{k} {f['R@1']:.1f}{_mark(f)} → {w['R@1']:.1f}{_mark(w)}" for k, f, w in pairs)
+    return verdict, "; ".join(f"{k} {f['R@1']:.1f}{_mark(f)} → {w['R@1']:.1f}{_mark(w)}"
+                              for k, f, w in pairs)
 
 # %% ../nbs/08_evaluation.ipynb #07812c00
 def _finding_order(m):
@@ -338,53 +407,74 @@ def _finding_order(m):
     if not all(k in full for k in ("structured", "string", "numeric")): return "not measured", ""
     rows = [full["structured"], full["string"], full["numeric"]]
     holds = [(rows[0][k] > rows[1][k] > rows[2][k], rows) for k in ("R@1", "R@10")]
-    return _judged(holds), "; ".join(f"{k}: " + ", ".join(f"{name} {r[k]:.1f}{_mark(r)}" for name, r in
-                                                          zip(("structured", "string", "numeric"), rows)) for k in ("R@1", "R@10"))
+    return _judged(holds), "; ".join(
+        f"{k}: " + ", ".join(f"{name} {r[k]:.1f}{_mark(r)}"
+                             for name, r in zip(("structured", "string", "numeric"), rows))
+        for k in ("R@1", "R@10"))
 
 # %% ../nbs/08_evaluation.ipynb #c5c6b898
 def _finding_atomic(m):
     "The paper's atomic identifiers (random new tokens) at least match CLIP on R@1 and R@10."
     clip = next((r for r in m.get("runs", []) if r["method"] == "clip"), None)
-    atomic = {("classifier head" if r.get("head") else f"{r.get('atomic_init')} init"): r for r in m.get("runs", [])
+    atomic = {("classifier head" if r.get("head") else f"{r.get('atomic_init')} init"): r
+              for r in m.get("runs", [])
               if r["method"] == "grace" and r["identifier"] == "atomic" and not _from_scratch(r)}
     if clip is None or not atomic: return "not measured", ""
-    beats = {init: all(r[k] >= clip[k] for k in ("R@1", "R@10")) and not _collapsed(r) for init, r in atomic.items()}
-    verdict = ("not measured (collapsed)" if all(map(_collapsed, atomic.values())) else "reproduced" if beats.get("random init") else
-               "partly" if any(beats.values()) else "not reproduced" if "random init" in atomic else "not measured")
+    beats = {init: all(r[k] >= clip[k] for k in ("R@1", "R@10")) and not _collapsed(r)
+             for init, r in atomic.items()}
+    verdict = ("not measured (collapsed)" if all(map(_collapsed, atomic.values()))
+               else "reproduced" if beats.get("random init")
+               else "partly" if any(beats.values())
+               else "not reproduced" if "random init" in atomic else "not measured")
     return verdict, f"CLIP {clip['R@1']:.1f} / {clip['R@10']:.1f}; " + "; ".join(
-        f"atomic ({name}) {r['R@1']:.1f} / {r['R@10']:.1f}{_mark(r)}" for name, r in atomic.items()) + " (R@1 / R@10)"
+        f"atomic ({name}) {r['R@1']:.1f} / {r['R@10']:.1f}{_mark(r)}"
+        for name, r in atomic.items()) + " (R@1 / R@10)"
 
 # %% ../nbs/08_evaluation.ipynb #0e2a950a
 def _finding_latency(m):
-    "GRACE structured latency grows at most 1.3x from the smallest to the largest corpus, and less than CLIP's."
+    """GRACE structured latency grows at most 1.3x from the smallest to the largest corpus,
+    and less than CLIP's."""
     s = (m.get("efficiency") or {}).get("summary")
     if not s: return "not measured", ""
-    flat, grows = s["grace_structured_ratio"] <= 1.3, s["clip_exact_ratio"] > s["grace_structured_ratio"]
-    return _verdict(flat + grows, 2), (f"{s['smallest']:,} → {s['largest']:,} images: GRACE structured ×{s['grace_structured_ratio']:.2f}, "
-                                       f"CLIP exact ×{s['clip_exact_ratio']:.2f}; crossover: {s.get('crossover') or 'none measured'}")
+    flat, grows = (s["grace_structured_ratio"] <= 1.3,
+                   s["clip_exact_ratio"] > s["grace_structured_ratio"])
+    return _verdict(flat + grows, 2), (
+        f"{s['smallest']:,} → {s['largest']:,} images: "
+        f"GRACE structured ×{s['grace_structured_ratio']:.2f}, "
+        f"CLIP exact ×{s['clip_exact_ratio']:.2f}; "
+        f"crossover: {s.get('crossover') or 'none measured'}")
 
 # %% ../nbs/08_evaluation.ipynb #06271ea9
 def _finding_beams(m):
-    "From beam 10 to the widest beam, R@10 gains more than R@1, for every multi-token identifier type."
+    """From beam 10 to the widest beam, R@10 gains more than R@1, for every multi-token
+    identifier type."""
     rows = [r for r in m.get("beam_sweep") or [] if r["identifier"] != "atomic"]
     gains = []
     for kind in dict.fromkeys(r["identifier"] for r in rows):
-        mine = sorted((r for r in rows if r["identifier"] == kind and r["beams"] >= 10), key=lambda r: r["beams"])
-        if len(mine) >= 2: gains.append((kind, mine[-1]["R@1"] - mine[0]["R@1"], mine[-1]["R@10"] - mine[0]["R@10"], mine[0]["beams"], mine[-1]["beams"]))
+        mine = sorted((r for r in rows if r["identifier"] == kind and r["beams"] >= 10),
+                      key=lambda r: r["beams"])
+        if len(mine) >= 2:
+            gains.append((kind, mine[-1]["R@1"] - mine[0]["R@1"],
+                          mine[-1]["R@10"] - mine[0]["R@10"], mine[0]["beams"], mine[-1]["beams"]))
     return _verdict(sum(g10 > g1 for _, g1, g10, _, _ in gains), len(gains)), "; ".join(
         f"{k} beam {a}→{b}: R@1 {g1:+.1f}, R@10 {g10:+.1f}" for k, g1, g10, a, b in gains)
 
 # %% ../nbs/08_evaluation.ipynb #d1a90033
 FINDINGS = [  # (finding, the paper's evidence, check)
-    ("Constrained generation is essential", "Table 2: R@1 22.5→7.7 (numeric) … 37.4→10.2 (structured)", _finding_constrained),
-    ("Learning to memorize helps a little", "Table 2: R@1 −0.9 to −4.4 points without it", _finding_memorize),
-    ("Structured > string > numeric identifiers", "Table 1: R@1 37.4 > 30.5 > 22.5", _finding_order),
+    ("Constrained generation is essential",
+     "Table 2: R@1 22.5→7.7 (numeric) … 37.4→10.2 (structured)", _finding_constrained),
+    ("Learning to memorize helps a little", "Table 2: R@1 −0.9 to −4.4 points without it",
+     _finding_memorize),
+    ("Structured > string > numeric identifiers", "Table 1: R@1 37.4 > 30.5 > 22.5",
+     _finding_order),
     ("Atomic identifiers ≥ CLIP", "Table 1: 68.4 vs 58.4 R@1", _finding_atomic),
-    ("GRACE latency stays flat as the corpus grows", "Figure 4: faster than CLIP beyond ~150K images", _finding_latency),
+    ("GRACE latency stays flat as the corpus grows",
+     "Figure 4: faster than CLIP beyond ~150K images", _finding_latency),
     ("Larger beams lift R@10 more than R@1", "Figure 6 / appendix B", _finding_beams),
 ]
 
 def findings(metrics:dict, # a run's metrics.json (from `grace reproduce --all`)
             ) -> list[dict]:
     "Each paper finding with its verdict on this run and the numbers behind it."
-    return [dict(finding=name, paper=paper, verdict=(res := check(metrics))[0], ours=res[1]) for name, paper, check in FINDINGS]
+    return [dict(finding=name, paper=paper, verdict=(res := check(metrics))[0], ours=res[1])
+            for name, paper, check in FINDINGS]

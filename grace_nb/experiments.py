@@ -19,12 +19,13 @@ from .identifiers import IdentifierMap, identifier_token_ids
 from .backbone import Flamingo
 from .training import Example, FeatureCache, TrainConfig, train_grace
 from .inference import beam_search, make_decoder
+from .tables import OUTCOMES
 from .evaluation import GraceModel, grace_recall
 
 # %% auto #0
-__all__ = ['CAPTION_PROMPT', 'QUALITY_KINDS', 'OUTCOMES', 'CaptionError', 'caption_examples', 'train_captioner',
-           'generate_captions', 'caption_quality', 'semantic_captions', 'pseudo_queries', 'generation_outcomes',
-           'beam_sweep', 'plot_beam_sweep']
+__all__ = ['CAPTION_PROMPT', 'QUALITY_KINDS', 'CaptionError', 'caption_examples', 'train_captioner', 'generate_captions',
+           'caption_quality', 'semantic_captions', 'pseudo_queries', 'generation_outcomes', 'beam_sweep',
+           'plot_beam_sweep']
 
 # %% ../nbs/09_experiments.ipynb #45702b02
 CAPTION_PROMPT = "Predict the caption for the <image>"
@@ -33,60 +34,74 @@ class CaptionError(GraceError, ValueError):
     "Captioning inputs that do not fit (no images, empty captions, bad generation settings)."
 
 def caption_examples(tokenizer, # the run's tokenizer (identifier tokens not needed)
-                     records:Sequence, # `ImageRecord`s whose captions are the targets (the train split)
+                     # `ImageRecord`s whose captions are the targets (the train split)
+                     records:Sequence,
                      prompt:str=CAPTION_PROMPT, # must contain <image>
                     ) -> list[Example]:
-    "One image-prompted example per (image, caption) pair: the instruction with the image, then the caption."
-    if "<image>" not in prompt: raise CaptionError(f"the caption prompt must contain <image>: {prompt!r}")
+    """One image-prompted example per (image, caption) pair: the instruction with the image,
+    then the caption."""
+    if "<image>" not in prompt:
+        raise CaptionError(f"the caption prompt must contain <image>: {prompt!r}")
     if not records: raise CaptionError("no images to train the captioner on")
     eoc = tokenizer.convert_tokens_to_ids("<|endofchunk|>")
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     pairs = [(r.image_id, c) for r in records for c in r.captions]
-    if bad := next(((i, c) for i, c in pairs if not c.strip()), None): raise CaptionError(f"image {bad[0]} has an empty caption")
+    if bad := next(((i, c) for i, c in pairs if not c.strip()), None):
+        raise CaptionError(f"image {bad[0]} has an empty caption")
     targets = tokenizer([" " + c.strip() for _, c in pairs], add_special_tokens=False).input_ids
-    return [Example(prompt_ids, ids + [eoc], image_id, True) for ids, (image_id, _) in zip(targets, pairs)]
+    return [Example(prompt_ids, ids + [eoc], image_id, True)
+            for ids, (image_id, _) in zip(targets, pairs)]
 
 # %% ../nbs/09_experiments.ipynb #8248d28e
 def train_captioner(flamingo:Flamingo, # a fresh model (no identifier tokens needed)
                     records:Sequence, # the train split's records
                     features:FeatureCache, # vision features of those images
-                    config:TrainConfig, # steps, lr, batch size (memorize_batch_size is the caption batch)
+                    # steps, lr, batch size (memorize_batch_size is the caption batch)
+                    config:TrainConfig,
                     out:str|Path|None=None, # run folder for checkpoints
                     resume:bool=False, progress:bool=True,
                    ):
-    "Train `flamingo` in place to caption images (image -> caption on `records`); returns the `TrainResult`."
-    return train_grace(flamingo, caption_examples(flamingo.tokenizer, records), [], features, config, out=out,
-                       resume=resume, progress=progress)
+    """Train `flamingo` in place to caption images (image -> caption on `records`);
+    returns the `TrainResult`."""
+    return train_grace(flamingo, caption_examples(flamingo.tokenizer, records), [], features,
+                       config, out=out, resume=resume, progress=progress)
 
 # %% ../nbs/09_experiments.ipynb #5008ef86
 @torch.no_grad()
-def generate_captions(flamingo:Flamingo, # a trained captioner
-                      features:FeatureCache, # vision features of the images to caption
-                      image_ids:Sequence[int], # the images
-                      n:int=5, # captions per image (distinct token sequences, best first)
-                      num_beams:int|None=None, # default: max(n, 5)
-                      max_new_tokens:int=20, # the longest caption, in tokens (profiles: max_new_tokens)
-                      length_penalty:float=1.0, # score = sum of log-probs / length ** length_penalty (profiles: caption_length_penalty)
-                      batch_size:int=32, # images per beam search
-                      prompt:str=CAPTION_PROMPT, progress:bool=True,
-                     ) -> dict[int, list[str]]:
-    "Up to `n` captions per image by free beam search, best first (texts that decode identically are kept once)."
+def generate_captions(
+        flamingo:Flamingo, # a trained captioner
+        features:FeatureCache, # vision features of the images to caption
+        image_ids:Sequence[int], # the images
+        n:int=5, # captions per image (distinct token sequences, best first)
+        num_beams:int|None=None, # default: max(n, 5)
+        max_new_tokens:int=20, # the longest caption, in tokens (profiles: max_new_tokens)
+        # score = sum of log-probs / length ** length_penalty (profiles: caption_length_penalty)
+        length_penalty:float=1.0,
+        batch_size:int=32, # images per beam search
+        prompt:str=CAPTION_PROMPT, progress:bool=True,
+    ) -> dict[int, list[str]]:
+    """Up to `n` captions per image by free beam search, best first
+    (texts that decode identically are kept once)."""
     if n < 1: raise CaptionError(f"n must be at least 1, got {n}")
     if not len(image_ids): raise CaptionError("no images to caption")
     model, tokenizer = flamingo.model, flamingo.tokenizer
     eoc, device = tokenizer.convert_tokens_to_ids("<|endofchunk|>"), next(model.parameters()).device
     prompt_ids = torch.tensor(tokenizer(prompt, add_special_tokens=False).input_ids, device=device)
-    decoder, was_training, captions = make_decoder(model, tokenizer.pad_token_id), model.training, {}
+    decoder, was_training, captions = (make_decoder(model, tokenizer.pad_token_id),
+                                       model.training, {})
     model.eval()
     try:
-        for start in progress_bar(range(0, len(image_ids), batch_size), desc="captions", leave=False, progress=progress):
+        for start in progress_bar(range(0, len(image_ids), batch_size), desc="captions",
+                                  leave=False, progress=progress):
             part = list(image_ids[start:start + batch_size])
             ids = prompt_ids.expand(len(part), -1)
-            found = beam_search(decoder, ids, torch.ones_like(ids), None, eoc, num_beams=num_beams or max(n, 5),
-                                num_return=n, max_new_tokens=max_new_tokens, features=features(part).to(device),
+            found = beam_search(decoder, ids, torch.ones_like(ids), None, eoc,
+                                num_beams=num_beams or max(n, 5), num_return=n,
+                                max_new_tokens=max_new_tokens, features=features(part).to(device),
                                 keep_unfinished=True, length_penalty=length_penalty)
             for image_id, seqs in zip(part, found):
-                texts = [tokenizer.decode([t for t in seq if t != eoc], skip_special_tokens=True).strip() for seq, _ in seqs]
+                texts = [tokenizer.decode([t for t in seq if t != eoc],
+                                          skip_special_tokens=True).strip() for seq, _ in seqs]
                 captions[image_id] = list(dict.fromkeys(t for t in texts if t))
     finally: model.train(was_training)
     return captions
@@ -95,20 +110,27 @@ def generate_captions(flamingo:Flamingo, # a trained captioner
 QUALITY_KINDS = ("color", "shape", "background")  # the attribute kinds `caption_quality` scores
 
 def _scored(attributes:set) -> set:
-    "The attributes of `QUALITY_KINDS` among `attributes` (from `caption_attributes` or `scene_graph_attributes`)."
+    """The attributes of `QUALITY_KINDS` among `attributes`
+    (from `caption_attributes` or `scene_graph_attributes`)."""
     return {a for a in attributes if a[0] in QUALITY_KINDS}
 
 # %% ../nbs/09_experiments.ipynb #12952891
-def caption_quality(captions:dict[int, Sequence[str]], # image id -> captions (generated or gold), best first
-                    dataset:KarpathyDataset, # the shapes corpus (records carry their scene graph)
-                    top:int|None=1, # score the first `top` captions of each image (None: all)
-                   ) -> dict:
-    "Attribute precision / recall (percent) against the scene graphs, and how many captions equal a gold caption."
+def caption_quality(
+        # image id -> captions (generated or gold), best first
+        captions:dict[int, Sequence[str]],
+        dataset:KarpathyDataset, # the shapes corpus (records carry their scene graph)
+        top:int|None=1, # score the first `top` captions of each image (None: all)
+    ) -> dict:
+    """Attribute precision / recall (percent) against the scene graphs,
+    and how many captions equal a gold caption."""
     named = correct = truth_total = truth_found = exact = n = 0
     for image_id, texts in captions.items():
         record = dataset.by_id(image_id)
-        if record.scene is None: raise CaptionError(f"image {image_id} has no scene graph: caption quality needs the shapes corpus")
-        truth, gold = _scored(scene_graph_attributes(record.scene)), {c.strip().lower() for c in record.captions}
+        if record.scene is None:
+            raise CaptionError(f"image {image_id} has no scene graph: "
+                               "caption quality needs the shapes corpus")
+        truth, gold = (_scored(scene_graph_attributes(record.scene)),
+                       {c.strip().lower() for c in record.captions})
         for text in list(texts)[:top]:
             attrs = _scored(caption_attributes(text))
             named, correct = named + len(attrs), correct + len(attrs & truth)
@@ -116,41 +138,52 @@ def caption_quality(captions:dict[int, Sequence[str]], # image id -> captions (g
             exact, n = exact + (text.strip().lower() in gold), n + 1
     if not n: raise CaptionError("no captions to score")
     pct = lambda a, b: round(100 * a / b, 2) if b else 0.0
-    return dict(captions=n, attribute_precision=pct(correct, named), attribute_recall=pct(truth_found, truth_total),
-                exact_gold_match=pct(exact, n))
+    return dict(captions=n, attribute_precision=pct(correct, named),
+                attribute_recall=pct(truth_found, truth_total), exact_gold_match=pct(exact, n))
 
 # %% ../nbs/09_experiments.ipynb #1a75af29
 def semantic_captions(dataset:KarpathyDataset, # the corpus
-                      generated:dict[int, Sequence[str]], # test image id -> generated captions, best first
+                      # test image id -> generated captions, best first
+                      generated:dict[int, Sequence[str]],
                      ) -> dict[int, str]:
-    "Image id -> caption for semantic identifiers: the first gold caption, the best generated one for test images."
+    """Image id -> caption for semantic identifiers: the first gold caption,
+    the best generated one for test images."""
     test = dataset.split("test")
     if missing := [r.image_id for r in test if not generated.get(r.image_id)]:
-        raise CaptionError(f"{len(missing)} test images have no generated caption, e.g. image {missing[0]}")
-    return {r.image_id: (generated[r.image_id][0] if r.split == "test" else r.captions[0]) for r in dataset.records}
+        raise CaptionError(f"{len(missing)} test images have no generated caption, "
+                           f"e.g. image {missing[0]}")
+    return {r.image_id: (generated[r.image_id][0] if r.split == "test" else r.captions[0])
+            for r in dataset.records}
 
 def pseudo_queries(generated:dict[int, Sequence[str]], # image id -> generated captions
                   ) -> list[tuple[str, int]]:
-    "(caption, image id) pairs: the extra learning-to-retrieve examples for images without training queries."
+    """(caption, image id) pairs: the extra learning-to-retrieve examples for images
+    without training queries."""
     return [(c, i) for i, captions in generated.items() for c in captions]
 
 # %% ../nbs/09_experiments.ipynb #86062a53
-OUTCOMES = ("retrieval corpus", "memorized, not in corpus", "never memorized", "no image")  # where a generated sequence lands
-
-def generation_outcomes(model:GraceModel, # the trained model (its identifier map covers the whole corpus)
-                        results:Sequence, # `Ranked` per query, from `model.retrieve(..., constrained=False)`
-                        dataset:KarpathyDataset, # the corpus: its splits say which images were memorized
-                        memorized_splits:Sequence[str]=("train", "test"), # splits trained with memorize examples (`grace_stage`)
-                       ) -> dict:
-    "How many generated sequences (all, and top-1) name a retrieval image, another memorized image, an image never memorized, or nothing."
+def generation_outcomes(
+        # the trained model (its identifier map covers the whole corpus)
+        model:GraceModel,
+        # `Ranked` per query, from `model.retrieve(..., constrained=False)`
+        results:Sequence,
+        dataset:KarpathyDataset, # the corpus: its splits say which images were memorized
+        # splits trained with memorize examples (`grace_stage`)
+        memorized_splits:Sequence[str]=("train", "test"),
+    ) -> dict:
+    """How many generated sequences (all, and top-1) name a retrieval image,
+    another memorized image, an image never memorized, or nothing."""
     everything = identifier_token_ids(model.identifier_map, model.flamingo.tokenizer)
     corpus, named = set(model.retrieval_ids), {}
-    for image_id, ids in everything.items(): named.setdefault(tuple(ids), []).append(dataset.by_id(image_id))
+    for image_id, ids in everything.items():
+        named.setdefault(tuple(ids), []).append(dataset.by_id(image_id))
     def outcome(seq):
         records = named.get(tuple(seq), [])
         if not records: return "no image"
-        if any(r.image_id in corpus for r in records): return "retrieval corpus"  # a shared identifier counts as a hit first
-        return "memorized, not in corpus" if any(r.split in memorized_splits for r in records) else "never memorized"
+        # a shared identifier counts as a hit first
+        if any(r.image_id in corpus for r in records): return "retrieval corpus"
+        return ("memorized, not in corpus" if any(r.split in memorized_splits for r in records)
+                else "never memorized")
     counts, top1 = Counter(), Counter()
     for ranked in results:
         for rank, seq in enumerate(ranked.identifiers):
@@ -170,15 +203,19 @@ def beam_sweep(model:GraceModel, # a trained model
                batch_size:int=32, length_penalty:float=1.0, progress:bool=True,
               ) -> list[dict]:
     "Recall@K at each beam width (returning min(width, max K) identifiers), with seconds per query."
-    if not beams or min(beams) < 1: raise GraceError(f"beam widths must be positive integers, got {list(beams)}")
+    if not beams or min(beams) < 1:
+        raise GraceError(f"beam widths must be positive integers, got {list(beams)}")
     rows = []
-    for width in progress_bar(list(beams), desc=f"beam sweep ({model.kind})", leave=False, progress=progress):
+    for width in progress_bar(list(beams), desc=f"beam sweep ({model.kind})", leave=False,
+                              progress=progress):
         start = time.perf_counter()
-        results = model.retrieve([q for q, _ in queries], num_beams=width, num_return=min(width, max(ks)),
-                                 batch_size=batch_size, length_penalty=length_penalty, progress=False)
+        results = model.retrieve([q for q, _ in queries], num_beams=width,
+                                 num_return=min(width, max(ks)), batch_size=batch_size,
+                                 length_penalty=length_penalty, progress=False)
         seconds = time.perf_counter() - start
         metrics = grace_recall(results, [i for _, i in queries], ks)
-        rows.append(dict(identifier=model.kind, beams=width, **{f"R@{k}": round(metrics[f"R@{k}"], 2) for k in ks},
+        rows.append(dict(identifier=model.kind, beams=width,
+                         **{f"R@{k}": round(metrics[f"R@{k}"], 2) for k in ks},
                          ms_per_query=round(1000 * seconds / len(queries), 2)))
     return rows
 
@@ -186,7 +223,8 @@ def beam_sweep(model:GraceModel, # a trained model
 def plot_beam_sweep(rows:Sequence[dict], # `beam_sweep` rows of one or more models
                     path:str|Path|None=None, # write a PNG here
                     title:str="Recall against beam size"):
-    "Figure 6: R@1 and R@10 against beam width, one line per identifier type; returns the matplotlib figure."
+    """Figure 6: R@1 and R@10 against beam width, one line per identifier type;
+    returns the matplotlib figure."""
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharex=True)
     for ax, k in zip(axes, ("R@1", "R@10")):
@@ -194,10 +232,12 @@ def plot_beam_sweep(rows:Sequence[dict], # `beam_sweep` rows of one or more mode
             mine = sorted((r for r in rows if r["identifier"] == kind), key=lambda r: r["beams"])
             ax.plot([r["beams"] for r in mine], [r[k] for r in mine], marker="o", label=kind)
         ax.set(xscale="log", xlabel="beam size", ylabel=f"{k} (%)", title=k)
-        ax.set_xticks(sorted({r["beams"] for r in rows}), [str(b) for b in sorted({r["beams"] for r in rows})])
+        ax.set_xticks(sorted({r["beams"] for r in rows}),
+                      [str(b) for b in sorted({r["beams"] for r in rows})])
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10); fig.tight_layout()
-    if path is not None: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=120)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=120)
     plt.close(fig)  # shown where it is returned, once
     return fig

@@ -16,36 +16,44 @@ import torch
 
 from .core import save_json, progress_bar
 from .inference import FlamingoDecoder, make_decoder
-from .efficiency import (GRACE_KINDS, EfficiencyError, benchmark_queries, benchmark_tokenizer, synthetic_embeddings,
-                                 synthetic_identifiers, synthetic_queries)
+from .efficiency import (GRACE_KINDS, EfficiencyError, benchmark_queries,
+                                 benchmark_tokenizer, synthetic_embeddings, synthetic_identifiers,
+                                 synthetic_queries)
 from .grace_latency import (BACKBONES, output_layer_ms, paired_latency, prompt_batches,
                                     random_flamingo, set_vocab_size, time_grace)
-from .clip_latency import (blas_from, clip_text_tower, flat_index, ivf_index, set_faiss_threads, strawman_search,
-                                   time_clip_text, time_search, tune_nprobe)
+from .clip_latency import (blas_from, clip_text_tower, flat_index, ivf_index,
+                                   set_faiss_threads, strawman_search, time_clip_text, time_search,
+                                   tune_nprobe)
 
 # %% auto #0
-__all__ = ['EfficiencyRun', 'run_efficiency', 'crossover', 'crossovers', 'latency_ratios', 'efficiency_findings',
-           'plot_efficiency', 'save_efficiency']
+__all__ = ['EfficiencyRun', 'run_efficiency', 'efficiency_table', 'crossover', 'crossovers', 'latency_ratios',
+           'efficiency_findings', 'plot_efficiency', 'save_efficiency']
 
 # %% ../nbs/10c_figure4.ipynb #c95d7cf7
 @dataclass
 class EfficiencyRun:
-    "One efficiency run: a row per (system, method, corpus size), the output-layer costs, the paired latency check."
+    """One efficiency run: a row per (system, method, corpus size), the output-layer costs, the
+    paired latency check."""
     rows:list[dict] # system, method, n, ms_per_query, qps, latency_ms and details
-    output_layer:list[dict]=field(default_factory=list) # n, vocab, rows, step_ms (atomic output layer)
-    paired:dict|None=None # structured latency at the smallest and largest size, timed in alternation
+    # n, vocab, rows, step_ms (atomic output layer)
+    output_layer:list[dict]=field(default_factory=list)
+    paired:dict|None=None # structured latency at the smallest and largest size, timed alternately
     settings:dict=field(default_factory=dict) # what was run, where
-    def methods(self, system:str) -> list[str]: return list(dict.fromkeys(r["method"] for r in self.rows if r["system"] == system))
+    def methods(self, system:str) -> list[str]:
+        return list(dict.fromkeys(r["method"] for r in self.rows if r["system"] == system))
     def sizes(self) -> list[int]: return sorted({r["n"] for r in self.rows})
     def value(self, system:str, method:str, n:int, key:str="ms_per_query"):
         "One measured value, or None where it was not measured."
-        return next((r.get(key) for r in self.rows if (r["system"], r["method"], r["n"]) == (system, method, n)), None)
+        return next((r.get(key) for r in self.rows
+                     if (r["system"], r["method"], r["n"]) == (system, method, n)), None)
     def __repr__(self):
-        return (f"EfficiencyRun({self.settings.get('backbone')}, sizes {self.sizes()}, {len(self.rows)} rows: "
-                f"GRACE {self.methods('GRACE')}, CLIP {self.methods('CLIP')})")
+        return (f"EfficiencyRun({self.settings.get('backbone')}, sizes {self.sizes()}, "
+                f"{len(self.rows)} rows: GRACE {self.methods('GRACE')}, "
+                f"CLIP {self.methods('CLIP')})")
 
 # %% ../nbs/10c_figure4.ipynb #3619fd2b
-def _grace_rows(model, decoders, batches, singles, tokenizer, eoc, base_vocab, n, kinds, repeats, num_beams, prefill_all):
+def _grace_rows(model, decoders, batches, singles, tokenizer, eoc, base_vocab, n, kinds, repeats,
+                num_beams, prefill_all):
     "GRACE rows for one corpus size."
     rows = []
     for kind in kinds:
@@ -55,9 +63,10 @@ def _grace_rows(model, decoders, batches, singles, tokenizer, eoc, base_vocab, n
         for name in ["lean"] + (["plain"] if kind == "atomic" and prefill_all else []):
             args = (trie, eoc, ids.max_new_tokens, num_beams, repeats)
             method = kind if name == "lean" else f"{kind}, plain decoder"
-            ms, latency = time_grace(decoders[name], batches, *args), time_grace(decoders[name], singles, *args)
-            rows.append(dict(system="GRACE", method=method, n=n, ms_per_query=ms, qps=1e3 / ms, latency_ms=latency,
-                             steps=ids.max_new_tokens, vocab=ids.vocab_size))
+            ms, latency = (time_grace(decoders[name], batches, *args),
+                           time_grace(decoders[name], singles, *args))
+            rows.append(dict(system="GRACE", method=method, n=n, ms_per_query=ms, qps=1e3 / ms,
+                             latency_ms=latency, steps=ids.max_new_tokens, vocab=ids.vocab_size))
         del trie, ids
     return rows
 
@@ -65,86 +74,102 @@ def _grace_rows(model, decoders, batches, singles, tokenizer, eoc, base_vocab, n
 def _clip_row(method, n, text, search_ms, search_latency_ms, **details):
     "A CLIP row: text tower + search."
     ms, latency = text[0] + search_ms, text[1] + search_latency_ms
-    return dict(system="CLIP", method=method, n=n, ms_per_query=ms, qps=1e3 / ms, latency_ms=latency, search_ms=search_ms,
-                search_latency_ms=search_latency_ms, text_ms=text[0], text_latency_ms=text[1], **details)
-
-def _clip_rows(n, dim, text, num_queries, latency_queries, batch_size, repeats, faiss_threads, blas_queries, device,
-               ivf_target, strawman_max, strawman_queries, seed):
+    return dict(system="CLIP", method=method, n=n, ms_per_query=ms, qps=1e3 / ms,
+                latency_ms=latency, search_ms=search_ms, search_latency_ms=search_latency_ms,
+                text_ms=text[0], text_latency_ms=text[1], **details)
+def _clip_rows(n, dim, text, num_queries, latency_queries, batch_size, repeats, faiss_threads,
+               blas_queries, device, ivf_target, strawman_max, strawman_queries, seed):
     "CLIP rows for one corpus size."
     corpus = synthetic_embeddings(n, dim, seed=seed)
     queries = synthetic_queries(corpus, num_queries, seed=seed + 1)[0]
-    timing = lambda search: (time_search(search, queries, batch_size, repeats), time_search(search, queries[:latency_queries], 1, repeats))
+    timing = lambda search: (time_search(search, queries, batch_size, repeats),
+                             time_search(search, queries[:latency_queries], 1, repeats))
     flat, rows = flat_index(corpus), []
-    exact = flat.search(queries, 10)[1]
-    previous = blas_from(blas_queries, dim)
+    exact = flat.search(queries, 10)[1]; previous = blas_from(blas_queries, dim)
     try:
         for threads in faiss_threads:
             set_faiss_threads(threads)
-            rows.append(_clip_row(f"faiss flat (exact), {threads} thread{'s' * (threads > 1)}", n, text, *timing(lambda q: flat.search(q, 10)[1])))
+            rows.append(_clip_row(f"faiss flat (exact), {threads} thread{'s' * (threads > 1)}",
+                                  n, text, *timing(lambda q: flat.search(q, 10)[1])))
         set_faiss_threads(max(faiss_threads))  # building and tuning the index is not timed
         ivf = ivf_index(corpus, seed=seed)
         nprobe, recall = tune_nprobe(ivf, queries, exact, ivf_target)
         set_faiss_threads(faiss_threads[0])
-        rows.append(_clip_row(f"faiss IVF (approximate, recall@10 >= {ivf_target:g})", n, text, *timing(lambda q: ivf.search(q, 10)[1]),
-                              nlist=ivf.nlist, nprobe=nprobe, recall_at_10=recall))
-        del ivf
+        rows.append(_clip_row(f"faiss IVF (approximate, recall@10 >= {ivf_target:g})", n, text,
+                              *timing(lambda q: ivf.search(q, 10)[1]),
+                              nlist=ivf.nlist, nprobe=nprobe, recall_at_10=recall)); del ivf
     finally: faiss.cvar.distance_compute_blas_threshold = previous
     images = torch.from_numpy(corpus).to(device)
-    torch_search = lambda q: (torch.from_numpy(q).to(device) @ images.T).topk(10, dim=1).indices.cpu()
-    rows.append(_clip_row(f"torch matmul (exact, {torch.device(device).type})", n, text, *timing(torch_search)))
+    torch_search = lambda q: ((torch.from_numpy(q).to(device) @ images.T)
+                              .topk(10, dim=1).indices.cpu())
+    rows.append(_clip_row(f"torch matmul (exact, {torch.device(device).type})", n, text,
+                          *timing(torch_search)))
     if n <= strawman_max:
         corpus64 = corpus.astype(np.float64)  # the reference keeps its array in float64
-        straw = time_search(lambda q: strawman_search(q, corpus64), queries[:strawman_queries], 1, repeats=1)
+        straw = time_search(lambda q: strawman_search(q, corpus64), queries[:strawman_queries], 1,
+                            repeats=1)
         rows.append(_clip_row("strawman: float64 loop (reference code)", n, text, straw, straw))
     return rows
 
 # %% ../nbs/10c_figure4.ipynb #f23701e1
 def _environment(device) -> dict:
     "Versions and hardware, for the record."
-    env = dict(torch=torch.__version__, faiss=faiss.__version__, numpy=np.__version__, python=platform.python_version(),
-               cpus=os.cpu_count(), processor=platform.processor() or platform.machine(), time=time.strftime("%Y-%m-%d %H:%M"))
-    if torch.device(device).type == "cuda": env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    env = dict(torch=torch.__version__, faiss=faiss.__version__, numpy=np.__version__,
+               python=platform.python_version(), cpus=os.cpu_count(),
+               processor=platform.processor() or platform.machine(),
+               time=time.strftime("%Y-%m-%d %H:%M"))
+    if torch.device(device).type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return env
 
 def _check_run(sizes, kinds, backbone, device, faiss_threads):
     "EfficiencyError for settings that cannot run."
-    if not sizes or any(int(n) < 2 for n in sizes): raise EfficiencyError(f"sizes must be corpus sizes >= 2, got {list(sizes)}")
+    if not sizes or any(int(n) < 2 for n in sizes):
+        raise EfficiencyError(f"sizes must be corpus sizes >= 2, got {list(sizes)}")
     bad = [k for k in kinds if k not in GRACE_KINDS]
     if bad: raise EfficiencyError(f"unknown identifier kinds {bad}; use some of {GRACE_KINDS}")
-    if backbone not in BACKBONES: raise EfficiencyError(f"unknown backbone {backbone!r}; use one of {list(BACKBONES)}")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available(): raise EfficiencyError("device cuda asked for, but torch sees no GPU")
-    if not faiss_threads or min(faiss_threads) < 1: raise EfficiencyError(f"faiss_threads must be thread counts >= 1, got {faiss_threads}")
+    if backbone not in BACKBONES:
+        raise EfficiencyError(f"unknown backbone {backbone!r}; use one of {list(BACKBONES)}")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise EfficiencyError("device cuda asked for, but torch sees no GPU")
+    if not faiss_threads or min(faiss_threads) < 1:
+        raise EfficiencyError(f"faiss_threads must be thread counts >= 1, got {faiss_threads}")
 
 # %% ../nbs/10c_figure4.ipynb #c7336d3d
 def run_efficiency(sizes:tuple=(1_000, 10_000, 100_000, 1_000_000), # corpus sizes (images)
-                   backbone:str="tiny", # "tiny" (tutorial model) or "mpt1b" (MPT-1B dimensions), random weights
+                   # "tiny" (tutorial model) or "mpt1b" (MPT-1B dimensions), random weights
+                   backbone:str="tiny",
                    kinds:tuple=GRACE_KINDS, # GRACE identifier kinds to time
-                   device:str="cpu", # where GRACE, the CLIP text tower and the torch search run (faiss: CPU)
+                   device:str="cpu", # GRACE, CLIP text tower and torch search run here (faiss: CPU)
                    dtype:torch.dtype|None=None, # default float32 on CPU, bfloat16 on CUDA
                    queries:int=32, batch_size:int=16, # throughput: this many queries in batches
                    latency_queries:int=8, # latency: one query at a time, this many
                    repeats:int=3, # passes per timing; the median counts
                    num_beams:int=10, # GRACE beams (= identifiers returned)
                    threads:int=1, # torch threads (GRACE, CLIP text tower, torch search)
-                   faiss_threads:tuple=(1,), # a faiss exact-search line per thread count; the first is used for IVF
+                   # a faiss exact-search line per thread count; the first is used for IVF
+                   faiss_threads:tuple=(1,),
                    blas_queries:int=8, # faiss uses BLAS for calls with at least this many queries
-                   ivf_target:float=0.95, # recall@10 against exact search the IVF nprobe is tuned to
+                   ivf_target:float=0.95, # recall@10 (vs exact search) the IVF nprobe is tuned to
                    strawman_max:int=1_000_000, # largest corpus the strawman runs on
                    strawman_queries:int=4, # queries the strawman is timed on
-                   prefill_all:bool=True, # also time atomic identifiers with the reference FlamingoDecoder
+                   prefill_all:bool=True, # also time atomic ids with the reference FlamingoDecoder
                    paired_rounds:int=5, # rounds of the paired structured-latency check (0: skip)
-                   layers:int|None=None, # override the backbone's depth (wiring tests only; timings then mean nothing)
+                   # override the backbone's depth (wiring tests only; timings then mean nothing)
+                   layers:int|None=None,
                    seed:int=0,
                    progress:bool=True, # a progress bar over corpus sizes
                   ) -> EfficiencyRun:
-    "Time GRACE (per identifier kind) and CLIP (per search method) at every corpus size: Figure 4's numbers."
+    """Time GRACE (per identifier kind) and CLIP (per search method) at every corpus size:
+    Figure 4's numbers."""
     sizes, kinds, faiss_threads = sorted(int(n) for n in sizes), tuple(kinds), tuple(faiss_threads)
     _check_run(sizes, kinds, backbone, device, faiss_threads)
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
-    settings = dict(sizes=sizes, backbone=backbone, kinds=kinds, device=str(device), dtype=str(dtype), queries=queries,
-                    batch_size=batch_size, latency_queries=latency_queries, repeats=repeats, num_beams=num_beams,
-                    threads=threads, faiss_threads=faiss_threads, blas_queries=blas_queries, ivf_target=ivf_target,
-                    strawman_max=strawman_max, strawman_queries=strawman_queries, layers=layers, seed=seed, **_environment(device))
+    settings = dict(sizes=sizes, backbone=backbone, kinds=kinds, device=str(device),
+        dtype=str(dtype), queries=queries, batch_size=batch_size, latency_queries=latency_queries,
+        repeats=repeats, num_beams=num_beams, threads=threads, faiss_threads=faiss_threads,
+        blas_queries=blas_queries, ivf_target=ivf_target, strawman_max=strawman_max,
+        strawman_queries=strawman_queries, layers=layers, seed=seed, **_environment(device))
     torch_threads, faiss_before = torch.get_num_threads(), faiss.omp_get_max_threads()
     torch.set_num_threads(threads)
     try: return _run(settings, dtype, prefill_all, paired_rounds, progress)
@@ -155,41 +180,70 @@ def _run(s:dict, dtype, prefill_all:bool, paired_rounds:int, progress:bool) -> E
     "The body of `run_efficiency`."
     texts = benchmark_queries(max(s["queries"], s["latency_queries"]), seed=s["seed"])
     tokenizer, spec = benchmark_tokenizer(texts), BACKBONES[s["backbone"]]
-    eoc, base = tokenizer.convert_tokens_to_ids("<|endofchunk|>"), spec["base_vocab"] or len(tokenizer)
-    model = random_flamingo(s["backbone"], base, s["device"], dtype, eoc, tokenizer.convert_tokens_to_ids("<image>"), s["seed"], s["layers"])
-    decoders = dict(lean=make_decoder(model, tokenizer.pad_token_id), plain=FlamingoDecoder(model, tokenizer.pad_token_id))
+    eoc, base = (tokenizer.convert_tokens_to_ids("<|endofchunk|>"),
+                 spec["base_vocab"] or len(tokenizer))
+    model = random_flamingo(s["backbone"], base, s["device"], dtype, eoc,
+                            tokenizer.convert_tokens_to_ids("<image>"), s["seed"], s["layers"])
+    decoders = dict(lean=make_decoder(model, tokenizer.pad_token_id),
+                    plain=FlamingoDecoder(model, tokenizer.pad_token_id))
     batches = prompt_batches(tokenizer, texts[:s["queries"]], s["batch_size"], s["device"])
     singles = prompt_batches(tokenizer, texts[:s["latency_queries"]], 1, s["device"])
     clip_model, clip_tokenizer = clip_text_tower(s["backbone"], s["device"])
-    text = (time_clip_text(clip_model, clip_tokenizer, texts[:s["queries"]], s["batch_size"], s["repeats"]),
-            time_clip_text(clip_model, clip_tokenizer, texts[:s["latency_queries"]], 1, s["repeats"]))
+    text = (time_clip_text(clip_model, clip_tokenizer, texts[:s["queries"]], s["batch_size"],
+                           s["repeats"]),
+            time_clip_text(clip_model, clip_tokenizer, texts[:s["latency_queries"]], 1,
+                           s["repeats"]))
     dim, run = clip_model.text_projection.shape[1], EfficiencyRun([], settings=s)
     for n in progress_bar(s["sizes"], desc="corpus sizes", progress=progress):
-        run.rows += _grace_rows(model, decoders, batches, singles, tokenizer, eoc, base, n, s["kinds"], s["repeats"],
-                                s["num_beams"], prefill_all)
-        run.rows += _clip_rows(n, dim, text, s["queries"], s["latency_queries"], s["batch_size"], s["repeats"],
-                               s["faiss_threads"], s["blas_queries"], s["device"], s["ivf_target"], s["strawman_max"],
-                               s["strawman_queries"], s["seed"])
+        run.rows += _grace_rows(model, decoders, batches, singles, tokenizer, eoc, base, n,
+                                s["kinds"], s["repeats"], s["num_beams"], prefill_all)
+        run.rows += _clip_rows(n, dim, text, s["queries"], s["latency_queries"], s["batch_size"],
+                               s["repeats"], s["faiss_threads"], s["blas_queries"], s["device"],
+                               s["ivf_target"], s["strawman_max"], s["strawman_queries"], s["seed"])
         rows = s["batch_size"] * s["num_beams"]
         run.output_layer.append(dict(n=n, vocab=base + n, rows=rows, step_ms=output_layer_ms(
             spec["d_model"], base + n, rows, s["device"], dtype, repeats=s["repeats"])))
     if paired_rounds and "structured" in s["kinds"] and len(s["sizes"]) > 1:
-        cases = {n: synthetic_identifiers("structured", n, base, eoc) for n in (s["sizes"][0], s["sizes"][-1])}
-        run.paired = paired_latency(model, decoders["lean"], singles, cases, eoc, paired_rounds, s["num_beams"])
+        cases = {n: synthetic_identifiers("structured", n, base, eoc)
+                 for n in (s["sizes"][0], s["sizes"][-1])}
+        run.paired = paired_latency(model, decoders["lean"], singles, cases, eoc, paired_rounds,
+                                    s["num_beams"])
     return run
+
+# %% ../nbs/10c_figure4.ipynb #3620a59b
+def _fmt(value) -> str:
+    if value is None: return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+def efficiency_table(run:EfficiencyRun, # from `run_efficiency`
+                     # ms_per_query, qps, latency_ms, search_ms, recall_at_10, nprobe, steps, vocab
+                     key:str="ms_per_query",
+                    ) -> str:
+    "A markdown table of `key`: a row per (system, method), a column per corpus size."
+    sizes = run.sizes()
+    head = ["system", "method"] + [f"{n:,}" for n in sizes]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for system in ("GRACE", "CLIP"):
+        for method in run.methods(system):
+            values = [run.value(system, method, n, key) for n in sizes]
+            if all(v is None for v in values): continue
+            lines.append("| " + " | ".join([system, method] + [_fmt(v) for v in values]) + " |")
+    return "\n".join(lines)
 
 # %% ../nbs/10c_figure4.ipynb #c702c0f0
 def crossover(sizes:list[int], # measured corpus sizes, increasing
               grace:list[float], # GRACE's time per query at each size
               clip:list[float], # CLIP's time per query at each size
              ) -> tuple[str, float|None]:
-    "Where CLIP's time first exceeds GRACE's: ('crosses', size), ('clip slower at all sizes', None) or ('no crossover', None)."
+    """Where CLIP's time first exceeds GRACE's: ('crosses', size),
+    ('clip slower at all sizes', None) or ('no crossover', None)."""
     log_ratio = [math.log(c / g) for g, c in zip(grace, clip)]
     if log_ratio[0] > 0: return "clip slower at all sizes", None
     for i in range(1, len(sizes)):
         if log_ratio[i] > 0:
             a, b = math.log(sizes[i - 1]), math.log(sizes[i])
-            return "crosses", math.exp(a + (b - a) * -log_ratio[i - 1] / (log_ratio[i] - log_ratio[i - 1]))
+            return "crosses", math.exp(a + (b - a) * -log_ratio[i - 1]
+                                       / (log_ratio[i] - log_ratio[i - 1]))
     return "no crossover", None
 
 # %% ../nbs/10c_figure4.ipynb #2f3db037
@@ -198,14 +252,18 @@ def crossovers(run:EfficiencyRun, # from `run_efficiency`
               ) -> str:
     "A markdown table of crossover sizes: a row per GRACE kind, a column per CLIP method."
     clip_methods = run.methods("CLIP")
-    lines = [f"| GRACE (rows) vs CLIP (columns), {key} | " + " | ".join(clip_methods) + " |", "|---|" + "---|" * len(clip_methods)]
+    lines = [f"| GRACE (rows) vs CLIP (columns), {key} | " + " | ".join(clip_methods) + " |",
+             "|---|" + "---|" * len(clip_methods)]
     for kind in run.methods("GRACE"):
         cells = []
         for method in clip_methods:
-            sizes = [n for n in run.sizes() if None not in (run.value("GRACE", kind, n, key), run.value("CLIP", method, n, key))]
+            sizes = [n for n in run.sizes() if None not in (run.value("GRACE", kind, n, key),
+                                                            run.value("CLIP", method, n, key))]
             if len(sizes) < 2: cells.append("-"); continue
-            status, n = crossover(sizes, [run.value("GRACE", kind, m, key) for m in sizes], [run.value("CLIP", method, m, key) for m in sizes])
-            cells.append(f"~{n:,.0f}" if n else (f"below {sizes[0]:,}" if status.startswith("clip") else f"none up to {sizes[-1]:,}"))
+            status, n = crossover(sizes, [run.value("GRACE", kind, m, key) for m in sizes],
+                                  [run.value("CLIP", method, m, key) for m in sizes])
+            cells.append(f"~{n:,.0f}" if n else (f"below {sizes[0]:,}" if status.startswith("clip")
+                                                 else f"none up to {sizes[-1]:,}"))
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -213,80 +271,106 @@ def crossovers(run:EfficiencyRun, # from `run_efficiency`
 def latency_ratios(run:EfficiencyRun, # from `run_efficiency`
                    target:float=1.3, # largest / smallest size, structured identifiers
                   ) -> str:
-    "Markdown: per GRACE kind, latency and beam steps at the smallest and largest size, their ratio, and the target check."
+    """Markdown: per GRACE kind, latency and beam steps at the smallest and largest size,
+    their ratio, and the target check."""
     small, large = run.sizes()[0], run.sizes()[-1]
-    lines = [f"| GRACE | latency ms at {small:,} | at {large:,} | ratio | beam steps | target |", "|---|---|---|---|---|---|"]
+    lines = [f"| GRACE | latency ms at {small:,} | at {large:,} | ratio | beam steps | target |",
+             "|---|---|---|---|---|---|"]
     for kind in run.methods("GRACE"):
-        a, b = run.value("GRACE", kind, small, "latency_ms"), run.value("GRACE", kind, large, "latency_ms")
-        steps = f"{run.value('GRACE', kind, small, 'steps')} → {run.value('GRACE', kind, large, 'steps')}"
+        a, b = (run.value("GRACE", kind, small, "latency_ms"),
+                run.value("GRACE", kind, large, "latency_ms"))
+        steps = (f"{run.value('GRACE', kind, small, 'steps')} → "
+                 f"{run.value('GRACE', kind, large, 'steps')}")
         check = ("PASS" if b / a <= target else "FAIL") if kind == "structured" else ""
-        lines.append(f"| {kind} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {steps} | {f'<= {target:g}x ' + check if check else ''} |")
+        lines.append(f"| {kind} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {steps} | "
+                     f"{f'<= {target:g}x ' + check if check else ''} |")
     if run.paired:
         p = run.paired
-        lines.append(f"| {p['kind']} (paired, alternating) | {p['small_ms']:.1f} | {p['large_ms']:.1f} | {p['ratio']:.2f}x | "
-                     f"{p['steps'][0]} → {p['steps'][1]} | <= {target:g}x {'PASS' if p['ratio'] <= target else 'FAIL'} |")
+        lines.append(f"| {p['kind']} (paired, alternating) | {p['small_ms']:.1f} | "
+                     f"{p['large_ms']:.1f} | {p['ratio']:.2f}x | "
+                     f"{p['steps'][0]} → {p['steps'][1]} | "
+                     f"<= {target:g}x {'PASS' if p['ratio'] <= target else 'FAIL'} |")
     return "\n".join(lines)
 
 # %% ../nbs/10c_figure4.ipynb #76878acf
 def efficiency_findings(run:EfficiencyRun, # from `run_efficiency`
-                        target:float=1.3, # flat-latency target, largest / smallest corpus, structured
+                        target:float=1.3, # flat-latency target, largest/smallest corpus, structured
                        ) -> str:
-    "Markdown bullets: the paper's efficiency claims against this run (flat latency, crossovers, atomic output layer)."
+    """Markdown bullets: the paper's efficiency claims against this run (flat latency, crossovers,
+    atomic output layer)."""
     small, large = run.sizes()[0], run.sizes()[-1]
     lines, kind = [], "structured"
     if kind in run.methods("GRACE"):
-        ratio = run.value("GRACE", kind, large, "latency_ms") / run.value("GRACE", kind, small, "latency_ms")
+        ratio = (run.value("GRACE", kind, large, "latency_ms")
+                 / run.value("GRACE", kind, small, "latency_ms"))
         paired = f"; timed in alternation {run.paired['ratio']:.2f}x" if run.paired else ""
-        lines.append(f"- Flat latency ({kind}, {small:,} → {large:,} images): {ratio:.2f}x{paired} "
-                     f"(target <= {target:g}x: {'met' if max(ratio, (run.paired or {}).get('ratio', 0)) <= target else 'not met'}).")
+        lines.append(
+            f"- Flat latency ({kind}, {small:,} → {large:,} images): {ratio:.2f}x{paired} "
+            f"(target <= {target:g}x: "
+            f"{'met' if max(ratio, (run.paired or {}).get('ratio', 0)) <= target else 'not met'}).")
         for method in run.methods("CLIP"):
             sizes = [n for n in run.sizes() if run.value("CLIP", method, n) is not None]
             if len(sizes) < 2: continue
-            status, n = crossover(sizes, [run.value("GRACE", kind, m) for m in sizes], [run.value("CLIP", method, m) for m in sizes])
-            where = f"~{n:,.0f} images" if n else (f"CLIP slower already at {sizes[0]:,}" if status.startswith("clip") else f"none up to {sizes[-1]:,}")
-            lines.append(f"- Crossover, GRACE {kind} vs CLIP {method} (throughput): {where} (paper: about 150,000).")
+            status, n = crossover(sizes, [run.value("GRACE", kind, m) for m in sizes],
+                                  [run.value("CLIP", method, m) for m in sizes])
+            where = f"~{n:,.0f} images" if n else (f"CLIP slower already at {sizes[0]:,}"
+                                                   if status.startswith("clip")
+                                                   else f"none up to {sizes[-1]:,}")
+            lines.append(f"- Crossover, GRACE {kind} vs CLIP {method} (throughput): {where} "
+                         f"(paper: about 150,000).")
     if len(run.output_layer) > 1:
         a, b = run.output_layer[0], run.output_layer[-1]
-        lines.append(f"- Atomic output layer: {a['step_ms']:.2f} ms per step at V = {a['vocab']:,}, {b['step_ms']:.2f} ms at "
-                     f"V = {b['vocab']:,} ({b['step_ms'] / a['step_ms']:.0f}x for {b['vocab'] / a['vocab']:.0f}x the vocabulary).")
+        lines.append(f"- Atomic output layer: {a['step_ms']:.2f} ms per step at V = "
+                     f"{a['vocab']:,}, {b['step_ms']:.2f} ms at V = {b['vocab']:,} "
+                     f"({b['step_ms'] / a['step_ms']:.0f}x for {b['vocab'] / a['vocab']:.0f}x "
+                     f"the vocabulary).")
     return "\n".join(lines)
 
 # %% ../nbs/10c_figure4.ipynb #defc9ba6
 def plot_efficiency(run:EfficiencyRun, # from `run_efficiency`
                     path:str|Path|None=None, # write a PNG here as well
                    ):
-    "Figure 4: queries/s and latency against corpus size for every GRACE kind and CLIP method; the matplotlib figure."
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    """Figure 4: queries/s and latency against corpus size for every GRACE kind and CLIP method;
+    the matplotlib figure."""
+    import matplotlib.pyplot as plt; from matplotlib.ticker import FuncFormatter, NullFormatter
+    fig, axes = plt.subplots(1, 2, figsize=(11, 7.5))
     colours = dict(GRACE=iter(["#1f77b4", "#2ca02c", "#98df8a", "#9467bd", "#17becf"] * 2),
                    CLIP=iter(["#d62728", "#ff9896", "#ff7f0e", "#8c564b", "#e377c2"] * 2))
-    styles = {f"{system}: {method}": dict(ls="-" if system == "GRACE" else "--", marker="o" if system == "GRACE" else "s",
-                                          color=next(colours[system])) for system in ("GRACE", "CLIP") for method in run.methods(system)}
+    styles = {f"{system}: {method}": dict(ls="-" if system == "GRACE" else "--",
+                                          marker="o" if system == "GRACE" else "s",
+                                          color=next(colours[system]))
+              for system in ("GRACE", "CLIP") for method in run.methods(system)}
     for label, style in styles.items():
         if "strawman" in label: style.update(ls=":", marker="x", color="grey")
-    for ax, key, ylabel in ((axes[0], "qps", "queries per second"), (axes[1], "latency_ms", "latency of one query (ms)")):
+    for ax, key, ylabel in ((axes[0], "qps", "queries per second"),
+                            (axes[1], "latency_ms", "latency of one query (ms)")):
         for label, style in styles.items():
             system, method = label.split(": ", 1)
             sizes = [n for n in run.sizes() if run.value(system, method, n, key) is not None]
             ax.plot(sizes, [run.value(system, method, n, key) for n in sizes], label=label, **style)
-        ax.set(xscale="log", yscale="log", xlabel="images in the corpus", ylabel=ylabel, xticks=run.sizes())
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}K" if v >= 1e3 else f"{v:g}"))
+        ax.set(xscale="log", yscale="log", xticks=run.sizes()); ax.tick_params(labelsize=11)
+        ax.set_xlabel("images in the corpus", fontsize=12); ax.set_ylabel(ylabel, fontsize=12)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:g}M" if v >= 1e6
+                                                   else f"{v / 1e3:g}K" if v >= 1e3 else f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter()); ax.yaxis.set_minor_formatter(NullFormatter())
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.grid(True, which="both", alpha=0.3)
-    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    # the legend below the plots, GRACE's column then CLIP's: legible at the page's width
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=12)
     s = run.settings
-    fig.suptitle(f"GRACE ({s['backbone']} backbone, random weights, {s['num_beams']} beams) vs CLIP (text tower + search); "
-                 f"{s['device']}, {s['threads']} torch thread(s); batches of {s['batch_size']}", fontsize=10)
-    fig.tight_layout()
-    if path is not None: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)  # shown where it is returned, once
-    return fig
+    fig.suptitle(f"GRACE ({s['backbone']} backbone, random weights, {s['num_beams']} beams) "
+                 f"vs CLIP (text tower + search); {s['device']}, {s['threads']} torch thread(s); "
+                 f"batches of {s['batch_size']}", fontsize=12, wrap=True)
+    fig.tight_layout(rect=(0, 0.21, 1, 1))
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig); return fig  # shown where it is returned, once
 
 # %% ../nbs/10c_figure4.ipynb #2266891e
 def save_efficiency(run:EfficiencyRun, # from `run_efficiency`
                     path:str|Path, # the .json file
                    ) -> Path:
     "Write the run's rows, output-layer costs, paired check and settings as JSON."
-    return save_json(dict(settings=run.settings, rows=run.rows, output_layer=run.output_layer, paired=run.paired), path)
+    return save_json(dict(settings=run.settings, rows=run.rows, output_layer=run.output_layer,
+                          paired=run.paired), path)

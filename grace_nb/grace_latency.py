@@ -23,11 +23,14 @@ __all__ = ['BACKBONES', 'random_flamingo', 'set_vocab_size', 'LastLogitsDecoder'
 
 # %% ../nbs/10a_grace_latency.ipynb #cd976898
 BACKBONES = {
-    "tiny": dict(d_model=128, n_layers=4, n_heads=2, base_vocab=None, vis_dim=128, cross_attn_every_n_layers=2,
-                 perceiver=dict(depth=1, num_latents=16, heads=4, dim_head=32), cross_attn=dict(heads=2, dim_head=64, ff_mult=2),
-                 gate_init=1.0, clip=tiny_clip_config()),
-    "mpt1b": dict(d_model=2048, n_layers=24, n_heads=16, base_vocab=50_280, vis_dim=1024, cross_attn_every_n_layers=1,
-                  perceiver=None, cross_attn=None, gate_init=None, clip="ViT-L-14"),
+    "tiny": dict(d_model=128, n_layers=4, n_heads=2, base_vocab=None, vis_dim=128,
+                 cross_attn_every_n_layers=2,
+                 perceiver=dict(depth=1, num_latents=16, heads=4, dim_head=32),
+                 cross_attn=dict(heads=2, dim_head=64, ff_mult=2), gate_init=1.0,
+                 clip=tiny_clip_config()),
+    "mpt1b": dict(d_model=2048, n_layers=24, n_heads=16, base_vocab=50_280, vis_dim=1024,
+                  cross_attn_every_n_layers=1, perceiver=None, cross_attn=None, gate_init=None,
+                  clip="ViT-L-14"),
 }
 
 class _NoVision(nn.Module):
@@ -36,33 +39,43 @@ class _NoVision(nn.Module):
 
 # %% ../nbs/10a_grace_latency.ipynb #c3a6a31a
 def random_flamingo(backbone:str="tiny", # a key of `BACKBONES`
-                    vocab_size:int=2_010, # the language model's vocabulary (tokenizer + identifier tokens)
+                    # the language model's vocabulary (tokenizer + identifier tokens)
+                    vocab_size:int=2_010,
                     device:str|torch.device="cpu",
-                    dtype:torch.dtype=torch.float32, # e.g. torch.bfloat16 on a GPU (the paper's precision)
+                    # e.g. torch.bfloat16 on a GPU (the paper's precision)
+                    dtype:torch.dtype=torch.float32,
                     eoc_token_id:int=0, media_token_id:int=1, # `<|endofchunk|>` and `<image>`
                     seed:int=0, # initialises every weight
-                    layers:int|None=None, # override the backbone's depth (wiring tests on small machines only)
+                    # override the backbone's depth (wiring tests on small machines only)
+                    layers:int|None=None,
                    ) -> nn.Module:
-    "An open_flamingo `Flamingo` of the backbone's shape with random weights, in eval mode, without gradients."
+    """An open_flamingo `Flamingo` of the backbone's shape with random weights, in eval mode,
+    without gradients."""
     from open_flamingo.src.flamingo import Flamingo as OpenFlamingo
     from open_flamingo.src.flamingo_lm import FlamingoLMMixin
     from open_flamingo.src.helpers import GatedCrossAttentionBlock, PerceiverResampler
     from open_flamingo.src.utils import extend_instance
-    if backbone not in BACKBONES: raise EfficiencyError(f"unknown backbone {backbone!r}; use one of {list(BACKBONES)}")
-    spec = BACKBONES[backbone]
-    torch.manual_seed(seed)
+    if backbone not in BACKBONES:
+        raise EfficiencyError(f"unknown backbone {backbone!r}; use one of {list(BACKBONES)}")
+    spec = BACKBONES[backbone]; torch.manual_seed(seed)
     with torch.device(device):
-        lm = MptForCausalLM(tiny_lm_config(vocab_size, spec["d_model"], layers or spec["n_layers"], spec["n_heads"], max_seq_len=2048))
+        lm = MptForCausalLM(tiny_lm_config(vocab_size, spec["d_model"], layers or spec["n_layers"],
+                                           spec["n_heads"], max_seq_len=2048))
         extend_instance(lm, FlamingoLMMixin); lm.set_decoder_layers_attr_name("transformer.blocks")
         model = OpenFlamingo(_NoVision(), lm, eoc_token_id, media_token_id, vis_dim=spec["vis_dim"],
                              cross_attn_every_n_layers=spec["cross_attn_every_n_layers"])
-        if spec["perceiver"]: model.perceiver = PerceiverResampler(dim=spec["vis_dim"], **spec["perceiver"])
+        if spec["perceiver"]:
+            model.perceiver = PerceiverResampler(dim=spec["vis_dim"], **spec["perceiver"])
         if spec["cross_attn"]:
-            lm.gated_cross_attn_layers = nn.ModuleList(None if block is None else GatedCrossAttentionBlock(
-                dim=model.lang_dim, dim_visual=spec["vis_dim"], **spec["cross_attn"]) for block in lm.gated_cross_attn_layers)
+            lm.gated_cross_attn_layers = nn.ModuleList(
+                None if block is None else GatedCrossAttentionBlock(
+                    dim=model.lang_dim, dim_visual=spec["vis_dim"], **spec["cross_attn"])
+                for block in lm.gated_cross_attn_layers)
             lm.init_flamingo_layers(gradient_checkpointing=False)
     for block in lm.gated_cross_attn_layers:
-        if block is not None and spec["gate_init"] is not None: block.attn_gate.data.fill_(spec["gate_init"]); block.ff_gate.data.fill_(spec["gate_init"])
+        if block is not None and spec["gate_init"] is not None:
+            block.attn_gate.data.fill_(spec["gate_init"])
+            block.ff_gate.data.fill_(spec["gate_init"])
     return model.to(dtype).eval().requires_grad_(False)
 
 # %% ../nbs/10a_grace_latency.ipynb #e4009969
@@ -75,7 +88,8 @@ def set_vocab_size(model:nn.Module, # from `random_flamingo`
     old = lang.get_input_embeddings().weight
     if old.shape[0] == vocab_size: return model
     generator = torch.Generator(device=old.device).manual_seed(seed)
-    embedding = nn.Embedding(vocab_size, old.shape[1], device=old.device, dtype=old.dtype).requires_grad_(False)
+    embedding = nn.Embedding(vocab_size, old.shape[1], device=old.device,
+                             dtype=old.dtype).requires_grad_(False)
     embedding.weight.normal_(0, 0.02, generator=generator)
     lang.set_input_embeddings(embedding)
     lang.get_output_embeddings().weight = embedding.weight
@@ -84,9 +98,12 @@ def set_vocab_size(model:nn.Module, # from `random_flamingo`
 
 # %% ../nbs/10a_grace_latency.ipynb #217e3450
 class LastLogitsDecoder(FlamingoDecoder):
-    "`FlamingoDecoder` whose prefill computes the output layer at the last prompt position only (same log-probs)."
-    def start(self, input_ids:torch.Tensor, attention_mask:torch.Tensor, features:torch.Tensor|None=None):
-        "Prefill as `FlamingoDecoder.start`, projecting only the last hidden state to the vocabulary."
+    """`FlamingoDecoder` whose prefill computes the output layer at the last prompt position only
+    (same log-probs)."""
+    def start(self, input_ids:torch.Tensor, attention_mask:torch.Tensor,
+              features:torch.Tensor|None=None):
+        """Prefill as `FlamingoDecoder.start`, projecting only the last hidden state
+        to the vocabulary."""
         head = self.model.lang_encoder.get_output_embeddings()
         hook = head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:],) + args[1:])
         try: return super().start(input_ids, attention_mask, features)
@@ -101,7 +118,8 @@ def prompt_batches(tokenizer, # the BPE tokenizer
                   ) -> list:
     "Left-padded, tokenized retrieve prompts in batches (tokenizing is not part of the timing)."
     prompts = [template.format(query=q) for q in queries]
-    return [tokenizer(prompts[i:i + batch_size], padding=True, padding_side="left", return_tensors="pt").to(device)
+    return [tokenizer(prompts[i:i + batch_size], padding=True, padding_side="left",
+                      return_tensors="pt").to(device)
             for i in range(0, len(prompts), batch_size)]
 
 # %% ../nbs/10a_grace_latency.ipynb #0a71e8df
@@ -114,9 +132,12 @@ def time_grace(decoder:FlamingoDecoder, # the model behind the decoder protocol
                repeats:int=3, # passes over all batches; the median pass counts
               ) -> float:
     "Milliseconds per query of constrained beam search over `batches` (`median_pass_ms`)."
-    search = dict(num_beams=num_beams, num_return=num_beams, max_new_tokens=max_new_tokens, keep_unfinished=True)
-    run = lambda batch: beam_search(decoder, batch.input_ids, batch.attention_mask, trie, end_token, **search)
-    return median_pass_ms(run, batches, repeats, batches[0].input_ids.device, per=sum(len(b.input_ids) for b in batches))
+    search = dict(num_beams=num_beams, num_return=num_beams, max_new_tokens=max_new_tokens,
+                  keep_unfinished=True)
+    run = lambda batch: beam_search(decoder, batch.input_ids, batch.attention_mask, trie, end_token,
+                                    **search)
+    return median_pass_ms(run, batches, repeats, batches[0].input_ids.device,
+                          per=sum(len(b.input_ids) for b in batches))
 
 # %% ../nbs/10a_grace_latency.ipynb #25192319
 def output_layer_ms(d_model:int, # hidden size (tiny: 128, MPT-1B: 2048)
@@ -139,14 +160,17 @@ def paired_latency(model:nn.Module, decoder:FlamingoDecoder, singles:list, # one
                    cases:dict, # corpus size -> SyntheticIdentifiers
                    end_token:int, rounds:int=5, num_beams:int=10,
                   ) -> dict:
-    "Median one-query latency per corpus size, the sizes timed in alternation; and largest / smallest."
+    """Median one-query latency per corpus size, the sizes timed in alternation;
+    and largest / smallest."""
     tries = {n: ids.trie(end_token).to(singles[0].input_ids.device) for n, ids in cases.items()}
     times = {n: [] for n in cases}
     for r in range(rounds):
         for n in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
             set_vocab_size(model, cases[n].vocab_size)
-            times[n].append(time_grace(decoder, singles, tries[n], end_token, cases[n].max_new_tokens, num_beams, repeats=1))
+            times[n].append(time_grace(decoder, singles, tries[n], end_token,
+                                       cases[n].max_new_tokens, num_beams, repeats=1))
     small, large = min(cases), max(cases)
     medians = {n: statistics.median(t) for n, t in times.items()}
-    return dict(kind=cases[small].kind, small=small, large=large, small_ms=medians[small], large_ms=medians[large],
-                ratio=medians[large] / medians[small], steps=(cases[small].max_new_tokens, cases[large].max_new_tokens))
+    return dict(kind=cases[small].kind, small=small, large=large, small_ms=medians[small],
+                large_ms=medians[large], ratio=medians[large] / medians[small],
+                steps=(cases[small].max_new_tokens, cases[large].max_new_tokens))

@@ -35,13 +35,15 @@ def _check_image_ids(image_ids:Iterable, # image ids, in the order the builder s
                     ) -> list[int]:
     "Image ids as a list of distinct Python ints, or a clear `IdentifierError`."
     ids = list(image_ids)
-    if not ids: raise IdentifierError("no image ids given: an identifier map needs at least one image")
+    if not ids:
+        raise IdentifierError("no image ids given: an identifier map needs at least one image")
     for i in ids:
         if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
             raise IdentifierError(f"image id {i!r} is a {type(i).__name__}, expected an int")
     ids = [int(i) for i in ids]
     dups = [i for i, n in Counter(ids).items() if n > 1]
-    if dups: raise IdentifierError(f"duplicate image ids: {dups[:5]}{' ...' if len(dups) > 5 else ''}")
+    if dups:
+        raise IdentifierError(f"duplicate image ids: {dups[:5]}{' ...' if len(dups) > 5 else ''}")
     return ids
 
 # %% ../nbs/02_identifiers.ipynb #65ca0d38
@@ -50,16 +52,21 @@ class IdentifierKind:
     "An identifier type: the rules its maps obey and the function that builds them."
     name:str # as profiles and saved maps spell it, e.g. "atomic"
     unique:bool=True # no two images may share an identifier
-    new_tokens:bool=False # identifiers are new vocabulary tokens (the map lists them in `new_tokens`)
-    builder:Callable|None=field(default=None, repr=False) # (image ids, *, captions, embeddings, k, c, codebook_size, seed) -> map
+    # identifiers are new vocabulary tokens (the map lists them in `new_tokens`)
+    new_tokens:bool=False
+    # (image ids, *, captions, embeddings, k, c, codebook_size, seed) -> map
+    builder:Callable|None=field(default=None, repr=False)
 
 _KINDS:dict[str, IdentifierKind] = {}
 
 def register_identifier_kind(name:str, # the kind's name
-                             unique:bool=True, new_tokens:bool=False, # its rules (see `IdentifierKind`)
-                             builder:Callable|None=None, # what `build_identifiers` calls for this kind
+                             # its rules (see `IdentifierKind`)
+                             unique:bool=True, new_tokens:bool=False,
+                             # what `build_identifiers` calls for this kind
+                             builder:Callable|None=None,
                             ) -> IdentifierKind:
-    "Add identifier kind `name` to the registry (replacing one of that name): maps and `build_identifiers` accept it."
+    """Add identifier kind `name` to the registry (replacing one of that name):
+    maps and `build_identifiers` accept it."""
     _KINDS[name] = IdentifierKind(name, unique, new_tokens, builder)
     return _KINDS[name]
 
@@ -72,24 +79,28 @@ def identifier_kind(name:str, # a kind name
                    ) -> IdentifierKind:
     "The registered kind `name`, or an `IdentifierError` listing the registered kinds."
     if name not in _KINDS:
-        raise IdentifierError(f"unknown identifier kind {name!r}; registered kinds: {', '.join(_KINDS)}"
-                              + ("" if "vq" in _KINDS else " (vq registers when grace_nb.vq is imported)"))
+        raise IdentifierError(
+            f"unknown identifier kind {name!r}; registered kinds: {', '.join(_KINDS)}"
+            + ("" if "vq" in _KINDS else " (vq registers when grace_nb.vq is imported)"))
     return _KINDS[name]
 
 register_identifier_kind("numeric"); register_identifier_kind("string")
 register_identifier_kind("semantic", unique=False)
-register_identifier_kind("structured", new_tokens=True); register_identifier_kind("atomic", new_tokens=True)
+register_identifier_kind("structured", new_tokens=True)
+register_identifier_kind("atomic", new_tokens=True)
 
 # %% ../nbs/02_identifiers.ipynb #73285712
 class IdentifierMap:
     "Image id ⇄ identifier string for one identifier type, plus the vocabulary tokens it needs."
     def __init__(self, kind:str, # a registered kind (`identifier_kinds()`)
                  identifiers:dict, # image id (int) -> identifier string
-                 new_tokens:Sequence[str]=(), # tokens to add to the vocabulary (structured: C_l_j, atomic: I_n)
+                 # tokens to add to the vocabulary (structured: C_l_j, atomic: I_n)
+                 new_tokens:Sequence[str]=(),
                  params:dict|None=None, # how the map was built (seed, k, c, ...), saved with it
                 ):
         identifier_kind(kind)  # an unknown kind raises here
-        if not isinstance(identifiers, dict): raise IdentifierError(f"identifiers must be a dict, got {type(identifiers).__name__}")
+        if not isinstance(identifiers, dict):
+            raise IdentifierError(f"identifiers must be a dict, got {type(identifiers).__name__}")
         ids = _check_image_ids(identifiers)
         self.kind, self.params = kind, dict(params or {})
         self.identifiers = {i: identifiers[i] for i in sorted(ids)}
@@ -106,22 +117,27 @@ def _validate(self:IdentifierMap):
     rules = identifier_kind(self.kind)
     for image_id, ident in self.identifiers.items():
         if not isinstance(ident, str) or not ident.strip():
-            raise IdentifierError(f"image {image_id}: identifier must be a non-empty string, got {ident!r}")
+            raise IdentifierError(f"image {image_id}: identifier must be a non-empty string, "
+                                  f"got {ident!r}")
     bad = [t for t in self.new_tokens if not isinstance(t, str) or not t or len(t.split()) != 1]
     if bad: raise IdentifierError(f"new token {bad[0]!r} must be a non-empty string without spaces")
-    if len(set(self.new_tokens)) != len(self.new_tokens): raise IdentifierError("new_tokens contains duplicates")
+    if len(set(self.new_tokens)) != len(self.new_tokens):
+        raise IdentifierError("new_tokens contains duplicates")
     if rules.unique:
         seen = {}
         for image_id, ident in self.identifiers.items():
             if ident in seen: raise IdentifierError(
-                f"{self.kind} identifiers must be unique: images {seen[ident]} and {image_id} share {ident!r}")
+                f"{self.kind} identifiers must be unique: images {seen[ident]} and {image_id} "
+                f"share {ident!r}")
             seen[ident] = image_id
     if rules.new_tokens:
         vocab = set(self.new_tokens)
         for image_id, ident in self.identifiers.items():
             missing = [t for t in ident.split() if t not in vocab]
-            if missing: raise IdentifierError(f"image {image_id}: token {missing[0]!r} of {ident!r} is not in new_tokens")
-    elif self.new_tokens: raise IdentifierError(f"{self.kind} identifiers add no tokens, but new_tokens has {len(self.new_tokens)}")
+            if missing: raise IdentifierError(
+                f"image {image_id}: token {missing[0]!r} of {ident!r} is not in new_tokens")
+    elif self.new_tokens: raise IdentifierError(
+        f"{self.kind} identifiers add no tokens, but new_tokens has {len(self.new_tokens)}")
 
 # %% ../nbs/02_identifiers.ipynb #500e5e14
 class MissingImageError(IdentifierError, KeyError):
@@ -138,12 +154,15 @@ def __contains__(self:IdentifierMap, image_id): return image_id in self.identifi
 def __getitem__(self:IdentifierMap, image_id:int) -> str:
     "The identifier of `image_id`."
     try: return self.identifiers[image_id]
-    except (KeyError, TypeError): raise MissingImageError(f"image id {image_id!r} is not in this {self.kind} identifier map ({len(self)} images)") from None
+    except (KeyError, TypeError):
+        raise MissingImageError(f"image id {image_id!r} is not in this {self.kind} identifier map "
+                                f"({len(self)} images)") from None
 
 @patch
 def __eq__(self:IdentifierMap, other):
     if not isinstance(other, IdentifierMap): return NotImplemented
-    return (self.kind, self.identifiers, self.new_tokens, self.params) == (other.kind, other.identifiers, other.new_tokens, other.params)
+    return ((self.kind, self.identifiers, self.new_tokens, self.params)
+            == (other.kind, other.identifiers, other.new_tokens, other.params))
 
 # %% ../nbs/02_identifiers.ipynb #69d8edbe
 @patch
@@ -158,11 +177,13 @@ def collisions(self:IdentifierMap) -> dict[str, list[int]]:
 
 @patch
 def collision_summary(self:IdentifierMap) -> dict:
-    "Counts: images, distinct identifiers, colliding identifiers, images that share one, and their rate."
+    """Counts: images, distinct identifiers, colliding identifiers, images that share one,
+    and their rate."""
     shared = self.collisions()
     n_shared = sum(len(v) for v in shared.values())
-    return dict(images=len(self), distinct_identifiers=len(self._inverse), colliding_identifiers=len(shared),
-                images_in_collisions=n_shared, collision_rate=round(n_shared/len(self), 4))
+    return dict(images=len(self), distinct_identifiers=len(self._inverse),
+                colliding_identifiers=len(shared), images_in_collisions=n_shared,
+                collision_rate=round(n_shared/len(self), 4))
 
 # %% ../nbs/02_identifiers.ipynb #fe035e42
 @patch
@@ -179,8 +200,10 @@ def subset(self:IdentifierMap, image_ids:Iterable[int], # the images to keep, e.
     "The map restricted to `image_ids` (same kind, params and new tokens)."
     ids = _check_image_ids(image_ids)
     missing = [i for i in ids if i not in self.identifiers]
-    if missing: raise MissingImageError(f"{len(missing)} image ids are not in this {self.kind} map, e.g. {missing[:5]}")
-    return IdentifierMap(self.kind, {i: self.identifiers[i] for i in ids}, self.new_tokens, self.params)
+    if missing: raise MissingImageError(
+        f"{len(missing)} image ids are not in this {self.kind} map, e.g. {missing[:5]}")
+    return IdentifierMap(self.kind, {i: self.identifiers[i] for i in ids}, self.new_tokens,
+                         self.params)
 
 # %% ../nbs/02_identifiers.ipynb #05a67833
 def _shuffled_numbers(image_ids:Iterable[int], # images in a stable order
@@ -193,18 +216,23 @@ def _shuffled_numbers(image_ids:Iterable[int], # images in a stable order
 
 # %% ../nbs/02_identifiers.ipynb #7406f447
 def string_identifiers(image_ids:Iterable[int], # images in a stable order
-                       seed:int=42, # shuffle seed: same seed and order -> same numbers as `numeric_identifiers`
+                       # shuffle seed: same seed and order -> same numbers as `numeric_identifiers`
+                       seed:int=42,
                       ) -> IdentifierMap:
-    "String identifiers: a seeded shuffle numbers the images 1..N, written as plain digits (`13768`)."
+    """String identifiers: a seeded shuffle numbers the images 1..N, written as plain digits
+    (`13768`)."""
     numbers = _shuffled_numbers(image_ids, seed)
     return IdentifierMap("string", {i: str(n) for i, n in numbers.items()}, params=dict(seed=seed))
 
 def numeric_identifiers(image_ids:Iterable[int], # images in a stable order
-                        seed:int=42, # shuffle seed: same seed and order -> same numbers as `string_identifiers`
+                        # shuffle seed: same seed and order -> same numbers as `string_identifiers`
+                        seed:int=42,
                        ) -> IdentifierMap:
-    "Numeric identifiers: the string identifier's number with its digits separated by spaces (`1 3 7 6 8`)."
+    """Numeric identifiers: the string identifier's number with its digits separated by spaces
+    (`1 3 7 6 8`)."""
     numbers = _shuffled_numbers(image_ids, seed)
-    return IdentifierMap("numeric", {i: " ".join(str(n)) for i, n in numbers.items()}, params=dict(seed=seed))
+    return IdentifierMap("numeric", {i: " ".join(str(n)) for i, n in numbers.items()},
+                         params=dict(seed=seed))
 
 # %% ../nbs/02_identifiers.ipynb #0a4f05ef
 def normalize_caption(caption:str, # a caption as written
@@ -215,17 +243,22 @@ def normalize_caption(caption:str, # a caption as written
     return text.lower() if lowercase else text
 
 # %% ../nbs/02_identifiers.ipynb #878fcc67
-def semantic_identifiers(captions:dict, # image id -> caption (gold for train images, generated for test images)
+def semantic_identifiers(
+                         # image id -> caption (gold for train images, generated for test images)
+                         captions:dict,
                          lowercase:bool=True, # lowercase captions (see `normalize_caption`)
                         ) -> IdentifierMap:
     "Semantic identifiers: each image's normalised caption; shared captions are kept as collisions."
-    if not isinstance(captions, dict): raise IdentifierError(f"captions must be a dict image id -> caption, got {type(captions).__name__}")
+    if not isinstance(captions, dict): raise IdentifierError(
+        f"captions must be a dict image id -> caption, got {type(captions).__name__}")
     _check_image_ids(captions)
     identifiers = {}
     for image_id, caption in captions.items():
-        if not isinstance(caption, str): raise IdentifierError(f"image {image_id}: caption must be a string, got {type(caption).__name__}")
+        if not isinstance(caption, str): raise IdentifierError(
+            f"image {image_id}: caption must be a string, got {type(caption).__name__}")
         identifiers[int(image_id)] = normalize_caption(caption, lowercase)
-        if not identifiers[int(image_id)]: raise IdentifierError(f"image {image_id}: caption is empty")
+        if not identifiers[int(image_id)]:
+            raise IdentifierError(f"image {image_id}: caption is empty")
     return IdentifierMap("semantic", identifiers, params=dict(lowercase=lowercase))
 
 # %% ../nbs/02_identifiers.ipynb #dea31eec
@@ -245,17 +278,20 @@ def _split(embeddings:np.ndarray, # n x d, n >= 2
     n_clusters = min(k, len(embeddings))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        labels = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit_predict(embeddings)
+        labels = KMeans(n_clusters=n_clusters, n_init=n_init,
+                        random_state=seed).fit_predict(embeddings)
     groups = [g for g in (np.flatnonzero(labels == j) for j in range(n_clusters)) if len(g)]
     if len(groups) < 2: groups = np.array_split(np.arange(len(embeddings)), n_clusters)
     return groups
 
 # %% ../nbs/02_identifiers.ipynb #b4a1ec7c
-def _cluster_paths(embeddings:np.ndarray, k:int, c:int, seed:int, n_init:int, progress:bool) -> list[tuple]:
+def _cluster_paths(embeddings:np.ndarray, k:int, c:int, seed:int, n_init:int,
+                   progress:bool) -> list[tuple]:
     "Path of (level, index) pairs for every row: cluster indices, then the position in its leaf."
     paths = [None] * len(embeddings)
     stack = [(np.arange(len(embeddings)), ())]
-    with progress_bar(total=len(embeddings), desc="structured identifiers", progress=progress) as bar:
+    with progress_bar(total=len(embeddings), desc="structured identifiers",
+                      progress=progress) as bar:
         while stack:
             rows, prefix = stack.pop()
             level = len(prefix) + 1
@@ -272,13 +308,17 @@ def _check_embeddings(embeddings, ids:list[int]) -> np.ndarray:
     "A finite float64 N x d array with one row per image, or a clear error."
     emb = np.asarray(embeddings, dtype=np.float64)
     if emb.ndim != 2 or len(emb) != len(ids):
-        raise IdentifierError(f"embeddings must be an N x d array with N = {len(ids)} images, got shape {emb.shape}")
+        raise IdentifierError(f"embeddings must be an N x d array with N = {len(ids)} images, "
+                              f"got shape {emb.shape}")
     bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
-    if len(bad): raise IdentifierError(f"embedding of image {ids[bad[0]]} contains NaN or inf ({len(bad)} rows affected)")
+    if len(bad): raise IdentifierError(
+        f"embedding of image {ids[bad[0]]} contains NaN or inf ({len(bad)} rows affected)")
     return emb
 
 # %% ../nbs/02_identifiers.ipynb #ba4ebccd
-def structured_identifiers(image_ids:Iterable[int], # images in a stable order, one per embedding row
+def structured_identifiers(
+                           # images in a stable order, one per embedding row
+                           image_ids:Iterable[int],
                            embeddings:np.ndarray, # N x d image embeddings (CLIP image tower)
                            k:int=30, # clusters per level (paper: 30)
                            c:int=30, # recurse while a cluster holds more than c images (paper: 30)
@@ -287,16 +327,20 @@ def structured_identifiers(image_ids:Iterable[int], # images in a stable order, 
                            normalize:bool=True, # L2-normalise rows first (cosine geometry, as CLIP)
                            progress:bool|None=None, # progress bar; None: only for 10,000+ images
                           ) -> IdentifierMap:
-    "Structured identifiers: each image's path in a recursive k-means tree, tokens `C_{level}_{index}`."
+    """Structured identifiers: each image's path in a recursive k-means tree,
+    tokens `C_{level}_{index}`."""
     ids = _check_image_ids(image_ids)
     emb = _check_embeddings(embeddings, ids)
-    if not (isinstance(k, int) and k >= 2): raise IdentifierError(f"k must be an int >= 2, got {k!r}")
-    if not (isinstance(c, int) and c >= 1): raise IdentifierError(f"c must be an int >= 1, got {c!r}")
+    if not (isinstance(k, int) and k >= 2):
+        raise IdentifierError(f"k must be an int >= 2, got {k!r}")
+    if not (isinstance(c, int) and c >= 1):
+        raise IdentifierError(f"c must be an int >= 1, got {c!r}")
     if normalize: emb = _l2_normalize(emb)
     progress = len(ids) >= 10_000 if progress is None else progress
     paths = _cluster_paths(emb, k, c, seed, n_init, progress)
     identifiers = {i: " ".join(f"C_{l}_{j}" for l, j in path) for i, path in zip(ids, paths)}
-    if len(set(identifiers.values())) != len(ids): raise IdentifierError("internal error: structured identifiers are not unique")
+    if len(set(identifiers.values())) != len(ids):
+        raise IdentifierError("internal error: structured identifiers are not unique")
     new_tokens = [f"C_{l}_{j}" for l, j in sorted({step for path in paths for step in path})]
     return IdentifierMap("structured", identifiers, new_tokens,
                          params=dict(k=k, c=c, seed=seed, n_init=n_init, normalize=normalize))
@@ -311,17 +355,22 @@ def atomic_identifiers(image_ids:Iterable[int], # images in a stable order
 
 # %% ../nbs/02_identifiers.ipynb #88175aa4
 def _needs(kind:str, name:str, value, what:str):
-    "`value`, or an `IdentifierError` saying that `kind` identifiers need the input `name` (`what` it is)."
+    """`value`, or an `IdentifierError` saying that `kind` identifiers need the input `name`
+    (`what` it is)."""
     if value is None: raise IdentifierError(f"{kind} identifiers need `{name}` ({what})")
     return value
 
 def _build_semantic(ids:list[int], captions:dict|None=None, **_) -> IdentifierMap:
     captions = _needs("semantic", "captions", captions, "image id -> caption")
-    if missing := [i for i in ids if i not in captions]: raise IdentifierError(f"captions missing for {len(missing)} images, e.g. {missing[:5]}")
+    if missing := [i for i in ids if i not in captions]:
+        raise IdentifierError(f"captions missing for {len(missing)} images, e.g. {missing[:5]}")
     return semantic_identifiers({i: captions[i] for i in ids})
 
-def _build_structured(ids:list[int], embeddings=None, k:int=30, c:int=30, seed:int=42, **_) -> IdentifierMap:
-    return structured_identifiers(ids, _needs("structured", "embeddings", embeddings, "N x d, one row per image id"), k=k, c=c, seed=seed)
+def _build_structured(ids:list[int], embeddings=None, k:int=30, c:int=30, seed:int=42,
+                      **_) -> IdentifierMap:
+    return structured_identifiers(
+        ids, _needs("structured", "embeddings", embeddings, "N x d, one row per image id"),
+        k=k, c=c, seed=seed)
 
 identifier_kind("numeric").builder = lambda ids, seed=42, **_: numeric_identifiers(ids, seed)
 identifier_kind("string").builder = lambda ids, seed=42, **_: string_identifiers(ids, seed)
@@ -334,7 +383,8 @@ def build_identifiers(kind:str, # a registered kind (`identifier_kinds()`)
                       image_ids:Iterable[int], # images in a stable order
                       *,
                       captions:dict|None=None, # image id -> caption; semantic only
-                      embeddings:np.ndarray|None=None, # N x d image embeddings; structured and vq only
+                      # N x d image embeddings; structured and vq only
+                      embeddings:np.ndarray|None=None,
                       k:int=30, # clusters per level; structured only
                       c:int=30, # max images in a leaf cluster; structured only
                       codebook_size:int=256, # codes per residual-quantization level; vq only
@@ -342,7 +392,8 @@ def build_identifiers(kind:str, # a registered kind (`identifier_kinds()`)
                      ) -> IdentifierMap:
     "Build the identifier map of `kind` for `image_ids` with the builder registered for the kind."
     builder = identifier_kind(kind).builder
-    if builder is None: raise IdentifierError(f"identifier kind {kind!r} is registered without a builder")
+    if builder is None:
+        raise IdentifierError(f"identifier kind {kind!r} is registered without a builder")
     return builder(_check_image_ids(image_ids), captions=captions, embeddings=embeddings, k=k, c=c,
                    codebook_size=codebook_size, seed=seed)
 
@@ -353,21 +404,26 @@ _FORMAT, _VERSION = "grace_nb.identifier_map", 1
 def save(self:IdentifierMap, path:str|Path, # destination .json file
         ) -> Path:
     "Write the map as JSON (atomically)."
-    return save_json(dict(format=_FORMAT, version=_VERSION, kind=self.kind, params=self.params, new_tokens=self.new_tokens,
+    return save_json(dict(format=_FORMAT, version=_VERSION, kind=self.kind, params=self.params,
+                          new_tokens=self.new_tokens,
                           identifiers={str(i): s for i, s in self.identifiers.items()}), path)
 
 # %% ../nbs/02_identifiers.ipynb #2db707b0
 def _parse_map_file(data:Any, path:Path) -> IdentifierMap:
     "Check the JSON structure of a saved map and build it."
     if not isinstance(data, dict) or data.get("format") != _FORMAT:
-        raise IdentifierError(f"{path}: not a grace_nb identifier map (no \"format\": \"{_FORMAT}\")")
-    if data.get("version") != _VERSION: raise IdentifierError(f"{path}: unsupported format version {data.get('version')!r} (expected {_VERSION})")
+        raise IdentifierError(f"{path}: not a grace_nb identifier map "
+                              f"(no \"format\": \"{_FORMAT}\")")
+    if data.get("version") != _VERSION: raise IdentifierError(
+        f"{path}: unsupported format version {data.get('version')!r} (expected {_VERSION})")
     for key, typ in dict(kind=str, params=dict, new_tokens=list, identifiers=dict).items():
-        if not isinstance(data.get(key), typ): raise IdentifierError(f"{path}: key {key!r} missing or not a {typ.__name__}")
+        if not isinstance(data.get(key), typ):
+            raise IdentifierError(f"{path}: key {key!r} missing or not a {typ.__name__}")
     identifiers = {}
     for key, ident in data["identifiers"].items():
         try: identifiers[int(key)] = ident
-        except ValueError: raise IdentifierError(f"{path}: identifiers key {key!r} is not an integer image id") from None
+        except ValueError: raise IdentifierError(
+            f"{path}: identifiers key {key!r} is not an integer image id") from None
     try: return IdentifierMap(data["kind"], identifiers, data["new_tokens"], data["params"])
     except IdentifierError as e: raise IdentifierError(f"{path}: {e}") from None
 
@@ -384,7 +440,8 @@ def load(cls:IdentifierMap, path:str|Path, # a file written by `IdentifierMap.sa
 
 # %% ../nbs/02_identifiers.ipynb #5ccf5039
 def _ensure_space_digits(tokenizer:Tokenizer) -> Tokenizer:
-    "Add the tokens `Ġ0`..`Ġ9` (space + digit) and their merges where BPE training did not learn them."
+    """Add the tokens `Ġ0`..`Ġ9` (space + digit) and their merges where BPE training
+    did not learn them."""
     spec = json.loads(tokenizer.to_str())
     vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
     as_pairs = not merges or isinstance(merges[0], list)
@@ -397,23 +454,30 @@ def _ensure_space_digits(tokenizer:Tokenizer) -> Tokenizer:
 
 # %% ../nbs/02_identifiers.ipynb #9703e50a
 def train_bpe_tokenizer(texts:Iterable[str], # training text (captions, prompts, numbers)
-                        vocab_size:int=2000, # BPE vocabulary size (may end up to 10 larger, see above)
-                        special_tokens:Sequence[str]=("<|endofchunk|>", "<image>", "<PAD>"), # whole tokens, ids 0, 1, ...
+                        # BPE vocabulary size (may end up to 10 larger, see above)
+                        vocab_size:int=2000,
+                        # whole tokens, ids 0, 1, ...
+                        special_tokens:Sequence[str]=("<|endofchunk|>", "<image>", "<PAD>"),
                         pad_token:str="<PAD>", # the padding token, one of `special_tokens`
-                        numbers:int=10_000, # also train on "0" ... str(numbers-1), as web text has numbers
+                        # also train on "0" ... str(numbers-1), as web text has numbers
+                        numbers:int=10_000,
                        ) -> PreTrainedTokenizerFast:
     "Train a byte-level BPE tokenizer and wrap it as a transformers fast tokenizer."
     texts = list(texts)
     if not texts: raise IdentifierError("train_bpe_tokenizer needs at least one training text")
     bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-    if bad is not None: raise IdentifierError(f"training text {bad} is a {type(texts[bad]).__name__}, expected str")
-    if pad_token not in special_tokens: raise IdentifierError(f"pad token {pad_token!r} must be one of special_tokens {list(special_tokens)}")
-    if vocab_size < 256 + len(special_tokens): raise IdentifierError(f"vocab_size {vocab_size} is below the 256 bytes + {len(special_tokens)} special tokens")
+    if bad is not None: raise IdentifierError(
+        f"training text {bad} is a {type(texts[bad]).__name__}, expected str")
+    if pad_token not in special_tokens: raise IdentifierError(
+        f"pad token {pad_token!r} must be one of special_tokens {list(special_tokens)}")
+    if vocab_size < 256 + len(special_tokens): raise IdentifierError(
+        f"vocab_size {vocab_size} is below the 256 bytes + {len(special_tokens)} special tokens")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
     tok.train_from_iterator(texts + [str(n) for n in range(numbers)], trainer)
     others = [t for t in special_tokens if t != pad_token]
     return PreTrainedTokenizerFast(tokenizer_object=_ensure_space_digits(tok), pad_token=pad_token,
@@ -423,19 +487,22 @@ def train_bpe_tokenizer(texts:Iterable[str], # training text (captions, prompts,
 def add_identifier_tokens(tokenizer:PreTrainedTokenizerBase, # tokenizer to extend in place
                           identifier_map:IdentifierMap, # map whose `new_tokens` are added
                          ) -> int:
-    "Add the map's new tokens as whole (unsplittable) tokens; return how many were new to the tokenizer."
+    """Add the map's new tokens as whole (unsplittable) tokens; return how many were new
+    to the tokenizer."""
     tokens = [AddedToken(t, normalized=False, lstrip=True) for t in identifier_map.new_tokens]
     return tokenizer.add_tokens(tokens) if tokens else 0
 
 # %% ../nbs/02_identifiers.ipynb #9a399feb
-def _encode_identifiers(identifier_map:IdentifierMap, tokenizer:PreTrainedTokenizerBase) -> dict[str, list[int]]:
+def _encode_identifiers(identifier_map:IdentifierMap,
+                        tokenizer:PreTrainedTokenizerBase) -> dict[str, list[int]]:
     "Distinct identifier string -> token ids (without the end token)."
     distinct = list(dict.fromkeys(identifier_map.identifiers.values()))
     if identifier_kind(identifier_map.kind).new_tokens:
         vocab = tokenizer.get_vocab()
         missing = [t for t in identifier_map.new_tokens if t not in vocab]
         if missing: raise IdentifierError(
-            f"the tokenizer lacks {len(missing)} tokens of this {identifier_map.kind} map, e.g. {missing[0]!r} "
+            f"the tokenizer lacks {len(missing)} tokens of this {identifier_map.kind} map, "
+            f"e.g. {missing[0]!r} "
             "(call add_identifier_tokens, or load the tokenizer saved with this map)")
         return {s: [vocab[t] for t in s.split()] for s in distinct}
     encoded = tokenizer(distinct, add_special_tokens=False)["input_ids"]
@@ -443,19 +510,24 @@ def _encode_identifiers(identifier_map:IdentifierMap, tokenizer:PreTrainedTokeni
 
 # %% ../nbs/02_identifiers.ipynb #9d88b80d
 def identifier_token_ids(identifier_map:IdentifierMap, # the map to encode
-                         tokenizer:PreTrainedTokenizerBase, # tokenizer (with the map's new tokens added)
+                         # tokenizer (with the map's new tokens added)
+                         tokenizer:PreTrainedTokenizerBase,
                          end_token:str="<|endofchunk|>", # appended to every identifier
                         ) -> dict[int, list[int]]:
     "Image id -> token ids of its identifier followed by the end token id."
     vocab_end = tokenizer.get_vocab().get(end_token)
-    if vocab_end is None: raise IdentifierError(f"end token {end_token!r} is not in the tokenizer's vocabulary")
+    if vocab_end is None:
+        raise IdentifierError(f"end token {end_token!r} is not in the tokenizer's vocabulary")
     by_string = _encode_identifiers(identifier_map, tokenizer)
     special = set(tokenizer.all_special_ids)
     owner = {}
     for s, ids in by_string.items():
-        if not ids: raise IdentifierError(f"identifier {s!r} (image {identifier_map.images_for(s)[0]}) encodes to no tokens")
-        if special.intersection(ids): raise IdentifierError(f"identifier {s!r} (image {identifier_map.images_for(s)[0]}) contains a special token")
-        if tuple(ids) in owner: raise IdentifierError(f"identifiers {owner[tuple(ids)]!r} and {s!r} encode to the same token ids")
+        if not ids: raise IdentifierError(
+            f"identifier {s!r} (image {identifier_map.images_for(s)[0]}) encodes to no tokens")
+        if special.intersection(ids): raise IdentifierError(
+            f"identifier {s!r} (image {identifier_map.images_for(s)[0]}) contains a special token")
+        if tuple(ids) in owner: raise IdentifierError(
+            f"identifiers {owner[tuple(ids)]!r} and {s!r} encode to the same token ids")
         owner[tuple(ids)] = s
     return {i: by_string[s] + [vocab_end] for i, s in identifier_map.identifiers.items()}
 
@@ -463,8 +535,11 @@ def identifier_token_ids(identifier_map:IdentifierMap, # the map to encode
 def token_stats(identifier_map:IdentifierMap, # the map
                 token_ids:dict[int, list[int]], # its `identifier_token_ids` (end token included)
                ) -> dict:
-    "Per-map facts: images, new tokens, collisions, mean/max identifier tokens (end token excluded), distinct tokens."
+    """Per-map facts: images, new tokens, collisions, mean/max identifier tokens
+    (end token excluded), distinct tokens."""
     lengths = np.array([len(v) - 1 for v in token_ids.values()])
-    return dict(kind=identifier_map.kind, images=len(identifier_map), new_tokens=len(identifier_map.new_tokens),
-                collisions=len(identifier_map.collisions()), mean_tokens=round(float(lengths.mean()), 2),
-                max_tokens=int(lengths.max()), distinct_tokens=len({t for v in token_ids.values() for t in v[:-1]}))
+    return dict(kind=identifier_map.kind, images=len(identifier_map),
+                new_tokens=len(identifier_map.new_tokens),
+                collisions=len(identifier_map.collisions()),
+                mean_tokens=round(float(lengths.mean()), 2), max_tokens=int(lengths.max()),
+                distinct_tokens=len({t for v in token_ids.values() for t in v[:-1]}))

@@ -28,55 +28,68 @@ __all__ = ['DEFAULT_RETRIEVE_PROMPT', 'Decoder', 'Beams', 'start_beams', 'beam_s
 # %% ../nbs/07_inference.ipynb #5fe20e78
 class Decoder(Protocol):
     "What `beam_search` needs from a model: prefill prompts, then extend chosen rows by one token."
-    def start(self, input_ids:torch.Tensor, attention_mask:torch.Tensor, features:torch.Tensor|None=None
-             ) -> tuple[torch.Tensor, object]: ...  # next-token log-probs [B, V] after each prompt, state
+    def start(self, input_ids:torch.Tensor, attention_mask:torch.Tensor,
+              features:torch.Tensor|None=None
+             # next-token log-probs [B, V] after each prompt, state
+             ) -> tuple[torch.Tensor, object]: ...
     def advance(self, state:object, rows:torch.Tensor, tokens:torch.Tensor
-               ) -> tuple[torch.Tensor, object]: ...  # row i continues previous row rows[i] with tokens[i]: [N, V], state
+               # row i continues previous row rows[i] with tokens[i]: [N, V], state
+               ) -> tuple[torch.Tensor, object]: ...
 
 # %% ../nbs/07_inference.ipynb #81bdb44f
 def _candidates(log_probs:torch.Tensor, # [N, V] next-token log-probs of the live rows
                 states:torch.Tensor, # [N] trie states of the rows (-1: off the trie)
                 trie:TensorTrie|None, # None: every token is a candidate
                ) -> tuple[torch.Tensor, torch.Tensor|None, torch.Tensor|None]:
-    "Each row's candidate log-probs [N, K], their tokens [N, K] and child states [N, K] (tokens and states None: all V)."
+    """Each row's candidate log-probs [N, K], their tokens [N, K] and child states [N, K]
+    (tokens and states None: all V)."""
     if trie is None: return log_probs, None, None
     tokens, valid, children = trie.allowed_tokens(states, return_states=True)
     return log_probs.gather(1, tokens).masked_fill_(~valid, -math.inf), tokens, children
 
 # %% ../nbs/07_inference.ipynb #ec613d62
-def _top_candidates(log_probs:torch.Tensor, # [A * w, V] next-token log-probs of the live rows, w rows per prompt
-                    beam_scores:torch.Tensor, # [A * w] sum of log-probs of each live row
-                    states:torch.Tensor, # [A * w] trie states
-                    trie:TensorTrie|None, # None: unconstrained
-                    eos_token_id:int, # ends a sequence when unconstrained
-                    num_prompts:int, # A
-                    k:int, # how many candidates per prompt to keep (2 x num_beams)
-                   ) -> tuple[torch.Tensor, ...]:
-    "Best `k` (beam, token) continuations per prompt: scores, parent rows, tokens, child states, finished [A, k]."
+def _top_candidates(
+        # [A * w, V] next-token log-probs of the live rows, w rows per prompt
+        log_probs:torch.Tensor,
+        beam_scores:torch.Tensor, # [A * w] sum of log-probs of each live row
+        states:torch.Tensor, # [A * w] trie states
+        trie:TensorTrie|None, # None: unconstrained
+        eos_token_id:int, # ends a sequence when unconstrained
+        num_prompts:int, # A
+        k:int, # how many candidates per prompt to keep (2 x num_beams)
+    ) -> tuple[torch.Tensor, ...]:
+    """Best `k` (beam, token) continuations per prompt: scores, parent rows, tokens, child states,
+    finished [A, k]."""
     cand, tokens, children = _candidates(log_probs, states, trie)
     width, per_row = len(beam_scores) // num_prompts, cand.shape[1]
     total = (beam_scores[:, None] + cand).view(num_prompts, width * per_row)
     scores, top = total.topk(min(k, total.shape[1]), dim=1)
-    parents = top.div(per_row, rounding_mode="floor") + torch.arange(num_prompts, device=top.device)[:, None] * width
-    if trie is None: top_tokens, top_states, finished = top % per_row, None, top % per_row == eos_token_id
+    parents = (top.div(per_row, rounding_mode="floor")
+               + torch.arange(num_prompts, device=top.device)[:, None] * width)
+    if trie is None:
+        top_tokens, top_states, finished = top % per_row, None, top % per_row == eos_token_id
     else:
-        top_tokens, top_states = tokens.view(num_prompts, -1).gather(1, top), children.view(num_prompts, -1).gather(1, top)
+        top_tokens, top_states = (tokens.view(num_prompts, -1).gather(1, top),
+                                  children.view(num_prompts, -1).gather(1, top))
         finished = trie.is_finished(top_states)
     return scores, parents, top_tokens, top_states, finished & scores.isfinite()
 
 # %% ../nbs/07_inference.ipynb #f3b6feb4
-def _add_finished(pool_scores:torch.Tensor, # [A, R] normalised scores of the finished sequences so far (-inf: empty)
-                  pool_seqs:torch.Tensor, # [A, R, L] their tokens, -1 padded
-                  scores:torch.Tensor, # [A, k] raw sums of the new candidates
-                  seqs:torch.Tensor, # [A, k, t] their tokens (t generated so far)
-                  finished:torch.Tensor, # [A, k] which candidates finished
-                  length_penalty:float,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _add_finished(
+        # [A, R] normalised scores of the finished sequences so far (-inf: empty)
+        pool_scores:torch.Tensor,
+        pool_seqs:torch.Tensor, # [A, R, L] their tokens, -1 padded
+        scores:torch.Tensor, # [A, k] raw sums of the new candidates
+        seqs:torch.Tensor, # [A, k, t] their tokens (t generated so far)
+        finished:torch.Tensor, # [A, k] which candidates finished
+        length_penalty:float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
     "The best R of the pool and the newly finished candidates, best first."
     length, max_len = seqs.shape[2], pool_seqs.shape[2]
     new_scores = torch.where(finished, scores / length ** length_penalty, -math.inf)
     all_scores = torch.cat([pool_scores, new_scores], 1)
-    all_seqs = torch.cat([pool_seqs, torch.nn.functional.pad(seqs, (0, max_len - length), value=-1)], 1)
+    all_seqs = torch.cat([pool_seqs,
+                          torch.nn.functional.pad(seqs, (0, max_len - length), value=-1)], 1)
     best, keep = all_scores.topk(pool_scores.shape[1], dim=1)
     return best, all_seqs.gather(1, keep[..., None].expand(-1, -1, max_len))
 
@@ -92,17 +105,20 @@ def _best_attainable(best_live:torch.Tensor, # [A] raw sum of each prompt's best
 # %% ../nbs/07_inference.ipynb #ed139b4e
 @dataclass
 class Beams:
-    "A batched beam search between two steps: the live beams of the prompts still searching, every prompt's finished pool."
+    """A batched beam search between two steps: the live beams of the prompts still searching,
+    every prompt's finished pool."""
     active:torch.Tensor # [A] the prompts still searching (indices into the batch)
     scores:torch.Tensor # [A * w] raw sums of log-probs of their live beams, w per prompt
     states:torch.Tensor # [A * w] the beams' trie states (-1: off the trie)
     seqs:torch.Tensor # [A, w, t] the beams' tokens, t generated so far
-    pool:torch.Tensor # [B, R] normalised scores of each prompt's finished sequences, best first (-inf: empty slot)
+    # [B, R] normalised scores of each prompt's finished sequences, best first (-inf: empty slot)
+    pool:torch.Tensor
     pool_seqs:torch.Tensor # [B, R, L] their tokens, -1 padded
 
     def results(self) -> list[list[tuple[list[int], float]]]:
         "Per prompt its finished sequences, best first, as (tokens including the end token, score)."
-        return [[([tok for tok in seq if tok >= 0], score) for seq, score in zip(seqs, scores) if score > -math.inf]
+        return [[([tok for tok in seq if tok >= 0], score)
+                 for seq, score in zip(seqs, scores) if score > -math.inf]
                 for seqs, scores in zip(self.pool_seqs.tolist(), self.pool.tolist())]
 
 def start_beams(num_prompts:int, # B
@@ -110,31 +126,40 @@ def start_beams(num_prompts:int, # B
                 max_new_tokens:int, # L, the longest sequence
                 device=None,
                ) -> Beams:
-    "The search before its first step: one empty beam per prompt at the trie's root (state 0), sum 0, empty pools."
+    """The search before its first step: one empty beam per prompt at the trie's root (state 0),
+    sum 0, empty pools."""
     return Beams(torch.arange(num_prompts, device=device), torch.zeros(num_prompts, device=device),
                  torch.zeros(num_prompts, dtype=torch.long, device=device),
                  torch.zeros(num_prompts, 1, 0, dtype=torch.long, device=device),
                  torch.full((num_prompts, num_return), -math.inf, device=device),
-                 torch.full((num_prompts, num_return, max_new_tokens), -1, dtype=torch.long, device=device))
+                 torch.full((num_prompts, num_return, max_new_tokens), -1, dtype=torch.long,
+                            device=device))
 
 # %% ../nbs/07_inference.ipynb #ee7f2f0c
 def beam_step(beams:Beams, # the search so far (left unchanged)
-              log_probs:torch.Tensor, # [A * w, V] next-token log-probs after each live beam, from the decoder
+              # [A * w, V] next-token log-probs after each live beam, from the decoder
+              log_probs:torch.Tensor,
               trie:TensorTrie|None, # None: unconstrained
               eos_token_id:int, num_beams:int, max_new_tokens:int,
               length_penalty:float=1.0, keep_unfinished:bool=False, # as in `beam_search`
              ) -> tuple[Beams, torch.Tensor|None, torch.Tensor|None]:
-    "One step: the new `Beams`, and each new beam's parent row and token for `Decoder.advance` (None, None: search over)."
+    """One step: the new `Beams`, and each new beam's parent row and token for `Decoder.advance`
+    (None, None: search over)."""
     active, t = beams.active, beams.seqs.shape[2] + 1  # t: tokens generated after this step
     scores, parents, tokens, children, finished = _top_candidates(
         log_probs, beams.scores, beams.states, trie, eos_token_id, len(active), 2 * num_beams)
     cand_seqs = torch.cat([beams.seqs.flatten(0, 1)[parents], tokens[..., None]], 2)  # [A, k, t]
-    pool, pool_seqs = _add_finished(beams.pool[active], beams.pool_seqs[active], scores, cand_seqs, finished, length_penalty)
-    live_scores, live = scores.masked_fill(finished, -math.inf).topk(min(num_beams, scores.shape[1]), dim=1)
+    pool, pool_seqs = _add_finished(beams.pool[active], beams.pool_seqs[active], scores, cand_seqs,
+                                    finished, length_penalty)
+    live_scores, live = (scores.masked_fill(finished, -math.inf)
+                         .topk(min(num_beams, scores.shape[1]), dim=1))
     live_seqs = cand_seqs.gather(1, live[..., None].expand(-1, -1, t))
-    if t == max_new_tokens and keep_unfinished:  # the cut beams join the pool, as Hugging Face's generate does
-        pool, pool_seqs = _add_finished(pool, pool_seqs, live_scores, live_seqs, live_scores.isfinite(), length_penalty)
-    beams = replace(beams, pool=beams.pool.index_put((active,), pool), pool_seqs=beams.pool_seqs.index_put((active,), pool_seqs))
+    # the cut beams join the pool, as Hugging Face's generate does
+    if t == max_new_tokens and keep_unfinished:
+        pool, pool_seqs = _add_finished(pool, pool_seqs, live_scores, live_seqs,
+                                        live_scores.isfinite(), length_penalty)
+    beams = replace(beams, pool=beams.pool.index_put((active,), pool),
+                    pool_seqs=beams.pool_seqs.index_put((active,), pool_seqs))
     best = _best_attainable(live_scores[:, 0], t, max_new_tokens, length_penalty)
     done = live_scores[:, 0].isneginf() | (pool[:, -1] >= best)
     if t == max_new_tokens or bool(done.all()): return replace(beams, active=active[:0]), None, None
@@ -142,55 +167,68 @@ def beam_step(beams:Beams, # the search so far (left unchanged)
     live_scores, live = live_scores[go], live[go]
     rows = parents[go].gather(1, live).flatten()
     states = (torch.zeros_like(rows) if trie is None else
-              children[go].gather(1, live).flatten().masked_fill_(live_scores.isneginf().flatten(), -1))
-    beams = replace(beams, active=active[go], scores=live_scores.flatten(), states=states, seqs=live_seqs[go])
+              children[go].gather(1, live).flatten()
+              .masked_fill_(live_scores.isneginf().flatten(), -1))
+    beams = replace(beams, active=active[go], scores=live_scores.flatten(), states=states,
+                    seqs=live_seqs[go])
     return beams, rows, tokens[go].gather(1, live).flatten()
 
 # %% ../nbs/07_inference.ipynb #ccd39028
 class InferenceError(GraceError, ValueError):
-    "Bad arguments to the search or to retrieval: widths, prompts, candidates, identifiers without the end token."
+    """Bad arguments to the search or to retrieval: widths, prompts, candidates, identifiers
+    without the end token."""
 
 def _check_prompts(input_ids, attention_mask, features):
     "InferenceError for prompts the search cannot run on."
     if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise InferenceError(f"input_ids must be a non-empty [B, T] tensor, got shape {tuple(input_ids.shape)}")
+        raise InferenceError(f"input_ids must be a non-empty [B, T] tensor, "
+                             f"got shape {tuple(input_ids.shape)}")
     if attention_mask.shape != input_ids.shape:
-        raise InferenceError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        raise InferenceError(f"attention_mask {tuple(attention_mask.shape)} does not match "
+                             f"input_ids {tuple(input_ids.shape)}")
     if features is not None and len(features) != len(input_ids):
         raise InferenceError(f"features has {len(features)} rows for {len(input_ids)} prompts")
 
 def _check_settings(trie, eos_token_id, num_beams, num_return, max_new_tokens, length_penalty):
     "InferenceError for search settings that make no sense."
     if num_beams < 1: raise InferenceError(f"num_beams must be at least 1, got {num_beams}")
-    if not 1 <= num_return <= num_beams: raise InferenceError(f"num_return must be in 1..num_beams={num_beams}, got {num_return}")
-    if max_new_tokens < 1: raise InferenceError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if not math.isfinite(length_penalty): raise InferenceError(f"length_penalty must be finite, got {length_penalty}")
+    if not 1 <= num_return <= num_beams:
+        raise InferenceError(f"num_return must be in 1..num_beams={num_beams}, got {num_return}")
+    if max_new_tokens < 1:
+        raise InferenceError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not math.isfinite(length_penalty):
+        raise InferenceError(f"length_penalty must be finite, got {length_penalty}")
     if trie is not None and trie.end_token is not None and trie.end_token != eos_token_id:
-        raise InferenceError(f"the trie's identifiers end with token {trie.end_token}, but eos_token_id is {eos_token_id}")
+        raise InferenceError(f"the trie's identifiers end with token {trie.end_token}, "
+                             f"but eos_token_id is {eos_token_id}")
 
 # %% ../nbs/07_inference.ipynb #53e01e9e
 @torch.no_grad()
 def beam_search(decoder:Decoder, # the model behind the `Decoder` protocol
                 input_ids:torch.Tensor, # [B, T] prompts, left-padded
                 attention_mask:torch.Tensor, # [B, T] 0 on padding
-                trie:TensorTrie|None, # identifiers allowed (constrained search), or None (free generation)
+                # identifiers allowed (constrained search), or None (free generation)
+                trie:TensorTrie|None,
                 eos_token_id:int, # the end-of-identifier token (`<|endofchunk|>`)
                 num_beams:int=10, # live beams per prompt (the paper: 10)
                 num_return:int=10, # finished sequences returned per prompt (at most num_beams)
                 max_new_tokens:int=20, # generated tokens at most (use the longest identifier)
                 length_penalty:float=1.0, # score = sum of log-probs / length ** length_penalty
-                features:torch.Tensor|None=None, # [B, tokens, vis_dim] image prompts' vision features, or None
-                keep_unfinished:bool=False, # at max_new_tokens, live beams join the finished pool (as Hugging Face does)
+                # [B, tokens, vis_dim] image prompts' vision features, or None
+                features:torch.Tensor|None=None,
+                # at max_new_tokens, live beams join the finished pool (as Hugging Face does)
+                keep_unfinished:bool=False,
                ) -> list[list[tuple[list[int], float]]]:
-    "Batched beam search: per prompt up to `num_return` finished (tokens incl. the end token, score), best first."
+    """Batched beam search: per prompt up to `num_return` finished
+    (tokens incl. the end token, score), best first."""
     _check_prompts(input_ids, attention_mask, features)
     _check_settings(trie, eos_token_id, num_beams, num_return, max_new_tokens, length_penalty)
     log_probs, state = decoder.start(input_ids, attention_mask, features)
     if trie is not None and trie.device != log_probs.device: trie = trie.to(log_probs.device)
     beams = start_beams(len(input_ids), num_return, max_new_tokens, log_probs.device)
     while True:
-        beams, rows, tokens = beam_step(beams, log_probs, trie, eos_token_id, num_beams, max_new_tokens,
-                                        length_penalty, keep_unfinished)
+        beams, rows, tokens = beam_step(beams, log_probs, trie, eos_token_id, num_beams,
+                                        max_new_tokens, length_penalty, keep_unfinished)
         if rows is None: return beams.results()
         log_probs, state = decoder.advance(state, rows, tokens)
 
@@ -204,27 +242,33 @@ def _right_padded(seqs:list[list[int]], pad:int, device) -> tuple[torch.Tensor, 
     return ids, mask
 
 @torch.no_grad()
-def exhaustive_scores(decoder:Decoder, # needs `log_probs(input_ids, attention_mask, features)` -> [N, S, V]
-                      input_ids:torch.Tensor, # [B, T] prompts, left-padded
-                      attention_mask:torch.Tensor, # [B, T]
-                      candidates:list[list[int]], # C token-id sequences to score after every prompt
-                      features:torch.Tensor|None=None, # [B, tokens, vis_dim] for image prompts
-                      chunk_size:int=256, # (prompt, candidate) rows per forward pass
-                     ) -> torch.Tensor:
-    "Total log-prob of every candidate after every prompt, [B, C], by teacher forcing (the oracle of beam search)."
+def exhaustive_scores(
+        # needs `log_probs(input_ids, attention_mask, features)` -> [N, S, V]
+        decoder:Decoder,
+        input_ids:torch.Tensor, # [B, T] prompts, left-padded
+        attention_mask:torch.Tensor, # [B, T]
+        candidates:list[list[int]], # C token-id sequences to score after every prompt
+        features:torch.Tensor|None=None, # [B, tokens, vis_dim] for image prompts
+        chunk_size:int=256, # (prompt, candidate) rows per forward pass
+    ) -> torch.Tensor:
+    """Total log-prob of every candidate after every prompt, [B, C], by teacher forcing
+    (the oracle of beam search)."""
     _check_prompts(input_ids, attention_mask, features)
     if not candidates or any(len(c) == 0 for c in candidates):
-        raise InferenceError(f"candidates must be non-empty token lists; got {len(candidates)} with "
-                             f"{sum(len(c) == 0 for c in candidates)} empty")
+        raise InferenceError(f"candidates must be non-empty token lists; got {len(candidates)} "
+                             f"with {sum(len(c) == 0 for c in candidates)} empty")
     (B, T), C = input_ids.shape, len(candidates)
-    cand, cand_mask = _right_padded(candidates, getattr(decoder, "pad_token_id", 0), input_ids.device)
+    cand, cand_mask = _right_padded(candidates, getattr(decoder, "pad_token_id", 0),
+                                    input_ids.device)
     totals = []
     for pairs in torch.arange(B * C, device=input_ids.device).split(chunk_size):
         b, c = pairs // C, pairs % C
-        log_probs = decoder.log_probs(torch.cat([input_ids[b], cand[c]], 1),
-                                      torch.cat([attention_mask[b], cand_mask[c].to(attention_mask.dtype)], 1),
-                                      None if features is None else features[b])
-        picked = log_probs[:, T - 1:-1].gather(2, cand[c][..., None])[..., 0]  # position i predicts token i+1
+        log_probs = decoder.log_probs(
+            torch.cat([input_ids[b], cand[c]], 1),
+            torch.cat([attention_mask[b], cand_mask[c].to(attention_mask.dtype)], 1),
+            None if features is None else features[b])
+        # position i predicts token i+1
+        picked = log_probs[:, T - 1:-1].gather(2, cand[c][..., None])[..., 0]
         totals.append((picked * cand_mask[c]).sum(1))
     return torch.cat(totals).view(B, C)
 
@@ -234,80 +278,99 @@ def exhaustive_top(scores:torch.Tensor, # [B, C] from `exhaustive_scores`
                    k:int, # how many per prompt
                    length_penalty:float=1.0, # as in `beam_search`
                   ) -> list[list[tuple[list[int], float]]]:
-    "Per prompt the k best candidates by sum of log-probs / length ** length_penalty, as `beam_search` returns them."
+    """Per prompt the k best candidates by sum of log-probs / length ** length_penalty,
+    as `beam_search` returns them."""
     lengths = torch.tensor([len(c) for c in candidates], dtype=scores.dtype, device=scores.device)
     best, order = (scores / lengths ** length_penalty).topk(min(k, len(candidates)), dim=1)
-    return [[(list(candidates[i]), s) for i, s in zip(idx, val)] for idx, val in zip(order.tolist(), best.tolist())]
+    return [[(list(candidates[i]), s) for i, s in zip(idx, val)]
+            for idx, val in zip(order.tolist(), best.tolist())]
 
 # %% ../nbs/07_inference.ipynb #1b15bd43
 def same_ranking(found:list, expected:list, # `beam_search` / `exhaustive_top` results
                  atol:float=1e-4, # score tolerance
                 ) -> bool:
-    "Do two rankings agree: same scores within `atol`, same sequences wherever the scores are not tied within `atol`?"
+    """Do two rankings agree: same scores within `atol`, same sequences wherever the scores
+    are not tied within `atol`?"""
     for got, want in zip(found, expected, strict=True):
-        if len(got) != len(want) or any(abs(g[1] - w[1]) > atol for g, w in zip(got, want)): return False
+        if len(got) != len(want) or any(abs(g[1] - w[1]) > atol for g, w in zip(got, want)):
+            return False
         for i, (g, w) in enumerate(zip(got, want)):
-            tied = [x[0] for x in want if abs(x[1] - w[1]) <= atol]  # near-ties may come in either order
+            # near-ties may come in either order
+            tied = [x[0] for x in want if abs(x[1] - w[1]) <= atol]
             if g[0] != w[0] and g[0] not in tied: return False
     return True
 
 # %% ../nbs/07_inference.ipynb #52431d3b
 @dataclass
 class FlamingoState:
-    "The decoding state of a batch of rows: KV cache, attention mask over past tokens, vision features (or None)."
+    """The decoding state of a batch of rows: KV cache, attention mask over past tokens,
+    vision features (or None)."""
     cache:object # transformers DynamicCache
     attention_mask:torch.Tensor # [N, past]
     features:torch.Tensor|None=None # [N, tokens, vis_dim] for image prompts
 
 class FlamingoDecoder:
-    "The `Decoder` protocol over an open_flamingo model: prefill the prompts once, then one cached token per step."
+    """The `Decoder` protocol over an open_flamingo model: prefill the prompts once,
+    then one cached token per step."""
     def __init__(self, model:torch.nn.Module, # open_flamingo.Flamingo, in eval mode
                  pad_token_id:int, # pads candidates in `exhaustive_scores`
                 ):
         self.model, self.pad_token_id = model, int(pad_token_id)
-    def __repr__(self): return f"FlamingoDecoder({type(self.model).__name__}, pad_token_id={self.pad_token_id})"
+    def __repr__(self):
+        return f"FlamingoDecoder({type(self.model).__name__}, pad_token_id={self.pad_token_id})"
 
 # %% ../nbs/07_inference.ipynb #cdf2e8b3
 @patch
 @torch.no_grad()
 def start(self:FlamingoDecoder, input_ids:torch.Tensor, # [B, T] left-padded prompts
           attention_mask:torch.Tensor, # [B, T]
-          features:torch.Tensor|None=None, # [B, tokens, vis_dim] (prompts with an <image>), or None (text only)
+          # [B, tokens, vis_dim] (prompts with an <image>), or None (text only)
+          features:torch.Tensor|None=None,
          ) -> tuple[torch.Tensor, FlamingoState]:
     "Prefill the prompts: next-token log-probs [B, V] after each, and the decoding state."
     out = flamingo_forward(self.model, input_ids, attention_mask, features, use_cache=True)
-    return torch.log_softmax(out.logits[:, -1].float(), -1), FlamingoState(out.cache, attention_mask, features)
+    return (torch.log_softmax(out.logits[:, -1].float(), -1),
+            FlamingoState(out.cache, attention_mask, features))
 
 # %% ../nbs/07_inference.ipynb #ef7759b6
 @patch
 @torch.no_grad()
-def advance(self:FlamingoDecoder, state:FlamingoState, # from `start` or `advance` (its cache is updated in place)
+def advance(self:FlamingoDecoder,
+            # from `start` or `advance` (its cache is updated in place)
+            state:FlamingoState,
             rows:torch.Tensor, # [N] parent row of each new row in the previous call
             tokens:torch.Tensor, # [N] the token each new row appends
            ) -> tuple[torch.Tensor, FlamingoState]:
-    "Select the parent rows of the cache, append one token per row: next-token log-probs [N, V] and the new state."
+    """Select the parent rows of the cache, append one token per row: next-token log-probs [N, V]
+    and the new state."""
     mask, features = state.attention_mask, state.features
     rows = rows.to(mask.device)
-    if not (len(rows) == len(mask) and bool((rows == torch.arange(len(rows), device=rows.device)).all())):
+    if not (len(rows) == len(mask)
+            and bool((rows == torch.arange(len(rows), device=rows.device)).all())):
         state.cache.reorder_cache(rows)
         mask, features = mask[rows], None if features is None else features[rows]
     mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
-    out = flamingo_forward(self.model, tokens[:, None].to(mask.device), mask, features, cache=state.cache,
-                           use_cache=True, cached_media=features is not None)
-    return torch.log_softmax(out.logits[:, -1].float(), -1), FlamingoState(out.cache, mask, features)
+    out = flamingo_forward(self.model, tokens[:, None].to(mask.device), mask, features,
+                           cache=state.cache, use_cache=True, cached_media=features is not None)
+    return (torch.log_softmax(out.logits[:, -1].float(), -1),
+            FlamingoState(out.cache, mask, features))
 
 # %% ../nbs/07_inference.ipynb #6d997328
 @patch
 @torch.no_grad()
-def log_probs(self:FlamingoDecoder, input_ids:torch.Tensor, # [N, S] whole sequences (prompt + continuation)
+def log_probs(self:FlamingoDecoder,
+              input_ids:torch.Tensor, # [N, S] whole sequences (prompt + continuation)
               attention_mask:torch.Tensor, # [N, S]
               features:torch.Tensor|None=None, # [N, tokens, vis_dim] or None
              ) -> torch.Tensor:
-    "Teacher-forced next-token log-probs at every position, [N, S, V] (no cache): for `exhaustive_scores`."
-    return torch.log_softmax(flamingo_forward(self.model, input_ids, attention_mask, features).logits.float(), -1)
+    """Teacher-forced next-token log-probs at every position, [N, S, V] (no cache):
+    for `exhaustive_scores`."""
+    return torch.log_softmax(
+        flamingo_forward(self.model, input_ids, attention_mask, features).logits.float(), -1)
 
 # %% ../nbs/07_inference.ipynb #133a1a2a
-DEFAULT_RETRIEVE_PROMPT = RETRIEVE_PROMPT  # the instruction the model was trained with (training notebook)
+# the instruction the model was trained with (training notebook)
+DEFAULT_RETRIEVE_PROMPT = RETRIEVE_PROMPT
 
 # %% ../nbs/07_inference.ipynb #6fd71bf1
 def mpt_alibi_slopes(n_heads:int, # attention heads
@@ -535,48 +598,72 @@ def make_decoder(model:torch.nn.Module, # open_flamingo.Flamingo, in eval mode
 @dataclass
 class Ranked:
     "One query's retrieval: images in rank order and the identifiers that named them."
-    image_ids:list[int] # retrieved images, best first (an identifier's images in identifier-map order)
-    identifiers:list[list[int]] # generated sequences (token ids, with the end token when finished), best first
+    # retrieved images, best first (an identifier's images in identifier-map order)
+    image_ids:list[int]
+    # generated sequences (token ids, with the end token when finished), best first
+    identifiers:list[list[int]]
     scores:list[float] # their beam scores (sum of log-probs / length ** length_penalty)
-    images_per_identifier:list[list[int]] # the images each sequence names ([] if it is not a corpus identifier)
-    invalid:int=0 # generated sequences that are not identifiers of the retrieval corpus (unfinished ones included)
+    # the images each sequence names ([] if it is not a corpus identifier)
+    images_per_identifier:list[list[int]]
+    # generated sequences that are not identifiers of the retrieval corpus (unfinished included)
+    invalid:int=0
     unfinished:int=0 # of those, how many never generated the end token (cut at max_new_tokens)
 
 # %% ../nbs/07_inference.ipynb #78fa0bb9
-def corpus_trie(token_ids:dict[int, list[int]], # image id -> identifier token ids ending with the end token
-                end_token:int, # `<|endofchunk|>`'s id
-                device=None,
-               ) -> TensorTrie:
+def corpus_trie(
+        # image id -> identifier token ids ending with the end token
+        token_ids:dict[int, list[int]],
+        end_token:int, # `<|endofchunk|>`'s id
+        device=None,
+    ) -> TensorTrie:
     "The trie over the distinct identifiers of a retrieval corpus."
     distinct = list(dict.fromkeys(tuple(ids) for ids in token_ids.values()))
     return TensorTrie.build([list(ids) for ids in distinct], end_token=end_token, device=device)
 
 # %% ../nbs/07_inference.ipynb #6150327e
 def _check_retrieval(queries, token_ids, end_token, prompt_template):
-    "InferenceError for an empty query list, a template without {query}, or identifiers without the end token."
-    if isinstance(queries, str): raise InferenceError("queries must be a list of strings, got one string")
+    """InferenceError for an empty query list, a template without {query}, or identifiers
+    without the end token."""
+    if isinstance(queries, str):
+        raise InferenceError("queries must be a list of strings, got one string")
     if len(queries) == 0: raise InferenceError("no queries to retrieve for")
     bad = next((i for i, q in enumerate(queries) if not isinstance(q, str)), None)
-    if bad is not None: raise InferenceError(f"query {bad} is a {type(queries[bad]).__name__}, expected str")
-    if "{query}" not in prompt_template: raise InferenceError(f"prompt_template has no {{query}} field: {prompt_template!r}")
+    if bad is not None:
+        raise InferenceError(f"query {bad} is a {type(queries[bad]).__name__}, expected str")
+    if "{query}" not in prompt_template:
+        raise InferenceError(f"prompt_template has no {{query}} field: {prompt_template!r}")
     if not token_ids: raise InferenceError("token_ids is empty: no identifiers to retrieve")
     for image_id, ids in token_ids.items():
         if len(ids) == 0 or ids[-1] != end_token:
-            raise InferenceError(f"identifier of image {image_id} does not end with the end token {end_token}: {list(ids)} "
-                                 "(use identifier_token_ids)")
+            raise InferenceError(f"identifier of image {image_id} does not end with the end token "
+                                 f"{end_token}: {list(ids)} (use identifier_token_ids)")
 
 # %% ../nbs/07_inference.ipynb #afac48e9
-def _rank(found:list[tuple[list[int], float]], images:dict[tuple, list[int]], end_token:int) -> Ranked:
+def _corpus_index(token_ids:dict[int, list[int]], end_token:int, trie, constrained:bool, device
+                 ) -> tuple[dict[tuple, list[int]], TensorTrie|str|None]:
+    "Each identifier's images, and the trie to search (built from `token_ids` unless one is given)."
+    images = {}
+    for image_id, ids in token_ids.items(): images.setdefault(tuple(ids), []).append(image_id)
+    if constrained and not isinstance(trie, TensorTrie):
+        if trie not in (None, "auto"):
+            raise InferenceError(f"trie must be None, 'auto' or a TensorTrie, got {trie!r}")
+        trie = corpus_trie(token_ids, end_token, device)
+    return images, trie
+
+def _rank(found:list[tuple[list[int], float]], images:dict[tuple, list[int]],
+          end_token:int) -> Ranked:
     "A `Ranked` from one prompt's beam search results."
     per_identifier = [images.get(tuple(seq), []) for seq, _ in found]
-    return Ranked([i for ids in per_identifier for i in ids], [seq for seq, _ in found], [s for _, s in found],
-                  per_identifier, sum(tuple(seq) not in images for seq, _ in found),
+    return Ranked([i for ids in per_identifier for i in ids], [seq for seq, _ in found],
+                  [s for _, s in found], per_identifier,
+                  sum(tuple(seq) not in images for seq, _ in found),
                   sum(seq[-1] != end_token for seq, _ in found))
 
 # %% ../nbs/07_inference.ipynb #48b2b6c9
 @contextlib.contextmanager
 def eval_mode(model:torch.nn.Module):
-    "Evaluation mode within the block, the model's mode restored after (no module walk if already in it)."
+    """Evaluation mode within the block, the model's mode restored after
+    (no module walk if already in it)."""
     was_training = model.training  # (`eval()` on a model in eval mode still walks every module)
     if was_training: model.eval()
     try: yield model
@@ -584,50 +671,53 @@ def eval_mode(model:torch.nn.Module):
         if was_training: model.train()
 
 def _check_lengths(lengths:list[int], start:int, queries:list[str], max_new_tokens:int, config):
-    "InferenceError naming the first query whose prompt plus identifier would not fit the language model's context."
+    """InferenceError naming the first query whose prompt plus identifier would not fit
+    the language model's context."""
     limit = getattr(config, "max_seq_len", None) or getattr(config, "max_position_embeddings", None)
     if not limit: return
     for i, n in enumerate(lengths):
         if n + max_new_tokens > limit:
-            raise InferenceError(f"query {start + i} is too long: {n} prompt tokens + {max_new_tokens} identifier tokens exceed "
-                                 f"the language model's {limit} ({queries[start + i][:60]!r}...)")
+            raise InferenceError(f"query {start + i} is too long: {n} prompt tokens + "
+                                 f"{max_new_tokens} identifier tokens exceed the language model's "
+                                 f"{limit} ({queries[start + i][:60]!r}...)")
 
 # %% ../nbs/07_inference.ipynb #fd9648fa
 def retrieve(flamingo:Flamingo, # the trained model bundle (tokenizer grown with identifier tokens)
              queries:list[str], # text queries
-             token_ids:dict[int, list[int]], # retrieval corpus: image id -> identifier token ids + <|endofchunk|>
-             trie:TensorTrie|str|None=None, # None or "auto": built from token_ids; or a prebuilt TensorTrie
-             prompt_template:str=DEFAULT_RETRIEVE_PROMPT, # the retrieve instruction, with a {query} field
+             # retrieval corpus: image id -> identifier token ids + <|endofchunk|>
+             token_ids:dict[int, list[int]],
+             trie:TensorTrie|str|None=None, # None or "auto": built from token_ids; or a TensorTrie
+             prompt_template:str=DEFAULT_RETRIEVE_PROMPT, # the retrieve instruction, with {query}
              num_beams:int=10, num_return:int=10, # the paper's settings
              batch_size:int=32, # queries per beam search
-             constrained:bool=True, # False: free generation (Table 2's ablation); the trie is not used
+             constrained:bool=True, # False: free generation (Table 2's ablation); trie unused
              length_penalty:float=1.0, # score = sum of log-probs / length ** length_penalty
              max_new_tokens:int|None=None, # default: the longest identifier
              progress:bool=True, # progress bar over batches (when there is more than one)
-             decoder:str="lean", # "lean" (`LeanDecoder` where the model allows) or "plain" (`FlamingoDecoder`)
+             decoder:str="lean", # "lean" (`LeanDecoder` if it can) or "plain" (`FlamingoDecoder`)
             ) -> list[Ranked]:
-    "Rank the corpus' images for each query by generating identifiers with (constrained) beam search."
+    """Rank the corpus' images for each query by generating identifiers with (constrained)
+    beam search."""
     tokenizer, model = flamingo.tokenizer, flamingo.model
     eoc = tokenizer.convert_tokens_to_ids("<|endofchunk|>")
     _check_retrieval(queries, token_ids, eoc, prompt_template)
-    _check_settings(None, eoc, num_beams, num_return, 1 if max_new_tokens is None else max_new_tokens, length_penalty)
+    _check_settings(None, eoc, num_beams, num_return,
+                    1 if max_new_tokens is None else max_new_tokens, length_penalty)
     device = next(model.parameters()).device
-    images = {}
-    for image_id, ids in token_ids.items(): images.setdefault(tuple(ids), []).append(image_id)
-    if constrained and not isinstance(trie, TensorTrie):
-        if trie not in (None, "auto"): raise InferenceError(f"trie must be None, 'auto' or a TensorTrie, got {trie!r}")
-        trie = corpus_trie(token_ids, eoc, device)
-    search = dict(trie=trie if constrained else None, eos_token_id=eoc, num_beams=num_beams, num_return=num_return,
-                  max_new_tokens=max(map(len, images)) if max_new_tokens is None else max_new_tokens, length_penalty=length_penalty,
-                  keep_unfinished=True)
+    images, trie = _corpus_index(token_ids, eoc, trie, constrained, device)
+    search = dict(trie=trie if constrained else None, eos_token_id=eoc, num_beams=num_beams,
+                  num_return=num_return, max_new_tokens=max(map(len, images))
+                                         if max_new_tokens is None else max_new_tokens,
+                  length_penalty=length_penalty, keep_unfinished=True)
     search_with, ranked = make_decoder(model, tokenizer.pad_token_id, decoder), []
     batches = range(0, len(queries), batch_size)
     with eval_mode(model):
         for start in progress_bar(batches, desc="retrieve", progress=progress and len(batches) > 1):
             prompts = [prompt_template.format(query=q) for q in queries[start:start + batch_size]]
-            batch = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt").to(device)
-            _check_lengths(batch.attention_mask.sum(1).tolist(), start, queries, search["max_new_tokens"],
-                           model.lang_encoder.config)
+            batch = tokenizer(prompts, padding=True, padding_side="left",
+                              return_tensors="pt").to(device)
+            _check_lengths(batch.attention_mask.sum(1).tolist(), start, queries,
+                           search["max_new_tokens"], model.lang_encoder.config)
             found = beam_search(search_with, batch.input_ids, batch.attention_mask, **search)
             ranked += [_rank(f, images, eoc) for f in found]
     return ranked

@@ -20,35 +20,42 @@ __all__ = ['PAPER_COCO', 'paper_files', 'openflamingo_parameters', 'zero_memory_
            'step_tflop']
 
 # %% ../nbs/15_paper_scale.ipynb #6d140acf
-_WHAT = {"dataset_json": "Karpathy split JSON", "image_root": "image folder", "checkpoint_dir": "OpenFlamingo checkpoint.pt",
-         "lm_path": "MPT-1B folder (config, weights, tokenizer)", "clip_path": "CLIP ViT-L/14 open_clip weights",
-         "deepspeed_config": "DeepSpeed config"}
+_WHAT = {"dataset_json": "Karpathy split JSON", "image_root": "image folder",
+         "checkpoint_dir": "OpenFlamingo checkpoint.pt",
+         "lm_path": "MPT-1B folder (config, weights, tokenizer)",
+         "clip_path": "CLIP ViT-L/14 open_clip weights", "deepspeed_config": "DeepSpeed config"}
 
 def _present(key:str, path:Path) -> bool:
-    "Whether the file a paper-scale setting names is there (and, for folders, holds what is read from them)."
+    """Whether the file a paper-scale setting names is there (and, for folders, holds what is read
+    from them)."""
     if key == "checkpoint_dir": return (path/"checkpoint.pt").is_file()
-    if key == "lm_path": return (path/"config.json").is_file() and (path/"tokenizer_config.json").is_file()
+    if key == "lm_path":
+        return (path/"config.json").is_file() and (path/"tokenizer_config.json").is_file()
     if key == "image_root": return path.is_dir() and any(path.iterdir())
     return path.is_file()
 
 def paper_files(profile:Profile, # a paper-scale profile (flickr30k, coco)
                ) -> list[dict]:
-    "One row per file a paper-scale profile reads: its settings key, what it is, its path and whether it is there."
+    """One row per file a paper-scale profile reads: its settings key, what it is, its path and
+    whether it is there."""
     rows = []
     for key, what in _WHAT.items():
         if profile.get(key) is None: continue
         path = profile.path(key)
-        rows.append(dict(key=key, what=what, path=str(path/"checkpoint.pt" if key == "checkpoint_dir" else path),
+        rows.append(dict(key=key, what=what,
+                         path=str(path/"checkpoint.pt" if key == "checkpoint_dir" else path),
                          present=_present(key, path)))
     return rows
 
 # %% ../nbs/15_paper_scale.ipynb #b5858417
-def openflamingo_parameters(lm_layers:int=24, # MPT-1B has 24 decoder layers, each with a cross-attention block
+def openflamingo_parameters(lm_layers:int=24, # MPT-1B: 24 decoder layers, each with cross-attention
                             vision_layers:int=24, # ViT-L/14 has 24
-                            vocab_size:int=50_280, # MPT-1B's tokenizer + <|endofchunk|>, <image>, <PAD>
+                            # MPT-1B's tokenizer + <|endofchunk|>, <image>, <PAD>
+                            vocab_size:int=50_280,
                             new_tokens:int=0, # identifier tokens a run adds (atomic: one per image)
                            ) -> dict:
-    "Parameter counts of OpenFlamingo-3B's parts, built on the meta device (no memory, no weights); GRACE trains all but vision."
+    """Parameter counts of OpenFlamingo-3B's parts, built on the meta device (no memory, no
+    weights); GRACE trains all but vision."""
     from open_flamingo.src.helpers import GatedCrossAttentionBlock, PerceiverResampler
     vit = open_clip.get_model_config(OPENFLAMINGO_PRESETS["openflamingo-3b"][0])
     vit["vision_cfg"]["layers"] = vision_layers
@@ -57,42 +64,52 @@ def openflamingo_parameters(lm_layers:int=24, # MPT-1B has 24 decoder layers, ea
         vision = open_clip.CLIP(**vit).visual
         perceiver = PerceiverResampler(dim=vit["vision_cfg"]["width"])
         cross = GatedCrossAttentionBlock(dim=2048, dim_visual=vit["vision_cfg"]["width"])
-        lm = MptForCausalLM(MptConfig(d_model=2048, n_heads=16, n_layers=lm_layers, expansion_ratio=4, max_seq_len=2048,
-                                      vocab_size=vocab_size + new_tokens, no_bias=True, attn_config={"alibi": True}))
-    parts = dict(vision=count(vision), perceiver=count(perceiver), cross_attention=lm_layers * count(cross),
-                 language_model=count(lm), embeddings=lm.transformer.wte.weight.numel())
-    return parts | dict(total=sum(parts[k] for k in ("vision", "perceiver", "cross_attention", "language_model")),
-                        trainable=parts["perceiver"] + parts["cross_attention"] + parts["language_model"], frozen=parts["vision"])
+        lm = MptForCausalLM(MptConfig(d_model=2048, n_heads=16, n_layers=lm_layers,
+                                      expansion_ratio=4, max_seq_len=2048,
+                                      vocab_size=vocab_size + new_tokens, no_bias=True,
+                                      attn_config={"alibi": True}))
+    parts = dict(vision=count(vision), perceiver=count(perceiver),
+                 cross_attention=lm_layers * count(cross), language_model=count(lm),
+                 embeddings=lm.transformer.wte.weight.numel())
+    return parts | dict(total=sum(parts[k] for k in ("vision", "perceiver", "cross_attention",
+                                                     "language_model")),
+                        trainable=parts["perceiver"] + parts["cross_attention"]
+                                  + parts["language_model"], frozen=parts["vision"])
 
 # %% ../nbs/15_paper_scale.ipynb #f4265b19
 def zero_memory_gb(trainable:int, # Ψ: parameters the optimizer updates
                    frozen:int, # Φ: parameters only read (the vision tower)
                    stage:int, # ZeRO stage 0-3
                    gpus:int=4, # N: data-parallel GPUs
-                   weight_bytes:int=2, grad_bytes:int=2, optimizer_bytes:int=12, # bf16 weights and gradients, fp32 AdamW state
+                   # bf16 weights and gradients, fp32 AdamW state
+                   weight_bytes:int=2, grad_bytes:int=2, optimizer_bytes:int=12,
                   ) -> dict:
-    "Model-state memory per GPU in GB (1e9 bytes) under a ZeRO stage: weights, gradients, optimizer state, total."
+    """Model-state memory per GPU in GB (1e9 bytes) under a ZeRO stage: weights, gradients,
+    optimizer state, total."""
     if stage not in (0, 1, 2, 3): raise ValueError(f"ZeRO stage must be 0-3, got {stage!r}")
     weights = weight_bytes * (trainable + frozen) / (gpus if stage == 3 else 1)
     grads = grad_bytes * trainable / (gpus if stage >= 2 else 1)
     optimizer = optimizer_bytes * trainable / (gpus if stage >= 1 else 1)
-    return {k: round(v / 1e9, 2) for k, v in dict(weights=weights, gradients=grads, optimizer=optimizer,
-                                                     total=weights + grads + optimizer).items()}
+    return {k: round(v / 1e9, 2)
+            for k, v in dict(weights=weights, gradients=grads, optimizer=optimizer,
+                             total=weights + grads + optimizer).items()}
 
 # %% ../nbs/15_paper_scale.ipynb #2e108be9
-def activation_gb(sequences:list[tuple[int, int]], # (batch, padded length) of each forward in a step
+def activation_gb(sequences:list[tuple[int, int]], # (batch, padded length) per forward in a step
                   layers:int=48, # decoder layers + cross-attention blocks (MPT-1B: 24 + 24)
                   d_model:int=2048, heads:int=16, # MPT-1B
-                  vocab_size:int=81_294, # logits width (50,280 + 31,014 atomic tokens for Flickr30K)
+                  vocab_size:int=81_294, # logits width (50,280 + 31,014 atomic tokens, Flickr30K)
                  ) -> float:
-    "Estimated activation memory (GB) of one training step without recomputation (Korthikanti et al. 2022, 16-bit)."
+    """Estimated activation memory (GB) of one training step without recomputation (Korthikanti
+    et al. 2022, 16-bit)."""
     per_layer = sum(b * s * d_model * (34 + 5 * heads * s / d_model) for b, s in sequences)
     logits = sum(b * s for b, s in sequences) * vocab_size * 6
     return round((layers * per_layer + logits) / 1e9, 2)
 
 # %% ../nbs/15_paper_scale.ipynb #0d74db88
 def feature_cache_gb(images:int, # images whose features are cached
-                     tokens:int=256, width:int=1024, # ViT-L/14 at 224 px: 16 x 16 patches of width 1024
+                     # ViT-L/14 at 224 px: 16 x 16 patches of width 1024
+                     tokens:int=256, width:int=1024,
                      bytes_per_value:int=4, # fp32 (cache_features keeps float32)
                     ) -> float:
     "Memory (GB, 1e9 bytes) of an in-RAM vision-feature cache."
@@ -104,7 +121,8 @@ def step_tflop(parameters:dict, # `openflamingo_parameters(...)`
                images:int=16, # memorize images per step (vision tower and Perceiver)
                image_tokens:int=256, latents:int=64, # ViT-L/14 patch tokens; Perceiver latents
               ) -> float:
-    "Estimated TFLOP of one training step on one GPU (6 N T for what is trained, 2 N T for the frozen vision forward)."
+    """Estimated TFLOP of one training step on one GPU (6 N T for what is trained, 2 N T for the
+    frozen vision forward)."""
     text_tokens = sum(b * s for b, s in sequences)
     dense = parameters["language_model"] - parameters["embeddings"] + parameters["cross_attention"]
     dense += parameters["embeddings"]  # the tied output layer is a matmul over the whole vocabulary
@@ -113,4 +131,5 @@ def step_tflop(parameters:dict, # `openflamingo_parameters(...)`
     return round(flop / 1e12, 1)
 
 # %% ../nbs/15_paper_scale.ipynb #c6e1352e
-PAPER_COCO = {("clip", None): (37.8, 62.4, 72.7), ("grace", "atomic"): (41.5, 69.1, 79.1)}  # MS-COCO 5K test, Li et al. 2024
+# MS-COCO 5K test, Li et al. 2024
+PAPER_COCO = {("clip", None): (37.8, 62.4, 72.7), ("grace", "atomic"): (41.5, 69.1, 79.1)}

@@ -14,26 +14,34 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 
-from .core import GraceError, Profile, list_profiles, load_json, load_profile, pick_device, pick_dtype, save_json, seed_everything, progress_bar
+from .core import (GraceError, Profile, list_profiles, load_json, load_profile, pick_device,
+                           pick_dtype, save_json, seed_everything, progress_bar)
 from .core import init_ranks, is_main_process, main_first, main_only, shard_map, world_size
-from .data import SHAPES_JSON, KarpathyDataset, load_karpathy, sample_scenes, write_shapes_corpus
-from .identifiers import (IdentifierMap, add_identifier_tokens, build_identifiers, identifier_token_ids,
-                                  token_stats, train_bpe_tokenizer)
+from .data import (SHAPES_JSON, KarpathyDataset, load_karpathy, sample_scenes,
+                           write_shapes_corpus)
+from .identifiers import (IdentifierMap, add_identifier_tokens, build_identifiers,
+                                  identifier_token_ids, token_stats, train_bpe_tokenizer)
 import grace_nb.vq  # registers the vq identifier kind (11_vq_identifiers) with build_identifiers
 from .trie import TensorTrie
-from .backbone import Preset, grow_vocabulary, load_flamingo, openflamingo_preset, tiny_clip_config, write_tiny_preset
-from .clip import ClipRun, evaluate_clip, image_embedding_table, load_clip, save_clip, train_clip
-from .pretraining import PretrainConfig, karpathy_pool, pool_dir, pool_provenance, pretrained_preset, scratch_preset
+from .backbone import (Preset, grow_vocabulary, load_flamingo, openflamingo_preset,
+                               tiny_clip_config, write_tiny_preset)
+from .clip import (ClipRun, evaluate_clip, image_embedding_table, load_clip, save_clip,
+                           train_clip)
+from .pretraining import (PretrainConfig, karpathy_pool, pool_dir, pool_provenance,
+                                  pretrained_preset, scratch_preset)
 from .memorization import PAPER_BUDGET, training_budget
 from .classifier import ClassifierHead, classify, train_classifier
 from .checkpoints import _load_weights
-from .training import (PROMPT_TEXTS, FeatureCache, TrainConfig, cache_features, feature_source,
-                               memorize_examples, retrieve_examples, train_grace)
-from .evaluation import (PAPER_TABLE1, ambiguity_ceiling, collapse_report, evaluate_grace, findings,
-                                 grace_recall, load_grace_model, save_grace_model, split_memorization)
-from .tables import findings_markdown, markdown_table, table1_markdown, table2_markdown, text_table
-from .experiments import (OUTCOMES, CAPTION_PROMPT, beam_sweep, caption_quality, generate_captions, generation_outcomes,
-                                  plot_beam_sweep, pseudo_queries, semantic_captions, train_captioner)
+from .training import (PROMPT_TEXTS, FeatureCache, TrainConfig, cache_features,
+                               feature_source, memorize_examples, retrieve_examples, train_grace)
+from .evaluation import (ambiguity_ceiling, collapse_report, evaluate_grace,
+                                 findings, grace_recall, load_grace_model, save_grace_model,
+                                 split_memorization)
+from .tables import (OUTCOMES, PAPER_TABLE1, findings_markdown, markdown_table, table1_markdown,
+                             table2_markdown, text_table)
+from .experiments import (CAPTION_PROMPT, beam_sweep, caption_quality,
+                                  generate_captions, generation_outcomes, plot_beam_sweep,
+                                  pseudo_queries, semantic_captions, train_captioner)
 
 # %% auto #0
 __all__ = ['prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_stage', 'identifier_report', 'pretrain_pool',
@@ -45,34 +53,44 @@ __all__ = ['prepare_corpus', 'clip_stage', 'build_all_identifiers', 'identifier_
 
 # %% ../nbs/13_pipeline.ipynb #def70bd5
 def prepare_corpus(profile:Profile, # the experiment profile
-                   data_dir:str|Path|None=None, # where a generated corpus is written (default: the profile's data_dir)
+                   # where a generated corpus is written (default: the profile's data_dir)
+                   data_dir:str|Path|None=None,
                    seed:int|None=None, # corpus seed (default: the profile's)
-                   n_train:int|None=None, n_val:int|None=None, n_test:int|None=None, # generated split sizes
+                   # generated split sizes
+                   n_train:int|None=None, n_val:int|None=None, n_test:int|None=None,
                    progress:bool=True, # show progress bars
                   ) -> KarpathyDataset:
     "Generate (shapes) or locate (Karpathy JSON) the profile's corpus and load it, validated."
     if profile.corpus == "shapes":
         given = dict(n_train=n_train, n_val=n_val, n_test=n_test)
         sizes = {k: profile[k] if v is None else v for k, v in given.items()}
-        folder = Path(data_dir or profile.path("data_dir"))  # rank 0 writes the corpus, the other ranks read it
-        json_path = main_first(lambda main: write_shapes_corpus(folder, seed=profile.seed if seed is None else seed,
-                               image_size=profile.image_size, progress=progress, **sizes) if main else folder/SHAPES_JSON)
+        # rank 0 writes the corpus, the other ranks read it
+        folder = Path(data_dir or profile.path("data_dir"))
+        json_path = main_first(lambda main: write_shapes_corpus(
+            folder, seed=profile.seed if seed is None else seed, image_size=profile.image_size,
+            progress=progress, **sizes) if main else folder/SHAPES_JSON)
         return load_karpathy(json_path, progress=progress)
     if profile.corpus != "karpathy":
-        raise GraceError(f"profile [{profile.name}]: unknown corpus {profile.corpus!r}; use shapes or karpathy")
+        raise GraceError(f"profile [{profile.name}]: unknown corpus {profile.corpus!r}; "
+                         "use shapes or karpathy")
     if any(v is not None for v in (n_train, n_val, n_test)):
-        raise GraceError(f"profile [{profile.name}] reads a fixed dataset; --n-train/--n-val/--n-test apply to generated corpora only")
-    return load_karpathy(profile.path("dataset_json"), profile.path("image_root"), include_restval=profile.include_restval,
+        raise GraceError(f"profile [{profile.name}] reads a fixed dataset; "
+                         "--n-train/--n-val/--n-test apply to generated corpora only")
+    return load_karpathy(profile.path("dataset_json"), profile.path("image_root"),
+                         include_restval=profile.include_restval,
                          on_error=profile.get("on_error", "raise"), progress=progress)
 
 # %% ../nbs/13_pipeline.ipynb #51b4fb4d
 def _pretrained_clip(profile:Profile) -> ClipRun:
-    "The paper-scale CLIP: open_clip's model of the preset, with the local weights the profile names."
+    """The paper-scale CLIP: open_clip's model of the preset,
+    with the local weights the profile names."""
     import open_clip
     from grace_nb.backbone import OPENFLAMINGO_PRESETS
     name = OPENFLAMINGO_PRESETS[openflamingo_preset(profile).name][0]
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(profile.path("clip_path")))
-    return ClipRun(model.eval(), open_clip.get_tokenizer(name), preprocess, open_clip.get_model_config(name), name=name,
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=str(profile.path("clip_path")))
+    return ClipRun(model.eval(), open_clip.get_tokenizer(name), preprocess,
+                   open_clip.get_model_config(name), name=name,
                    hparams={"pretrained": str(profile.path("clip_path"))})
 
 def clip_stage(profile:Profile, # supplies model_preset and the clip_* settings
@@ -85,70 +103,87 @@ def clip_stage(profile:Profile, # supplies model_preset and the clip_* settings
               ) -> tuple[ClipRun, dict]:
     "Train (tiny) or load (paper) the CLIP baseline; return it and its Table 1 row."
     path = Path(out)/"clip"/"clip.safetensors"
-    def trained(main:bool) -> ClipRun:  # rank 0 trains and saves; the other ranks load what it saved
+    def trained(main:bool) -> ClipRun:  # rank 0 trains and saves; the other ranks load it
         if (resume and path.is_file()) or not main: return load_clip(path)
-        run = train_clip(dataset, steps=profile.clip_steps if steps is None else steps, batch_size=profile.clip_batch_size,
-                         lr=profile.clip_lr, seed=seed, progress=progress,
-                         config=tiny_clip_config(profile.image_size, int(profile.get("patch_size", 8))))
-        save_clip(run, path)
-        return run
-    if profile.model_preset != "tiny": run, variant = _pretrained_clip(profile), "pretrained, zero-shot"
+        run = train_clip(dataset, steps=profile.clip_steps if steps is None else steps,
+                         batch_size=profile.clip_batch_size, lr=profile.clip_lr, seed=seed,
+                         progress=progress, config=tiny_clip_config(
+                             profile.image_size, int(profile.get("patch_size", 8))))
+        save_clip(run, path); return run
+    if profile.model_preset != "tiny":
+        run, variant = _pretrained_clip(profile), "pretrained, zero-shot"
     else: run, variant = main_first(trained), "trained from scratch"
-    metrics = main_only(lambda: evaluate_clip(run, dataset, "test", progress=progress))  # rank 0's row, on every rank
-    row = dict(method="clip", identifier=None, variant=variant, **{k: round(metrics[k], 2) for k in ("R@1", "R@5", "R@10")},
-               ci=metrics["ci"], n_queries=metrics["n_queries"], train_seconds=round(run.train_seconds, 1), eval_seconds=round(metrics["eval_seconds"], 3))
+    metrics = main_only(lambda: evaluate_clip(run, dataset, "test", progress=progress))
+    row = dict(method="clip", identifier=None, variant=variant,  # rank 0's row, on every rank
+               **{k: round(metrics[k], 2) for k in ("R@1", "R@5", "R@10")},
+               ci=metrics["ci"], n_queries=metrics["n_queries"],
+               train_seconds=round(run.train_seconds, 1),
+               eval_seconds=round(metrics["eval_seconds"], 3))
     return run, row
 
 # %% ../nbs/13_pipeline.ipynb #d5445fe3
 def build_all_identifiers(dataset:KarpathyDataset, # corpus whose images get identifiers
-                          profile:Profile, # supplies kmeans_k, kmeans_c, seed and identifier_types
-                          embeddings:np.ndarray, # one row per record of `dataset.records` (structured ids)
-                          captions:dict[int, str]|None=None, # semantic ids: image id -> caption (default: first gold caption)
+                          # supplies kmeans_k, kmeans_c, seed and identifier_types
+                          profile:Profile,
+                          # one row per record of `dataset.records` (structured ids)
+                          embeddings:np.ndarray,
+                          # semantic ids: image id -> caption (default: first gold caption)
+                          captions:dict[int, str]|None=None,
                           seed:int|None=None, # overrides the profile's seed
                           progress:bool=True, # show a progress bar
                          ) -> dict[str, IdentifierMap]:
     "Build each identifier type the profile lists, for every image of the corpus."
     seed = profile.seed if seed is None else seed
     image_ids = [r.image_id for r in dataset.records]
-    captions = {r.image_id: r.captions[0] for r in dataset.records} if captions is None else captions
+    captions = ({r.image_id: r.captions[0] for r in dataset.records} if captions is None
+                else captions)
     kinds = str(profile.identifier_types).split()
-    return {kind: build_identifiers(kind, image_ids, captions=captions, embeddings=embeddings, k=profile.kmeans_k,
-                                    c=profile.kmeans_c, codebook_size=profile.vq_codebook_size, seed=seed)
+    return {kind: build_identifiers(kind, image_ids, captions=captions, embeddings=embeddings,
+                                    k=profile.kmeans_k, c=profile.kmeans_c,
+                                    codebook_size=profile.vq_codebook_size, seed=seed)
             for kind in progress_bar(kinds, desc="identifiers", leave=False, progress=progress)}
 
 # %% ../nbs/13_pipeline.ipynb #21e6574a
-def identifier_stage(dataset:KarpathyDataset, profile:Profile, embeddings:np.ndarray, # as for `build_all_identifiers`
+def identifier_stage(dataset:KarpathyDataset, profile:Profile,
+                     embeddings:np.ndarray, # as for `build_all_identifiers`
                      out:Path, # run folder: out/identifiers/<kind>.json
                      captions:dict[int, str]|None=None, seed:int|None=None, progress:bool=True,
                     ) -> dict[str, IdentifierMap]:
-    "`build_all_identifiers`, saved by rank 0 to out/identifiers/; every rank returns the maps loaded from there."
+    """`build_all_identifiers`, saved by rank 0 to out/identifiers/;
+    every rank returns the maps loaded from there."""
     folder = Path(out)/"identifiers"
     def build_then_load(main:bool) -> dict[str, IdentifierMap]:
         if main:
-            for kind, imap in build_all_identifiers(dataset, profile, embeddings, captions, seed, progress).items():
+            for kind, imap in build_all_identifiers(dataset, profile, embeddings, captions, seed,
+                                                    progress).items():
                 imap.save(folder/f"{kind}.json")
-        return {kind: IdentifierMap.load(folder/f"{kind}.json") for kind in str(profile.identifier_types).split()}
+        return {kind: IdentifierMap.load(folder/f"{kind}.json")
+                for kind in str(profile.identifier_types).split()}
     return main_first(build_then_load)
 
 # %% ../nbs/13_pipeline.ipynb #fed7c6a8
-def identifier_report(identifier_maps:dict[str, IdentifierMap], # kind -> identifier map of the whole corpus
-                      tokenizer, # a transformers tokenizer; new tokens are added to it
-                      retrieval_ids:list[int], # image ids of the retrieval corpus (the test split)
-                     ) -> tuple[list[dict], dict[str, TensorTrie]]:
+def identifier_report(
+    identifier_maps:dict[str, IdentifierMap], # kind -> identifier map of the whole corpus
+    tokenizer, # a transformers tokenizer; new tokens are added to it
+    retrieval_ids:list[int], # image ids of the retrieval corpus (the test split)
+) -> tuple[list[dict], dict[str, TensorTrie]]:
     "Per identifier type: token statistics and the constraint trie over the retrieval corpus."
     rows, tries = [], {}
     for kind, imap in identifier_maps.items():
         added = add_identifier_tokens(tokenizer, imap)
         token_ids = identifier_token_ids(imap.subset(retrieval_ids), tokenizer)
         stats = token_stats(imap, token_ids)
-        distinct = list(dict.fromkeys(tuple(token_ids[i]) for i in retrieval_ids))  # semantic ids can repeat
+        # semantic ids can repeat
+        distinct = list(dict.fromkeys(tuple(token_ids[i]) for i in retrieval_ids))
         start = time.perf_counter()
         trie = TensorTrie.build([list(seq) for seq in distinct])
         build_ms = (time.perf_counter() - start) * 1e3
-        rows.append(dict(identifier=kind, images=stats["images"], new_tokens=stats["new_tokens"], tokens_added=added,
-                         mean_tokens=stats["mean_tokens"], max_tokens=stats["max_tokens"],
+        rows.append(dict(identifier=kind, images=stats["images"], new_tokens=stats["new_tokens"],
+                         tokens_added=added, mean_tokens=stats["mean_tokens"],
+                         max_tokens=stats["max_tokens"],
                          images_sharing_id=imap.collision_summary()["images_in_collisions"],
-                         trie_identifiers=len(trie), trie_kib=round(trie.nbytes / 1024, 1), trie_build_ms=round(build_ms, 2)))
+                         trie_identifiers=len(trie), trie_kib=round(trie.nbytes / 1024, 1),
+                         trie_build_ms=round(build_ms, 2)))
         tries[kind] = trie
     return rows, tries
 
@@ -156,66 +191,95 @@ def identifier_report(identifier_maps:dict[str, IdentifierMap], # kind -> identi
 def pretrain_pool(profile:Profile, # pretrain_pool: auto, shapes, train or a Karpathy file's path
                   dataset:KarpathyDataset|None=None, # the corpus (default: the profile's, loaded)
                  ) -> KarpathyDataset|None:
-    "The profile's pretraining pool: None for the shapes pool, else a Karpathy pool of train and val images."
+    """The profile's pretraining pool: None for the shapes pool,
+    else a Karpathy pool of train and val images."""
     choice = str(profile.get("pretrain_pool", "auto"))
     if choice == "auto": choice = "shapes" if profile.corpus == "shapes" else "train"
     if choice == "shapes": return None
     corpus = dataset if dataset is not None else prepare_corpus(profile, progress=False)
-    if choice == "train":  # the corpus's own train images; its val images give the held-out captions
+    # the corpus's own train images; its val images give the held-out captions
+    if choice == "train":
         if not corpus.split("train"):
-            raise GraceError(f"profile [{profile.name}]: pretrain_pool = train, but the corpus has no train images")
+            raise GraceError(f"profile [{profile.name}]: pretrain_pool = train, "
+                             "but the corpus has no train images")
         records = [r for r in corpus.records if r.split in ("train", "val")]
         return KarpathyDataset(records, f"{corpus.name} (train split)", corpus.json_path)
     path = profile.path("pretrain_pool")
     if not path.is_file():
-        raise GraceError(f"profile [{profile.name}]: pretrain_pool {choice!r} is neither auto, shapes, train "
-                         f"nor a Karpathy file (no file at {path})")
+        raise GraceError(f"profile [{profile.name}]: pretrain_pool {choice!r} is neither auto, "
+                         f"shapes, train nor a Karpathy file (no file at {path})")
     return karpathy_pool(path, corpus=corpus)
 
 # %% ../nbs/13_pipeline.ipynb #df3b14b5
-def architecture_options(profile:Profile, # a tiny profile; keys it leaves None keep `write_tiny_preset`'s
-                        ) -> dict:
-    "`write_tiny_preset` options a profile sets: cross_attn_every_n_layers, perceiver_depth / _latents."
+def architecture_options(
+    profile:Profile, # a tiny profile; keys it leaves None keep `write_tiny_preset`'s
+) -> dict:
+    """`write_tiny_preset` options a profile sets:
+    cross_attn_every_n_layers, perceiver_depth / _latents."""
     get = lambda key: None if profile.get(key) is None else int(profile[key])
-    perceiver = {k: v for k, v in (("depth", get("perceiver_depth")), ("num_latents", get("perceiver_latents")))
-                 if v is not None}
+    perceiver = {k: v for k, v in (("depth", get("perceiver_depth")),
+                                   ("num_latents", get("perceiver_latents"))) if v is not None}
     every = get("cross_attn_every_n_layers")
-    return ({} if every is None else {"cross_attn_every_n_layers": every}) | ({"perceiver": perceiver} if perceiver else {})
+    return (({} if every is None else {"cross_attn_every_n_layers": every})
+            | ({"perceiver": perceiver} if perceiver else {}))
 
-def pretrain_stage(profile:Profile, # a tiny profile: pretrain_* keys, lm_* sizes, image_size, clip_*
-                   corpus_seed:int|None=None, # the run's corpus seed (its scenes are kept out of the pool)
-                   corpus_images:int|None=None, # the run's corpus size (default: the profile's n_train + n_val + n_test)
-                   overrides:dict|None=None, # PretrainConfig fields to change (small test runs)
-                   progress:bool=True,
-                   dataset:KarpathyDataset|None=None, # the run's corpus (a Karpathy pool is drawn from it)
-                  ) -> Preset:
+def pretrain_stage(
+    profile:Profile, # a tiny profile: pretrain_* keys, lm_* sizes, image_size, clip_*
+    corpus_seed:int|None=None, # the run's corpus seed (its scenes are kept out of the pool)
+    # the run's corpus size (default: the profile's n_train + n_val + n_test)
+    corpus_images:int|None=None,
+    overrides:dict|None=None, # PretrainConfig fields to change (small test runs)
+    progress:bool=True,
+    dataset:KarpathyDataset|None=None, # the run's corpus (a Karpathy pool is drawn from it)
+) -> Preset:
     "The profile's pretrained tiny preset, from the cache or built now (`grace pretrain`)."
     if profile.model_preset != "tiny":
-        raise GraceError(f"profile [{profile.name}] starts from {profile.model_preset}; the tutorial pretraining is for tiny profiles")
+        raise GraceError(f"profile [{profile.name}] starts from {profile.model_preset}; "
+                         "the tutorial pretraining is for tiny profiles")
     config = PretrainConfig.from_profile(profile, **(overrides or {}))
     pool = pretrain_pool(profile, dataset)
     n = corpus_images or sum(int(profile[k]) for k in ("n_train", "n_val", "n_test"))
     shapes_corpus = profile.corpus == "shapes" and pool is None
-    exclude = sample_scenes(n, profile.seed if corpus_seed is None else corpus_seed) if shapes_corpus else []
-    lm = {k: profile[f"lm_{k}"] for k in ("d_model", "n_layers", "n_heads") if profile.get(f"lm_{k}") is not None}
-    return pretrained_preset(config, exclude, tokenizer_texts=list(PROMPT_TEXTS) + [CAPTION_PROMPT], lm=lm,
-                             image_size=profile.image_size, clip=dict(batch_size=profile.clip_batch_size, lr=profile.clip_lr),
-                             progress=progress, architecture=architecture_options(profile), pool=pool,
-                             patch_size=int(profile.get("patch_size", 8)))
+    exclude = (sample_scenes(n, profile.seed if corpus_seed is None else corpus_seed)
+               if shapes_corpus else [])
+    lm = {k: profile[f"lm_{k}"] for k in ("d_model", "n_layers", "n_heads")
+          if profile.get(f"lm_{k}") is not None}
+    return pretrained_preset(config, exclude, tokenizer_texts=list(PROMPT_TEXTS) + [CAPTION_PROMPT],
+                             lm=lm, image_size=profile.image_size,
+                             clip=dict(batch_size=profile.clip_batch_size, lr=profile.clip_lr),
+                             progress=progress, architecture=architecture_options(profile),
+                             pool=pool, patch_size=int(profile.get("patch_size", 8)))
 
 # %% ../nbs/13_pipeline.ipynb #90df923c
 def backbone_stage(profile:Profile, # model_preset: tiny or an OpenFlamingo preset
                    out:Path, # run folder (the from-scratch twin goes to out/preset-scratch)
-                   corpus_seed:int|None=None, corpus_images:int|None=None, overrides:dict|None=None, # as `pretrain_stage`
+                   # as `pretrain_stage`
+                   corpus_seed:int|None=None, corpus_images:int|None=None, overrides:dict|None=None,
                    progress:bool=True,
                    dataset:KarpathyDataset|None=None, # the run's corpus (as `pretrain_stage`)
                   ) -> dict[str, Preset]:
-    "The run's starting points: {'pretrained': ...} and, at tutorial scale, its from-scratch twin {'scratch': ...}."
+    """The run's starting points: {'pretrained': ...} and,
+    at tutorial scale, its from-scratch twin {'scratch': ...}."""
     if profile.model_preset != "tiny": return {"pretrained": openflamingo_preset(profile)}
-    # rank 0 builds the pretrained preset into its cache (the other ranks then find it there) and writes the scratch twin
-    pretrained = main_first(lambda main: pretrain_stage(profile, corpus_seed, corpus_images, overrides, progress, dataset))
+    # rank 0 builds the pretrained preset into its cache (the other ranks then find it there)
+    # and writes the scratch twin
+    pretrained = main_first(lambda main: pretrain_stage(profile, corpus_seed, corpus_images,
+                                                        overrides, progress, dataset))
     twin = Path(out)/"preset-scratch"
-    return {"pretrained": pretrained, "scratch": main_first(lambda main: scratch_preset(pretrained, twin) if main else Preset.load(twin))}
+    return {"pretrained": pretrained,
+            "scratch": main_first(lambda main: scratch_preset(pretrained, twin) if main
+                                  else Preset.load(twin))}
+
+# %% ../nbs/13_pipeline.ipynb #a7c3e1d2
+def _gold_lengths(tokenizer, # the captioner's tokenizer
+                  dataset:KarpathyDataset, # the corpus: its train captions are measured
+                  max_new_tokens:int, # the captioner's generation limit
+                 ) -> dict:
+    "The longest train caption in tokens (end token included) and the % over `max_new_tokens`."
+    captions = [c for r in dataset.split("train") for c in r.captions]
+    gold = [len(ids) + 1 for ids in tokenizer(captions, add_special_tokens=False).input_ids]
+    return dict(longest_gold_tokens=max(gold),
+                gold_over_limit=round(100 * sum(n > max_new_tokens for n in gold) / len(gold), 2))
 
 # %% ../nbs/13_pipeline.ipynb #fc5ef098
 def captioner_stage(profile:Profile, # caption_steps, pseudo_queries and the training settings
@@ -228,47 +292,53 @@ def captioner_stage(profile:Profile, # caption_steps, pseudo_queries and the tra
                     resume:bool=False, # reuse captions.json, continue training from a checkpoint
                     progress:bool=True,
                    ) -> tuple[dict[int, list[str]], dict]:
-    "Train the captioner and caption the test images; returns (image id -> captions, the captioner's report)."
+    """Train the captioner and caption the test images;
+    returns (image id -> captions, the captioner's report)."""
     path = Path(out)/"captioner"/"captions.json"
     if resume and path.is_file():
         saved = load_json(path)
         return {int(k): v for k, v in saved["captions"].items()}, saved["report"]
-    flamingo = load_flamingo(preset, seed=seed)
-    config = TrainConfig.from_profile(profile, seed=seed, train_steps=profile.caption_steps if steps is None else steps)
-    result = train_captioner(flamingo, dataset.split("train"), features, config, out=Path(out)/"captioner",
-                             resume=resume, progress=progress)
-    start = time.perf_counter()
-    test_ids = [r.image_id for r in dataset.split("test")]
-    caption = lambda ids: list(generate_captions(flamingo, features, ids, n=max(1, int(profile.pseudo_queries)),
-                                                 max_new_tokens=int(profile.max_new_tokens),
-                                                 length_penalty=float(profile.caption_length_penalty),
-                                                 batch_size=profile.eval_batch_size, progress=progress).items())
-    generated = dict(shard_map(caption, test_ids, profile.eval_batch_size))  # under a launcher the ranks share the images
-    report = dict(train_steps=config.train_steps, train_seconds=result.train_seconds, max_new_tokens=int(profile.max_new_tokens),
+    flamingo = load_flamingo(preset, seed=seed); config = TrainConfig.from_profile(
+        profile, seed=seed, train_steps=profile.caption_steps if steps is None else steps)
+    result = train_captioner(flamingo, dataset.split("train"), features, config,
+                             out=Path(out)/"captioner", resume=resume, progress=progress)
+    start = time.perf_counter(); test_ids = [r.image_id for r in dataset.split("test")]
+    caption = lambda ids: list(generate_captions(flamingo, features, ids,
+        n=max(1, int(profile.pseudo_queries)), max_new_tokens=int(profile.max_new_tokens),
+        length_penalty=float(profile.caption_length_penalty), batch_size=profile.eval_batch_size,
+        progress=progress).items())
+    generated = dict(shard_map(caption, test_ids, profile.eval_batch_size))  # ranks share images
+    report = dict(train_steps=config.train_steps, train_seconds=result.train_seconds,
+                  max_new_tokens=int(profile.max_new_tokens),
                   length_penalty=float(profile.caption_length_penalty),
                   generate_seconds=round(time.perf_counter() - start, 2),
                   final_loss=result.history[-1]["loss"] if result.history else None,
                   captions_per_image=round(sum(map(len, generated.values())) / len(generated), 2))
-    gold = [len(ids) + 1 for ids in flamingo.tokenizer([c for r in dataset.split("train") for c in r.captions], add_special_tokens=False).input_ids]
-    report |= dict(longest_gold_tokens=max(gold), gold_over_limit=round(100 * sum(n > int(profile.max_new_tokens) for n in gold) / len(gold), 2))
+    report |= _gold_lengths(flamingo.tokenizer, dataset, int(profile.max_new_tokens))
     if all(r.scene is not None for r in dataset.split("test")):
-        report |= dict(quality=caption_quality(generated, dataset),
-                       gold_reference=caption_quality({r.image_id: r.captions for r in dataset.split("test")}, dataset, top=None))
-    if is_main_process(): save_json(dict(captions={str(k): v for k, v in generated.items()}, report=report), path)
+        report |= dict(quality=caption_quality(generated, dataset), gold_reference=caption_quality(
+            {r.image_id: r.captions for r in dataset.split("test")}, dataset, top=None))
+    if is_main_process():
+        save_json(dict(captions={str(k): v for k, v in generated.items()}, report=report), path)
     return generated, report
 
 # %% ../nbs/13_pipeline.ipynb #3a7000a3
 def grace_examples(tokenizer, # the run's tokenizer, with the identifier tokens added
                    identifier_map:IdentifierMap, # identifiers of the whole corpus
-                   dataset:KarpathyDataset, # train and test images are memorized, train captions are queries
-                   extra_queries:list[tuple[str, int]]|None=None, # pseudo-queries (caption, test image id)
-                   memorize:bool=True, # False: no memorize examples (Table 2's "w/o learning to memorize")
+                   # train and test images are memorized, train captions are queries
+                   dataset:KarpathyDataset,
+                   # pseudo-queries (caption, test image id)
+                   extra_queries:list[tuple[str, int]]|None=None,
+                   # False: no memorize examples (Table 2's "w/o learning to memorize")
+                   memorize:bool=True,
                   ) -> tuple[list, list]:
-    "A run's memorize examples (every train and test image) and retrieve examples (training captions, pseudo-queries)."
+    """A run's memorize examples (every train and test image)
+    and retrieve examples (training captions, pseudo-queries)."""
     token_ids = identifier_token_ids(identifier_map, tokenizer)
     memorized = [r.image_id for r in dataset.records if r.split in ("train", "test")]
     mem_examples = memorize_examples(tokenizer, token_ids, memorized) if memorize else []
-    return mem_examples, retrieve_examples(tokenizer, token_ids, dataset.queries("train") + list(extra_queries or []))
+    return mem_examples, retrieve_examples(tokenizer, token_ids,
+                                           dataset.queries("train") + list(extra_queries or []))
 
 # %% ../nbs/13_pipeline.ipynb #e53f3340
 def evaluate_stage(folder:str|Path, # a saved GRACE model folder
@@ -277,23 +347,29 @@ def evaluate_stage(folder:str|Path, # a saved GRACE model folder
                    constrained:bool=True, # False: free generation
                    progress:bool=True,
                   ) -> dict:
-    "Recall@K of a saved model over the test captions, as a metrics row (free generation adds its outcomes)."
+    """Recall@K of a saved model over the test captions, as a metrics row
+    (free generation adds its outcomes)."""
     model = load_grace_model(folder)
     queries = dataset.queries("test")
     start = time.perf_counter()
-    results = model.retrieve([q for q, _ in queries], constrained=constrained, num_beams=profile.num_beams,
-                             num_return=profile.num_return, batch_size=profile.eval_batch_size,
+    results = model.retrieve([q for q, _ in queries], constrained=constrained,
+                             num_beams=profile.num_beams, num_return=profile.num_return,
+                             batch_size=profile.eval_batch_size,
                              length_penalty=profile.length_penalty, progress=progress)
     seconds = round(time.perf_counter() - start, 2)
     metrics = grace_recall(results, [i for _, i in queries])
-    row = dict(method="grace", identifier=model.kind, variant="full" if constrained else "w/o constrained generation",
-               **{k: round(metrics[k], 2) for k in ("R@1", "R@5", "R@10")}, ci=metrics["ci"], n_queries=metrics["n_queries"],
-               eval_seconds=seconds, invalid_rate=metrics["invalid_rate"], model=str(folder), collapse=collapse_report(results))
+    row = dict(method="grace", identifier=model.kind,
+               variant="full" if constrained else "w/o constrained generation",
+               **{k: round(metrics[k], 2) for k in ("R@1", "R@5", "R@10")}, ci=metrics["ci"],
+               n_queries=metrics["n_queries"], eval_seconds=seconds,
+               invalid_rate=metrics["invalid_rate"], model=str(folder),
+               collapse=collapse_report(results))
     return row if constrained else row | {"outcomes": generation_outcomes(model, results, dataset)}
 
 # %% ../nbs/13_pipeline.ipynb #98ed029b
 def grace_row(folder:str|Path, # the run's saved model folder
-              profile:Profile, # evaluation settings (num_beams, eval_batch_size, memorization_sample, ...)
+              # evaluation settings (num_beams, eval_batch_size, memorization_sample, ...)
+              profile:Profile,
               dataset:KarpathyDataset, # its test captions are the queries
               features:FeatureCache, # vision features of the memorized images
               seed:int, # which images the memorization check samples
@@ -302,14 +378,30 @@ def grace_row(folder:str|Path, # the run's saved model folder
               examples:tuple[int, int], # how many memorize and retrieve examples the run trained on
               progress:bool=True,
              ) -> dict:
-    "A trained run's metrics row: test R@K of its saved model, its memorization of train and test images, its budget."
+    """A trained run's metrics row: test R@K of its saved model,
+    its memorization of train and test images, its budget."""
     row = evaluate_stage(folder, profile, dataset, progress=progress)
-    # does the model write each image's own identifier from the memorize prompt? (train and test separately)
-    row["memorization"] = split_memorization(load_grace_model(folder), features, dataset, sample=profile.memorization_sample,
-                                             seed=seed, batch_size=profile.eval_batch_size, num_beams=profile.num_beams)
+    # does the model write each image's own identifier from the memorize prompt?
+    # (train and test separately)
+    row["memorization"] = split_memorization(load_grace_model(folder), features, dataset,
+                                             sample=profile.memorization_sample, seed=seed,
+                                             batch_size=profile.eval_batch_size,
+                                             num_beams=profile.num_beams)
     row["budget"] = training_budget(config, *examples)
     return row | dict(train_steps=config.train_steps, train_seconds=result.train_seconds,
                       final_loss=result.history[-1]["loss"] if result.history else None)
+
+# %% ../nbs/13_pipeline.ipynb #b5e9f0a4
+def _save_run(run_dir:Path, # the run folder: the model goes to run_dir/model
+              flamingo, # the trained model
+              identifier_map:IdentifierMap, # its identifiers
+              dataset:KarpathyDataset, # its test split is the saved model's retrieval corpus
+              extra:dict, # saved with the model (the run's facts and training record)
+             ) -> Path:
+    "Save a trained run's model with the test images as its retrieval corpus; returns its folder."
+    test = dataset.split("test")
+    return save_grace_model(run_dir/"model", flamingo, identifier_map, [r.image_id for r in test],
+                            {r.image_id: str(r.path) for r in test}, extra=extra)
 
 # %% ../nbs/13_pipeline.ipynb #6d9e42c6
 def grace_stage(kind:str, # identifier type to train
@@ -322,46 +414,57 @@ def grace_stage(kind:str, # identifier type to train
                 seed:int, # data order
                 clip_table:dict|None=None, # image id -> CLIP embedding (atomic_init = clip)
                 train_steps:int|None=None, # overrides the profile's train_steps
-                resume:bool=False, # skip a finished run, continue an unfinished one from its latest checkpoint
+                resume:bool=False, # skip a finished run, else continue from its latest checkpoint
                 progress:bool=True,
-                extra_queries:list[tuple[str, int]]|None=None, # pseudo-queries (caption, test image id) to retrieve-train on
+                extra_queries:list[tuple[str, int]]|None=None, # pseudo-queries to retrieve-train on
                 memorize:bool=True, # False: Table 2's "w/o learning to memorize"
-                atomic_init:str|None=None, # overrides the profile's atomic_init (atomic identifiers)
+                atomic_init:str|None=None, # overrides profile.atomic_init (atomic identifiers)
                 variant:str="full", # the row's label
                 name:str|None=None, # run folder name (default: the identifier type)
                ) -> dict:
-    "Train GRACE with one identifier type from `preset`, save it, and evaluate it on the test captions; returns its metrics row."
+    """Train GRACE with one identifier type from `preset`, save it,
+    and evaluate it on the test captions; returns its metrics row."""
     run_dir = Path(out)/f"grace-{name or kind}"
-    if resume and (run_dir/"row.json").is_file(): return load_json(run_dir/"row.json") | {"model": str(run_dir/"model")}
+    if resume and (run_dir/"row.json").is_file():
+        return load_json(run_dir/"row.json") | {"model": str(run_dir/"model")}
     flamingo = load_flamingo(preset, seed=seed)
     init = (atomic_init or profile.atomic_init) if kind == "atomic" else "random"
     grow_vocabulary(flamingo, identifier_map, init=init, image_embeddings=clip_table, seed=seed)
     examples = grace_examples(flamingo.tokenizer, identifier_map, dataset, extra_queries, memorize)
-    config = TrainConfig.from_profile(profile, seed=seed, **({} if train_steps is None else {"train_steps": train_steps}))
-    result = train_grace(flamingo, *examples, features, config, out=run_dir, resume=resume, progress=progress)
-    facts, test = dict(variant=variant, memorize=memorize, pseudo_queries=len(extra_queries or [])), dataset.split("test")
-    folder = save_grace_model(run_dir/"model", flamingo, identifier_map, [r.image_id for r in test], {r.image_id: str(r.path) for r in test},
-                              extra=facts | dict(train=config.__dict__, atomic_init=init, history=result.history, ranks=world_size()))
-    row = grace_row(folder, profile, dataset, features, seed, config, result, tuple(map(len, examples)), progress) | facts
+    config = TrainConfig.from_profile(profile, seed=seed, **({} if train_steps is None
+                                                             else {"train_steps": train_steps}))
+    result = train_grace(flamingo, *examples, features, config, out=run_dir, resume=resume,
+                         progress=progress)
+    facts = dict(variant=variant, memorize=memorize, pseudo_queries=len(extra_queries or []))
+    folder = _save_run(run_dir, flamingo, identifier_map, dataset, facts | dict(
+        train=config.__dict__, atomic_init=init, history=result.history, ranks=world_size()))
+    row = grace_row(folder, profile, dataset, features, seed, config, result,
+                    tuple(map(len, examples)), progress) | facts
     row |= dict(atomic_init=init if kind == "atomic" else None, backbone=preset.name)
     if is_main_process(): save_json(row, run_dir/"row.json")
     return row
 
 # %% ../nbs/13_pipeline.ipynb #cd1ddf27
 def training_curve(run_dir:str|Path, # a GRACE run folder: checkpoints/ and model/
-                   profile:Profile, dataset:KarpathyDataset, features:FeatureCache, # as for `grace_stage`
+                   # as for `grace_stage`
+                   profile:Profile, dataset:KarpathyDataset, features:FeatureCache,
                    sample:int|None=100, # images per split for memorization (None: all)
                    progress:bool=False,
                   ) -> list[dict]:
-    "Test R@K, memorization (train / test) and the collapse flag after each saved checkpoint of one run."
+    """Test R@K, memorization (train / test) and the collapse flag
+    after each saved checkpoint of one run."""
     model, rows = load_grace_model(Path(run_dir)/"model"), []
     queries = dataset.queries("test")
-    for ckpt in sorted(Path(run_dir).glob("checkpoints/step_*"), key=lambda p: int(p.name.split("_")[1])):
+    for ckpt in sorted(Path(run_dir).glob("checkpoints/step_*"),
+                       key=lambda p: int(p.name.split("_")[1])):
         _load_weights(model.flamingo.model, ckpt/"model.safetensors")
-        results = model.retrieve([q for q, _ in queries], num_beams=profile.num_beams, num_return=profile.num_return,
-                                 batch_size=profile.eval_batch_size, length_penalty=profile.length_penalty, progress=progress)
-        recall, mem = grace_recall(results, [i for _, i in queries]), split_memorization(model, features, dataset, sample=sample)
-        rows.append(dict(step=int(ckpt.name.split("_")[1]), **{k: round(recall[k], 2) for k in ("R@1", "R@10")},
+        results = model.retrieve([q for q, _ in queries], num_beams=profile.num_beams,
+                                 num_return=profile.num_return, batch_size=profile.eval_batch_size,
+                                 length_penalty=profile.length_penalty, progress=progress)
+        recall, mem = (grace_recall(results, [i for _, i in queries]),
+                       split_memorization(model, features, dataset, sample=sample))
+        rows.append(dict(step=int(ckpt.name.split("_")[1]),
+                         **{k: round(recall[k], 2) for k in ("R@1", "R@10")},
                          memorized_train=mem["train"]["top1"], memorized_test=mem["test"]["top1"],
                          collapsed=collapse_report(results)["collapsed"]))
     return rows
@@ -369,35 +472,42 @@ def training_curve(run_dir:str|Path, # a GRACE run folder: checkpoints/ and mode
 # %% ../nbs/13_pipeline.ipynb #a9414881
 def classifier_stage(profile:Profile, # training settings, num_return, eval_batch_size
                      preset:Preset, # the run's backbone
-                     dataset:KarpathyDataset, # every image is a class; the test split is the retrieval corpus
+                     # every image is a class; the test split is the retrieval corpus
+                     dataset:KarpathyDataset,
                      clip_table:dict, # image id -> CLIP image embedding: the head's frozen rows
-                     out:Path, seed:int, # run folder (out/grace-<name>/row.json), initialisation and data order
-                     extra_queries:list[tuple[str, int]]|None=None, # pseudo-queries (caption, test image id)
+                     # run folder (out/grace-<name>/row.json), initialisation and data order
+                     out:Path, seed:int,
+                     extra_queries:list[tuple[str, int]]|None=None, # pseudo-queries to train on
                      train_steps:int|None=None, resume:bool=False, progress:bool=True,
                      name:str="atomic-classifier", variant:str="reference-code classifier head",
                     ) -> dict:
-    "Train and evaluate the reference code's atomic classifier head; returns its Table 1 row (under a launcher rank 0 does it)."
+    """Train and evaluate the reference code's atomic classifier head;
+    returns its Table 1 row (under a launcher rank 0 does it)."""
     run_dir = Path(out)/f"grace-{name}"
     if resume and (run_dir/"row.json").is_file(): return load_json(run_dir/"row.json")
     def run() -> dict:  # on rank 0 alone under a launcher
         flamingo, ids = load_flamingo(preset, seed=seed), [r.image_id for r in dataset.records]
         width = flamingo.model.lang_encoder.get_input_embeddings().weight.shape[1]
-        head = ClassifierHead(width, torch.tensor(np.stack([clip_table[i] for i in ids])), ids).to(next(flamingo.model.parameters()).device)
+        head = ClassifierHead(width, torch.tensor(np.stack([clip_table[i] for i in ids])), ids).to(
+            next(flamingo.model.parameters()).device)
         queries = dataset.queries("train") + list(extra_queries or [])
-        config = TrainConfig.from_profile(profile, seed=seed, **({} if train_steps is None else {"train_steps": train_steps}))
+        config = TrainConfig.from_profile(profile, seed=seed, **({} if train_steps is None
+                                                                 else {"train_steps": train_steps}))
         result = train_classifier(flamingo, head, queries, config, progress=progress)
         test_queries, start = dataset.queries("test"), time.perf_counter()
-        results = classify(flamingo, head, [q for q, _ in test_queries], [r.image_id for r in dataset.split("test")],
-                           k=profile.num_return, batch_size=profile.eval_batch_size, progress=progress)
+        results = classify(flamingo, head, [q for q, _ in test_queries],
+                           [r.image_id for r in dataset.split("test")], k=profile.num_return,
+                           batch_size=profile.eval_batch_size, progress=progress)
         recall = grace_recall(results, [i for _, i in test_queries])
         row = dict(method="grace", identifier="atomic", variant=variant, head="classifier",
-                   **{k: round(recall[k], 2) for k in ("R@1", "R@5", "R@10")}, ci=recall["ci"], n_queries=recall["n_queries"],
-                   eval_seconds=round(time.perf_counter() - start, 2), invalid_rate=0.0, collapse=collapse_report(results),
-                   memorization=None, budget=training_budget(config, 0, len(queries)), train_steps=config.train_steps,
-                   train_seconds=result.train_seconds, final_loss=result.history[-1]["loss"], memorize=False,
-                   pseudo_queries=len(extra_queries or []), atomic_init=None, backbone=preset.name)
-        save_json(row, run_dir/"row.json")
-        return row
+            **{k: round(recall[k], 2) for k in ("R@1", "R@5", "R@10")}, ci=recall["ci"],
+            n_queries=recall["n_queries"], eval_seconds=round(time.perf_counter() - start, 2),
+            invalid_rate=0.0, collapse=collapse_report(results), memorization=None,
+            budget=training_budget(config, 0, len(queries)), train_steps=config.train_steps,
+            train_seconds=result.train_seconds, final_loss=result.history[-1]["loss"],
+            memorize=False, pseudo_queries=len(extra_queries or []), atomic_init=None,
+            backbone=preset.name)
+        save_json(row, run_dir/"row.json"); return row
     return main_only(run)
 
 # %% ../nbs/13_pipeline.ipynb #4ae71733
@@ -407,181 +517,240 @@ def _run_plan(kinds:list[str], # the main job's identifier types
               profile:Profile, # identifier_types, atomic_init, pseudo_queries
               table1:bool=False, ablations:bool=False, # which experiments
              ) -> list[dict]:
-    "The GRACE runs to train: kind, name, variant, memorize, pseudo-queries, atomic_init, backbone; main-job runs first."
+    """The GRACE runs to train: kind, name, variant, memorize, pseudo-queries,
+    atomic_init, backbone; main-job runs first."""
     pseudo = int(profile.pseudo_queries) > 0
     main_label = lambda kind: f"full, {profile.atomic_init} init" if kind == "atomic" else "full"
-    plan = [dict(kind=k, name=k, variant=main_label(k), memorize=True, pseudo=pseudo, init=None, table=1) for k in kinds]
+    plan = [dict(kind=k, name=k, variant=main_label(k), memorize=True, pseudo=pseudo, init=None,
+                 table=1) for k in kinds]
     trained = list(kinds)
-    if table1 and profile.model_preset == "tiny":  # what pretraining buys: the main job's types from random weights
-        plan += [dict(kind=k, name=f"{k}-scratch", variant=f"{main_label(k)}, from scratch", memorize=True, pseudo=pseudo,
-                      init=None, table=1, backbone="scratch") for k in kinds]
+    # what pretraining buys: the main job's types from random weights
+    if table1 and profile.model_preset == "tiny":
+        plan += [dict(kind=k, name=f"{k}-scratch", variant=f"{main_label(k)}, from scratch",
+                      memorize=True, pseudo=pseudo, init=None, table=1, backbone="scratch")
+                 for k in kinds]
     if table1:
         extra = [k for k in str(profile.identifier_types).split() if k not in kinds]
-        plan += [dict(kind=k, name=k, variant=main_label(k), memorize=True, pseudo=pseudo, init=None, table=1) for k in extra]
+        plan += [dict(kind=k, name=k, variant=main_label(k), memorize=True, pseudo=pseudo,
+                      init=None, table=1) for k in extra]
         trained += extra
         if "atomic" in trained:
             other = _other_init(profile.atomic_init)
-            plan.append(dict(kind="atomic", name=f"atomic-{other}", variant=f"full, {other} init", memorize=True, pseudo=pseudo,
-                             init=other, table=1))
-            plan.append(dict(kind="atomic", name="atomic-classifier", variant="reference-code classifier head", memorize=False,
-                             pseudo=pseudo, init=None, table=1, head="classifier"))  # 07a_classifier_head
+            plan.append(dict(kind="atomic", name=f"atomic-{other}", variant=f"full, {other} init",
+                             memorize=True, pseudo=pseudo, init=other, table=1))
+            plan.append(dict(kind="atomic", name="atomic-classifier",  # 08b_classifier_head
+                             variant="reference-code classifier head", memorize=False,
+                             pseudo=pseudo, init=None, table=1, head="classifier"))
     if ablations:
-        plan += [dict(kind=k, name=f"{k}-no-memorize", variant="w/o learning to memorize", memorize=False, pseudo=pseudo,
-                      init=None, table=2) for k in trained]
-        if pseudo: plan += [dict(kind=k, name=f"{k}-no-pseudo", variant="w/o pseudo-queries", memorize=True, pseudo=False,
-                                 init=None, table=2) for k in kinds]
+        plan += [dict(kind=k, name=f"{k}-no-memorize", variant="w/o learning to memorize",
+                      memorize=False, pseudo=pseudo, init=None, table=2) for k in trained]
+        if pseudo: plan += [dict(kind=k, name=f"{k}-no-pseudo", variant="w/o pseudo-queries",
+                                 memorize=True, pseudo=False, init=None, table=2) for k in kinds]
     return [p if "backbone" in p else p | {"backbone": "pretrained"} for p in plan]
 
 # %% ../nbs/13_pipeline.ipynb #a7202613
 _ABLATION_ORDER = ("w/o learning to memorize", "w/o constrained generation", "w/o pseudo-queries")
 
 def _table2_rows(full:list[dict], trained:list[dict], free:list[dict]) -> list[dict]:
-    "Table 2's rows: per identifier type (in `full`'s order) its full row, then its ablations in the paper's order."
+    """Table 2's rows: per identifier type (in `full`'s order) its full row,
+    then its ablations in the paper's order."""
     ablated = trained + free
-    return [row for f in full for row in [f] + sorted((r for r in ablated if r["identifier"] == f["identifier"]),
-                                                      key=lambda r: _ABLATION_ORDER.index(r["variant"]))]
+    return [row for f in full
+            for row in [f] + sorted((r for r in ablated if r["identifier"] == f["identifier"]),
+                                    key=lambda r: _ABLATION_ORDER.index(r["variant"]))]
 
 # %% ../nbs/13_pipeline.ipynb #75f3264b
 def validation_view(dataset:KarpathyDataset, # the corpus
                    ) -> KarpathyDataset:
-    "The corpus with its validation images as the retrieval corpus (split 'test') and without its test images."
-    if not dataset.split("val"): raise GraceError(f"choosing settings on validation needs validation images; {dataset.summary()}")
-    records = [r if r.split == "train" else replace(r, split="test") for r in dataset.records if r.split in ("train", "val")]
-    return KarpathyDataset(records, f"{dataset.name}, validation as retrieval corpus", dataset.json_path, dataset.skipped)
+    """The corpus with its validation images as the retrieval corpus (split 'test')
+    and without its test images."""
+    if not dataset.split("val"):
+        raise GraceError("choosing settings on validation needs validation images; "
+                         f"{dataset.summary()}")
+    records = [r if r.split == "train" else replace(r, split="test") for r in dataset.records
+               if r.split in ("train", "val")]
+    return KarpathyDataset(records, f"{dataset.name}, validation as retrieval corpus",
+                           dataset.json_path, dataset.skipped)
 
-# %% ../nbs/13_pipeline.ipynb #2d6114ea
-def _validation_run(kind:str, steps:int, lr:float, profile:Profile, preset:Preset, view:KarpathyDataset, identifier_maps:dict,
-                    features:FeatureCache, out:Path, seed:int, clip_table:dict|None, resume:bool, progress:bool) -> tuple[dict, Path]:
-    "One run on the validation view, in out/budget/grace-<kind>-<steps>[-lr<lr>] (the budget and length-penalty sweeps share it)."
+# %% ../nbs/13_pipeline.ipynb #c3d8b2f6
+def _validation_run(kind:str, steps:int, lr:float, profile:Profile, preset:Preset,
+                    view:KarpathyDataset, identifier_maps:dict, features:FeatureCache, out:Path,
+                    seed:int, clip_table:dict|None, resume:bool, progress:bool,
+                   ) -> tuple[dict, Path]:
+    """One run on the validation view, in out/budget/grace-<kind>-<steps>[-lr<lr>]
+    (the budget and length-penalty sweeps share it)."""
     name = f"{kind}-{steps}" + ("" if lr == profile.lr else f"-lr{lr:g}")
-    row = grace_stage(kind, profile.replace(lr=lr), preset, view, identifier_maps[kind], features, Path(out)/"budget", seed, clip_table,
-                      train_steps=steps, resume=resume, progress=progress, variant=f"{steps} steps, lr {lr:g}", name=name)
+    row = grace_stage(kind, profile.replace(lr=lr), preset, view, identifier_maps[kind], features,
+                      Path(out)/"budget", seed, clip_table, train_steps=steps, resume=resume,
+                      progress=progress, variant=f"{steps} steps, lr {lr:g}", name=name)
     return row, Path(out)/"budget"/f"grace-{name}"/"model"
 
-def budget_stage(profile:Profile, # budget_multiples, budget_lrs, budget_identifiers and the training settings
-                 preset:Preset, dataset:KarpathyDataset, # the run's backbone and corpus (its val split is used)
-                 identifier_maps:dict[str, IdentifierMap], # identifiers of the whole corpus
-                 features:FeatureCache, # vision features of the train and val images
-                 out:Path, seed:int, clip_table:dict|None=None, # run folder (out/budget/), data order, atomic clip init
-                 train_steps:int|None=None, # the run's steps (default: the profile's); budgets are multiples of it
-                 budgets:list[int]|None=None, kinds:list[str]|None=None, lrs:list[float]|None=None, # default: the profile's
-                 resume:bool=False, progress:bool=True,
-                ) -> list[dict]:
-    "Validation R@K, memorization (train / val) and collapse of each identifier type after each step budget (and lr)."
+# %% ../nbs/13_pipeline.ipynb #2d6114ea
+def budget_stage(
+    profile:Profile, # budget_multiples, budget_lrs, budget_identifiers and the training settings
+    preset:Preset, dataset:KarpathyDataset, # the run's backbone and corpus (its val split is used)
+    identifier_maps:dict[str, IdentifierMap], # identifiers of the whole corpus
+    features:FeatureCache, # vision features of the train and val images
+    # run folder (out/budget/), data order, atomic clip init
+    out:Path, seed:int, clip_table:dict|None=None,
+    # the run's steps (default: the profile's); budgets are multiples of it
+    train_steps:int|None=None,
+    # default: the profile's
+    budgets:list[int]|None=None, kinds:list[str]|None=None, lrs:list[float]|None=None,
+    resume:bool=False, progress:bool=True,
+) -> list[dict]:
+    """Validation R@K, memorization (train / val) and collapse of each identifier type
+    after each step budget (and lr)."""
     view, rows = validation_view(dataset), []
     lrs = lrs or [float(x) for x in str(profile.get("budget_lrs") or profile.lr).split()]
     steps = train_steps or profile.train_steps
-    budgets = budgets or [max(1, round(float(m) * steps)) for m in str(profile.budget_multiples).split()]
-    steps_lrs = [(s, profile.lr) for s in sorted(budgets)]                     # the budgets at the profile's lr,
-    steps_lrs += [(steps, lr) for lr in lrs if lr != profile.lr]               # other lrs at the run's steps
+    budgets = budgets or [max(1, round(float(m) * steps))
+                          for m in str(profile.budget_multiples).split()]
+    steps_lrs = [(s, profile.lr) for s in sorted(budgets)]        # the budgets at the profile's lr,
+    steps_lrs += [(steps, lr) for lr in lrs if lr != profile.lr]  # other lrs at the run's steps
     for kind in kinds or str(profile.budget_identifiers).split():
         for budget, lr in steps_lrs:  # (steps, lr) of one run
-            row, _ = _validation_run(kind, budget, lr, profile, preset, view, identifier_maps, features, out, seed, clip_table, resume, progress)
+            row, _ = _validation_run(kind, budget, lr, profile, preset, view, identifier_maps,
+                                     features, out, seed, clip_table, resume, progress)
             mem = row["memorization"]
-            rows.append(dict(identifier=kind, steps=budget, lr=lr, **{k: row[k] for k in ("R@1", "R@5", "R@10")},
-                             memorized_train=mem["train"]["top1"], memorized_val=mem["test"]["top1"],
-                             collapsed=row["collapse"]["collapsed"], memorize_passes=row["budget"]["memorize_passes"],
+            rows.append(dict(identifier=kind, steps=budget, lr=lr,
+                             **{k: row[k] for k in ("R@1", "R@5", "R@10")},
+                             memorized_train=mem["train"]["top1"],
+                             memorized_val=mem["test"]["top1"],
+                             collapsed=row["collapse"]["collapsed"],
+                             memorize_passes=row["budget"]["memorize_passes"],
                              retrieve_epochs=row["budget"]["retrieve_epochs"]))
     return rows
 
 # %% ../nbs/13_pipeline.ipynb #d003e3e0
 def nearest_cosine(vectors:torch.Tensor, # [N, D], one row per image
                   ) -> dict:
-    "Each row's cosine similarity to its nearest other row, after centring: median, 90th percentile, share above 0.95."
+    """Each row's cosine similarity to its nearest other row, after centring:
+    median, 90th percentile, share above 0.95."""
     x = torch.nn.functional.normalize(vectors.float() - vectors.float().mean(0), dim=1)
     sim = x @ x.T
     sim.fill_diagonal_(-2.0)
     nearest = sim.max(1).values
-    return dict(median=round(nearest.median().item(), 3), p90=round(nearest.quantile(0.9).item(), 3),
-                share_above_095=round((nearest > 0.95).float().mean().item(), 3), n_images=len(vectors))
+    return dict(
+        median=round(nearest.median().item(), 3), p90=round(nearest.quantile(0.9).item(), 3),
+        share_above_095=round((nearest > 0.95).float().mean().item(), 3), n_images=len(vectors))
 
 @torch.no_grad()
 def vision_distinctness(flamingo, # a Flamingo (its Perceiver)
                         features:FeatureCache, # frozen patch features of the images
                        ) -> dict:
-    "`nearest_cosine` of the patch features (flattened) and of the Perceiver latents (what cross-attention reads)."
+    """`nearest_cosine` of the patch features (flattened)
+    and of the Perceiver latents (what cross-attention reads)."""
     patches = features.features
-    latents = torch.cat([flamingo.model.perceiver(patches[i:i + 256, None, None].to(flamingo.model.perceiver.latents))
+    latents = torch.cat([flamingo.model.perceiver(patches[i:i + 256, None, None]
+                                                  .to(flamingo.model.perceiver.latents))
                          for i in range(0, len(patches), 256)])
-    return dict(patch_features=nearest_cosine(patches.flatten(1)), perceiver_latents=nearest_cosine(latents.flatten(1)))
+    return dict(patch_features=nearest_cosine(patches.flatten(1)),
+                perceiver_latents=nearest_cosine(latents.flatten(1)))
 
 # %% ../nbs/13_pipeline.ipynb #4045d469
 def plot_budget(rows:list[dict], # `budget_stage` rows
                 path:str|Path|None=None, title:str="Training budget (validation split)"):
-    "R@1 / R@10 and memorization accuracy (train, val) against training steps at the main lr, one colour per identifier type."
+    """R@1 / R@10 and memorization accuracy (train, val) against training steps at the main lr,
+    one colour per identifier type."""
     import matplotlib.pyplot as plt
-    main_lr = max((r.get("lr") for r in rows), key=lambda lr: sum(r.get("lr") == lr for r in rows))  # the lr of the step sweep
+    # the lr of the step sweep
+    main_lr = max((r.get("lr") for r in rows), key=lambda lr: sum(r.get("lr") == lr for r in rows))
     rows = [r for r in rows if r.get("lr") == main_lr]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharex=True)
     for i, kind in enumerate(dict.fromkeys(r["identifier"] for r in rows)):
-        mine, color = sorted((r for r in rows if r["identifier"] == kind), key=lambda r: r["steps"]), f"C{i}"
+        mine, color = sorted((r for r in rows if r["identifier"] == kind),
+                             key=lambda r: r["steps"]), f"C{i}"
         steps = [r["steps"] for r in mine]
-        for ax, (solid, dashed) in zip(axes, (("R@1", "R@10"), ("memorized_train", "memorized_val"))):
+        for ax, (solid, dashed) in zip(axes, (("R@1", "R@10"),
+                                              ("memorized_train", "memorized_val"))):
             ax.plot(steps, [r[solid] for r in mine], marker="o", color=color, label=kind)
             ax.plot(steps, [r[dashed] for r in mine], marker="o", color=color, linestyle="--")
-    axes[0].set(xscale="log", xlabel="optimizer steps", ylabel="%", title="R@1 (solid), R@10 (dashed)")
-    axes[1].set(xscale="log", xlabel="optimizer steps", ylabel="%", title="memorized, top-1: train (solid), val (dashed)")
+    axes[0].set(xscale="log", xlabel="optimizer steps", ylabel="%",
+                title="R@1 (solid), R@10 (dashed)")
+    axes[1].set(xscale="log", xlabel="optimizer steps", ylabel="%",
+                title="memorized, top-1: train (solid), val (dashed)")
     for ax in axes:
         ax.grid(alpha=0.3); ax.minorticks_off()
-        ax.set_xticks(sorted({r["steps"] for r in rows}), [str(s) for s in sorted({r["steps"] for r in rows})])
+        ax.set_xticks(sorted({r["steps"] for r in rows}),
+                      [str(s) for s in sorted({r["steps"] for r in rows})])
     axes[0].legend(fontsize=8); fig.suptitle(title, fontsize=10); fig.tight_layout()
-    if path is not None: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=120)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=120)
     plt.close(fig)  # shown once, where it is returned
     return fig
 
 # %% ../nbs/13_pipeline.ipynb #1172269e
-def length_penalty_stage(profile:Profile, # length_penalties, length_penalty_identifiers, the training and inference settings
-                         preset:Preset, dataset:KarpathyDataset, # the run's backbone and corpus (its val split is used)
-                         identifier_maps:dict[str, IdentifierMap], # identifiers of the whole corpus
-                         features:FeatureCache, # vision features of the train and val images
-                         out:Path, seed:int, clip_table:dict|None=None, # run folder (out/budget/, shared with `budget_stage`)
-                         train_steps:int|None=None, # the run's steps (default: the profile's)
-                         kinds:list[str]|None=None, penalties:list[float]|None=None, # default: the profile's
-                         resume:bool=False, progress:bool=True,
-                        ) -> list[dict]:
-    "Validation R@K of each identifier type's model (trained on the validation view) decoded with each length penalty."
+def length_penalty_stage(
+    # length_penalties, length_penalty_identifiers, the training and inference settings
+    profile:Profile,
+    preset:Preset, dataset:KarpathyDataset, # the run's backbone and corpus (its val split is used)
+    identifier_maps:dict[str, IdentifierMap], # identifiers of the whole corpus
+    features:FeatureCache, # vision features of the train and val images
+    # run folder (out/budget/, shared with `budget_stage`)
+    out:Path, seed:int, clip_table:dict|None=None,
+    train_steps:int|None=None, # the run's steps (default: the profile's)
+    kinds:list[str]|None=None, penalties:list[float]|None=None, # default: the profile's
+    resume:bool=False, progress:bool=True,
+) -> list[dict]:
+    """Validation R@K of each identifier type's model (trained on the validation view)
+    decoded with each length penalty."""
     view, rows, steps = validation_view(dataset), [], train_steps or profile.train_steps
-    queries, penalties = view.queries("test"), penalties or [float(x) for x in str(profile.length_penalties).split()]
+    queries, penalties = (view.queries("test"),
+                          penalties or [float(x) for x in str(profile.length_penalties).split()])
     for kind in kinds or str(profile.length_penalty_identifiers).split():
-        _, folder = _validation_run(kind, steps, profile.lr, profile, preset, view, identifier_maps, features, out, seed, clip_table,
-                                    resume, progress)
+        _, folder = _validation_run(kind, steps, profile.lr, profile, preset, view, identifier_maps,
+                                    features, out, seed, clip_table, resume, progress)
         model = load_grace_model(folder)
         for penalty in penalties:
-            results = model.retrieve([q for q, _ in queries], num_beams=profile.num_beams, num_return=profile.num_return,
-                                     batch_size=profile.eval_batch_size, length_penalty=penalty, progress=False)
-            recall, top1 = grace_recall(results, [i for _, i in queries]), [len(r.identifiers[0]) for r in results if r.identifiers]
-            rows.append(dict(identifier=kind, steps=steps, length_penalty=penalty, **{k: round(recall[k], 2) for k in ("R@1", "R@5", "R@10")},
-                             top1_tokens=round(sum(top1) / max(1, len(top1)), 2), collapsed=collapse_report(results)["collapsed"]))
+            results = model.retrieve([q for q, _ in queries], num_beams=profile.num_beams,
+                                     num_return=profile.num_return,
+                                     batch_size=profile.eval_batch_size, length_penalty=penalty,
+                                     progress=False)
+            recall, top1 = (grace_recall(results, [i for _, i in queries]),
+                            [len(r.identifiers[0]) for r in results if r.identifiers])
+            rows.append(dict(identifier=kind, steps=steps, length_penalty=penalty,
+                             **{k: round(recall[k], 2) for k in ("R@1", "R@5", "R@10")},
+                             top1_tokens=round(sum(top1) / max(1, len(top1)), 2),
+                             collapsed=collapse_report(results)["collapsed"]))
     return rows
 
 # %% ../nbs/13_pipeline.ipynb #55f0ad9e
 def best_length_penalty(rows:list[dict], # `length_penalty_stage` rows
                         metric:str="R@1", # what to maximise, averaged over the identifier types
                        ) -> float|None:
-    "The penalty with the best mean `metric` over the types that never collapsed (None when every type collapsed)."
-    kinds = [k for k in dict.fromkeys(r["identifier"] for r in rows) if not any(r["collapsed"] for r in rows if r["identifier"] == k)]
+    """The penalty with the best mean `metric` over the types that never collapsed
+    (None when every type collapsed)."""
+    kinds = [k for k in dict.fromkeys(r["identifier"] for r in rows)
+             if not any(r["collapsed"] for r in rows if r["identifier"] == k)]
     if not kinds: return None
     penalties = list(dict.fromkeys(r["length_penalty"] for r in rows))
-    mean = {p: np.mean([r[metric] for r in rows if r["length_penalty"] == p and r["identifier"] in kinds]) for p in penalties}
+    mean = {p: np.mean([r[metric] for r in rows if r["length_penalty"] == p
+                        and r["identifier"] in kinds]) for p in penalties}
     return max(penalties, key=lambda p: (mean[p], -penalties.index(p)))
 
 # %% ../nbs/13_pipeline.ipynb #e6814ab3
 def plot_length_penalty(rows:list[dict], # `length_penalty_stage` rows
                         path:str|Path|None=None, title:str="Length penalty (validation split)"):
-    "R@1 / R@10 and the top-1 sequence's length against the length penalty, one colour per identifier type."
+    """R@1 / R@10 and the top-1 sequence's length against the length penalty,
+    one colour per identifier type."""
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharex=True)
     for i, kind in enumerate(dict.fromkeys(r["identifier"] for r in rows)):
-        mine = sorted((r for r in rows if r["identifier"] == kind), key=lambda r: r["length_penalty"])
+        mine = sorted((r for r in rows if r["identifier"] == kind),
+                      key=lambda r: r["length_penalty"])
         lps, style = [r["length_penalty"] for r in mine], dict(marker="o", color=f"C{i}")
-        axes[0].plot(lps, [r["R@1"] for r in mine], label=kind + (" (collapsed)" if any(r["collapsed"] for r in mine) else ""), **style)
+        axes[0].plot(lps, [r["R@1"] for r in mine], label=kind + (" (collapsed)"
+                     if any(r["collapsed"] for r in mine) else ""), **style)
         axes[0].plot(lps, [r["R@10"] for r in mine], linestyle="--", **style)
         axes[1].plot(lps, [r["top1_tokens"] for r in mine], **style)
     axes[0].set(xlabel="length penalty", ylabel="%", title="R@1 (solid), R@10 (dashed)")
-    axes[1].set(xlabel="length penalty", ylabel="tokens", title="top-1 sequence length (end token included)")
+    axes[1].set(xlabel="length penalty", ylabel="tokens",
+                title="top-1 sequence length (end token included)")
     for ax in axes: ax.grid(alpha=0.3); ax.set_xticks(sorted({r["length_penalty"] for r in rows}))
     axes[0].legend(fontsize=8); fig.suptitle(title, fontsize=10); fig.tight_layout()
-    if path is not None: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=120)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=120)
     plt.close(fig)  # shown once, where it is returned
     return fig
 
@@ -596,60 +765,74 @@ def _cached(path:Path, resume:bool, make):
     return value
 
 def free_stage(row:dict, # a GRACE run's metrics row (its `model` folder)
-               profile:Profile, dataset:KarpathyDataset, resume:bool=False, progress:bool=True) -> dict:
+               profile:Profile, dataset:KarpathyDataset, resume:bool=False,
+               progress:bool=True) -> dict:
     "Table 2's 'w/o constrained generation' row of a trained model (saved as free.json beside it)."
     return _cached(Path(row["model"]).parent/"free.json", resume,
-                   lambda: evaluate_stage(row["model"], profile, dataset, constrained=False, progress=progress))
+                   lambda: evaluate_stage(row["model"], profile, dataset, constrained=False,
+                                          progress=progress))
 
 def sweep_stage(row:dict, # a GRACE run's metrics row (its `model` folder)
-                profile:Profile, dataset:KarpathyDataset, resume:bool=False, progress:bool=True) -> list[dict]:
-    "Figure 6's rows of a trained model at the profile's beam_sizes (saved as beams_<sizes>.json beside it)."
+                profile:Profile, dataset:KarpathyDataset, resume:bool=False,
+                progress:bool=True) -> list[dict]:
+    """Figure 6's rows of a trained model at the profile's beam_sizes
+    (saved as beams_<sizes>.json beside it)."""
     sizes = _ints(profile.beam_sizes)
     return _cached(Path(row["model"]).parent/f"beams_{'-'.join(map(str, sizes))}.json", resume,
-                   lambda: beam_sweep(load_grace_model(row["model"]), dataset.queries("test"), beams=sizes,
-                                      batch_size=profile.eval_batch_size, length_penalty=profile.length_penalty, progress=progress))
+                   lambda: beam_sweep(load_grace_model(row["model"]), dataset.queries("test"),
+                                      beams=sizes, batch_size=profile.eval_batch_size,
+                                      length_penalty=profile.length_penalty, progress=progress))
 
-# %% ../nbs/13_pipeline.ipynb #7d242ec8
+# %% ../nbs/13_pipeline.ipynb #d1f4a6c9
 _EXACT = "faiss flat (exact), 1 thread"
 
 def _efficiency_summary(run) -> dict:
-    "Latency ratios (largest / smallest corpus) of GRACE structured and exact CLIP search, and their crossover."
+    """Latency ratios (largest / smallest corpus) of GRACE structured and exact CLIP search,
+    and their crossover."""
     from grace_nb.figure4 import crossover
     sizes = run.sizes()
     grace = [run.value("GRACE", "structured", n) for n in sizes]
     clip = [run.value("CLIP", _EXACT, n) for n in sizes]
     status, at = crossover(sizes, grace, clip)
-    ratio = lambda system, method: run.value(system, method, sizes[-1], "latency_ms") / run.value(system, method, sizes[0], "latency_ms")
-    return dict(smallest=sizes[0], largest=sizes[-1], grace_structured_ratio=round(ratio("GRACE", "structured"), 3),
-                clip_exact_ratio=round(ratio("CLIP", _EXACT), 3), paired_ratio=round(run.paired["ratio"], 3) if run.paired else None,
+    ratio = lambda system, method: (run.value(system, method, sizes[-1], "latency_ms")
+                                    / run.value(system, method, sizes[0], "latency_ms"))
+    return dict(smallest=sizes[0], largest=sizes[-1],
+                grace_structured_ratio=round(ratio("GRACE", "structured"), 3),
+                clip_exact_ratio=round(ratio("CLIP", _EXACT), 3),
+                paired_ratio=round(run.paired["ratio"], 3) if run.paired else None,
                 crossover=f"~{at:,.0f} images (ms/query, batches)" if at else status)
 
-def efficiency_stage(profile:Profile, # model_preset picks the backbone's size; efficiency_sizes the corpus sizes
-                     out:Path, # run folder: efficiency.json, efficiency.md, fig4_efficiency.png
-                     sizes:list[int]|None=None, # overrides the profile's efficiency_sizes
-                     resume:bool=False, # reuse efficiency.json when it was measured at the same sizes
-                     progress:bool=True, **kwargs, # more `run_efficiency` settings
-                    ) -> dict:
+# %% ../nbs/13_pipeline.ipynb #7d242ec8
+def efficiency_stage(
+    profile:Profile, # model_preset picks the backbone's size; efficiency_sizes the corpus sizes
+    out:Path, # run folder: efficiency.json, efficiency.md, fig4_efficiency.png
+    sizes:list[int]|None=None, # overrides the profile's efficiency_sizes
+    resume:bool=False, # reuse efficiency.json when it was measured at the same sizes
+    progress:bool=True, **kwargs, # more `run_efficiency` settings
+) -> dict:
     "Figure 4 for the profile's model size: the timing rows, their summary and the figure."
-    from grace_nb.figure4 import EfficiencyRun, plot_efficiency, run_efficiency, save_efficiency
-    from grace_nb.tables import efficiency_table
+    from grace_nb.figure4 import (EfficiencyRun, efficiency_table, plot_efficiency, run_efficiency,
+                                  save_efficiency)
     sizes, path = sorted(sizes or _ints(profile.efficiency_sizes)), Path(out)/"efficiency.json"
     saved = load_json(path) if resume and path.is_file() else None
     if saved and saved["settings"].get("sizes") == sizes: run = EfficiencyRun(**saved)
     else:
         backbone = "tiny" if profile.model_preset == "tiny" else "mpt1b"
-        run = run_efficiency(sizes, backbone=backbone, device="cuda" if torch.cuda.is_available() else "cpu", progress=progress, **kwargs)
+        run = run_efficiency(sizes, backbone=backbone, device="cuda" if torch.cuda.is_available()
+                             else "cpu", progress=progress, **kwargs)
         save_efficiency(run, path)
     fig = plot_efficiency(run, Path(out)/"fig4_efficiency.png")
     import matplotlib.pyplot as plt; plt.close(fig)
     summary = _efficiency_summary(run)
-    (Path(out)/"efficiency.md").write_text(f"ms per query (batches):\n\n{efficiency_table(run)}\n\n"
-                                           f"latency of one query (ms):\n\n{efficiency_table(run, 'latency_ms')}\n")
+    (Path(out)/"efficiency.md").write_text(
+        f"ms per query (batches):\n\n{efficiency_table(run)}\n\n"
+        f"latency of one query (ms):\n\n{efficiency_table(run, 'latency_ms')}\n")
     return dict(summary=summary, rows=run.rows, settings=run.settings)
 
 # %% ../nbs/13_pipeline.ipynb #4aa33922
 class _Laps:
-    "Wall seconds of consecutive stages: `laps(name)` closes the stage that ran since the last call."
+    """Wall seconds of consecutive stages:
+    `laps(name)` closes the stage that ran since the last call."""
     def __init__(self): self.last, self.seconds = time.perf_counter(), {}
     def __call__(self, name:str):
         now = time.perf_counter()
@@ -658,7 +841,8 @@ class _Laps:
 # %% ../nbs/13_pipeline.ipynb #003f3adf
 @dataclass
 class Job:
-    "One `reproduce` call: its profile and settings, the GRACE runs it plans, and the seconds of each stage."
+    """One `reproduce` call: its profile and settings, the GRACE runs it plans,
+    and the seconds of each stage."""
     profile:Profile # the loaded profile
     out:Path # the run folder
     seed:int # corpus, initialisation and data order
@@ -684,37 +868,48 @@ class Job:
     start:float=field(default_factory=time.perf_counter) # when the call began
     laps:_Laps=field(default_factory=_Laps) # seconds per stage
 
-    def __repr__(self): return f"Job({self.profile.name!r}, {str(self.out)!r}, seed={self.seed}, runs={[p['name'] for p in self.plan]})"
+    def __repr__(self): return (f"Job({self.profile.name!r}, {str(self.out)!r}, seed={self.seed}, "
+                                f"runs={[p['name'] for p in self.plan]})")
 
 # %% ../nbs/13_pipeline.ipynb #eaf6842a
-_EXPERIMENTS = ("table1", "ablations", "beams", "efficiency", "budget", "length_penalties")  # what run_all turns on
+# what run_all turns on
+_EXPERIMENTS = ("table1", "ablations", "beams", "efficiency", "budget", "length_penalties")
 
 def plan_job(profile:str|Profile="shapes", # a profile, or its name (`load_profile` reads it)
              out:str|Path="runs/shapes", # run folder
              seed:int|None=None, # overrides the profile's seed
-             identifiers:list[str]|None=None, # GRACE runs to train (default: the profile's train_identifiers)
+             # GRACE runs to train (default: the profile's train_identifiers)
+             identifiers:list[str]|None=None,
              verbose:bool=True, # progress bars and the final tables, on rank 0
              run_all:bool=False, # every experiment, and findings.md
              **settings, # the other arguments of `reproduce`: fields of `Job`
             ) -> Job:
-    "Load the profile, join a launcher's ranks, seed, check the identifier types and plan the GRACE runs."
-    start, prof = time.perf_counter(), load_profile(profile) if isinstance(profile, str) else profile
-    init_ranks()  # under a launcher: join its process group (00_core's rank helpers decide who writes)
+    """Load the profile, join a launcher's ranks, seed, check the identifier types
+    and plan the GRACE runs."""
+    start, prof = (time.perf_counter(),
+                   load_profile(profile) if isinstance(profile, str) else profile)
+    # under a launcher: join its process group (00_core's rank helpers decide who writes)
+    init_ranks()
     if run_all: settings |= dict.fromkeys(_EXPERIMENTS, True)
     seed = prof.seed if seed is None else seed
     seed_everything(seed)
     kinds = str(prof.train_identifiers).split() if identifiers is None else list(identifiers)
     if unknown := [k for k in kinds if k not in str(prof.identifier_types).split()]:
-        raise GraceError(f"cannot train {unknown[0]!r} identifiers: profile [{prof.name}] builds {prof.identifier_types}")
-    plan = _run_plan(kinds, prof, table1=settings.get("table1", False), ablations=settings.get("ablations", False))
-    return Job(prof, Path(out), seed, kinds, plan, progress=verbose and is_main_process(), run_all=run_all, start=start, **settings)
+        raise GraceError(f"cannot train {unknown[0]!r} identifiers: "
+                         f"profile [{prof.name}] builds {prof.identifier_types}")
+    plan = _run_plan(kinds, prof, table1=settings.get("table1", False),
+                     ablations=settings.get("ablations", False))
+    return Job(prof, Path(out), seed, kinds, plan, progress=verbose and is_main_process(),
+               run_all=run_all, start=start, **settings)
 
 # %% ../nbs/13_pipeline.ipynb #67dbf8c0
 @patch
 def files(self:Job) -> list[Path]:
     "The metrics, tables and figures the job writes in its run folder (model folders aside)."
-    asked = [(True, "metrics.json table1.md"), (self.ablations, "table2.md"), (self.beams, "beams.md fig6_beams.png"),
-             (self.length_penalties, "length_penalty.md fig_length_penalty.png"), (self.budget, "budget.md fig_budget.png"),
+    asked = [(True, "metrics.json table1.md"), (self.ablations, "table2.md"),
+             (self.beams, "beams.md fig6_beams.png"),
+             (self.length_penalties, "length_penalty.md fig_length_penalty.png"),
+             (self.budget, "budget.md fig_budget.png"),
              (self.efficiency, "efficiency.md fig4_efficiency.png"), (self.run_all, "findings.md")]
     return [self.out/name for flag, names in asked if flag for name in names.split()]
 
@@ -723,10 +918,12 @@ def files(self:Job) -> list[Path]:
 def corpus(self:Job) -> KarpathyDataset:
     "The job's corpus (generated into out/data, or read), with train and test images."
     folder = self.out/"data" if self.profile.corpus == "shapes" else None
-    dataset = prepare_corpus(self.profile, folder, seed=self.seed, n_train=self.n_train, n_val=self.n_val, n_test=self.n_test,
-                             progress=self.progress)
-    for split in ("train", "test"):  # training needs train images; the retrieval corpus is the test split
-        if not dataset.split(split): raise GraceError(f"the main job needs at least one {split} image; {dataset.summary()}")
+    dataset = prepare_corpus(self.profile, folder, seed=self.seed, n_train=self.n_train,
+                             n_val=self.n_val, n_test=self.n_test, progress=self.progress)
+    # training needs train images; the retrieval corpus is the test split
+    for split in ("train", "test"):
+        if not dataset.split(split):
+            raise GraceError(f"the main job needs at least one {split} image; {dataset.summary()}")
     self.laps("corpus")
     return dataset
 
@@ -734,7 +931,8 @@ def corpus(self:Job) -> KarpathyDataset:
 @patch
 def clip(self:Job, dataset:KarpathyDataset) -> tuple[dict, dict]:
     "The CLIP baseline's Table 1 row and its image embeddings (image id -> vector)."
-    clip_run, clip_row = clip_stage(self.profile, dataset, self.out, self.seed, steps=self.clip_steps, resume=self.resume,
+    clip_run, clip_row = clip_stage(self.profile, dataset, self.out, self.seed,
+                                    steps=self.clip_steps, resume=self.resume,
                                     progress=self.progress)
     clip_table = image_embedding_table(clip_run, dataset, progress=self.progress)
     self.laps("clip")
@@ -743,8 +941,10 @@ def clip(self:Job, dataset:KarpathyDataset) -> tuple[dict, dict]:
 # %% ../nbs/13_pipeline.ipynb #55ea8176
 @patch
 def backbone(self:Job, dataset:KarpathyDataset) -> tuple[dict[str, Preset], object]:
-    "The run's presets ({'pretrained': ...}, with its from-scratch twin at tutorial scale) and the pretrained Flamingo."
-    presets = backbone_stage(self.profile, self.out, corpus_seed=self.seed, corpus_images=len(dataset), overrides=self.pretrain,
+    """The run's presets ({'pretrained': ...}, with its from-scratch twin at tutorial scale)
+    and the pretrained Flamingo."""
+    presets = backbone_stage(self.profile, self.out, corpus_seed=self.seed,
+                             corpus_images=len(dataset), overrides=self.pretrain,
                              progress=self.progress, dataset=dataset)
     base = load_flamingo(presets["pretrained"])
     self.laps("backbone (pretraining unless cached)")
@@ -757,99 +957,129 @@ def vision_features(self:Job, base, # the pretrained Flamingo (its vision encode
                     splits:tuple[str, ...]=("train", "test"), # whose images
                     lap:str|None="vision features", # the stage this closes (None: none)
                    ) -> FeatureCache:
-    "Frozen vision features of the images of `splits`: a FeatureCache in RAM (tutorial scale) or BatchFeatures (paper scale)."
+    """Frozen vision features of the images of `splits`:
+    a FeatureCache in RAM (tutorial scale) or BatchFeatures (paper scale)."""
     records = [r for r in dataset.records if r.split in splits]
-    features = feature_source(base, dataset, records, self.profile.feature_cache, progress=self.progress, device="auto",
-                              dtype=pick_dtype(pick_device(self.profile.device), self.profile.precision))
+    features = feature_source(base, dataset, records, self.profile.feature_cache,
+                              progress=self.progress, device="auto",
+                              dtype=pick_dtype(pick_device(self.profile.device),
+                                               self.profile.precision))
     if lap: self.laps(lap)
     return features
 
 # %% ../nbs/13_pipeline.ipynb #6ed099fb
 @patch
-def captioner(self:Job, preset:Preset, dataset:KarpathyDataset, features:FeatureCache) -> tuple[dict|None, dict|None]:
-    "Test image id -> generated captions, and the captioner's report; (None, None) when no run needs captions."
+def captioner(self:Job, preset:Preset, dataset:KarpathyDataset,
+              features:FeatureCache) -> tuple[dict|None, dict|None]:
+    """Test image id -> generated captions, and the captioner's report;
+    (None, None) when no run needs captions."""
     needed = int(self.profile.pseudo_queries) > 0 or any(p["kind"] == "semantic" for p in self.plan)
-    generated, report = (captioner_stage(self.profile, preset, dataset, features, self.out, self.seed, steps=self.caption_steps,
-                                         resume=self.resume, progress=self.progress) if needed else (None, None))
+    generated, report = (captioner_stage(self.profile, preset, dataset, features, self.out,
+                                         self.seed, steps=self.caption_steps, resume=self.resume,
+                                         progress=self.progress) if needed else (None, None))
     self.laps("captioner")
     return generated, report
 
 # %% ../nbs/13_pipeline.ipynb #164c679f
 @patch
-def identifiers(self:Job, dataset:KarpathyDataset, clip_table:dict, # the corpus; image id -> CLIP embedding
+def identifiers(self:Job,
+                dataset:KarpathyDataset, clip_table:dict, # the corpus; image id -> CLIP embedding
                 tokenizer, # the backbone's tokenizer (a copy gets the identifier tokens)
                 generated:dict[int, list[str]]|None, # the captioner's captions of the test images
                ) -> tuple[dict[str, IdentifierMap], list[dict], list[tuple[str, int]]|None]:
-    "Every identifier type's map, their token and trie report, and the pseudo-queries (caption, test image id)."
+    """Every identifier type's map, their token and trie report,
+    and the pseudo-queries (caption, test image id)."""
     captions = semantic_captions(dataset, generated) if generated else None
     embeddings = np.stack([clip_table[r.image_id] for r in dataset.records])
-    identifier_maps = identifier_stage(dataset, self.profile, embeddings, self.out, captions=captions, seed=self.seed,
-                                       progress=self.progress)
-    id_rows, _ = identifier_report(identifier_maps, copy.deepcopy(tokenizer), [r.image_id for r in dataset.split("test")])
-    pseudo = pseudo_queries(generated) if generated and int(self.profile.pseudo_queries) > 0 else None
+    identifier_maps = identifier_stage(dataset, self.profile, embeddings, self.out,
+                                       captions=captions, seed=self.seed, progress=self.progress)
+    id_rows, _ = identifier_report(identifier_maps, copy.deepcopy(tokenizer),
+                                   [r.image_id for r in dataset.split("test")])
+    pseudo = (pseudo_queries(generated) if generated and int(self.profile.pseudo_queries) > 0
+              else None)
     self.laps("identifiers")
     return identifier_maps, id_rows, pseudo
 
 # %% ../nbs/13_pipeline.ipynb #61d78939
 @patch
-def grace_runs(self:Job, presets:dict[str, Preset], dataset:KarpathyDataset, identifier_maps:dict[str, IdentifierMap],
-               features:FeatureCache, clip_table:dict, pseudo:list[tuple[str, int]]|None) -> list[dict]:
-    "Train and evaluate the planned runs in order (with `resume`, finished ones are read back); each row gets its `table`."
+def grace_runs(self:Job, presets:dict[str, Preset], dataset:KarpathyDataset,
+               identifier_maps:dict[str, IdentifierMap], features:FeatureCache, clip_table:dict,
+               pseudo:list[tuple[str, int]]|None) -> list[dict]:
+    """Train and evaluate the planned runs in order (with `resume`, finished ones are read back);
+    each row gets its `table`."""
     rows = []
     for p in self.plan:
-        shared = dict(extra_queries=pseudo if p["pseudo"] else None, train_steps=self.train_steps, resume=self.resume,
-                      progress=self.progress, name=p["name"], variant=p["variant"])
-        if p.get("head"): row = classifier_stage(self.profile, presets[p["backbone"]], dataset, clip_table, self.out, self.seed, **shared)
-        else: row = grace_stage(p["kind"], self.profile, presets[p["backbone"]], dataset, identifier_maps[p["kind"]], features,
-                                self.out, self.seed, clip_table, memorize=p["memorize"], atomic_init=p["init"], **shared)
+        shared = dict(extra_queries=pseudo if p["pseudo"] else None, train_steps=self.train_steps,
+                      resume=self.resume, progress=self.progress, name=p["name"],
+                      variant=p["variant"])
+        if p.get("head"):
+            row = classifier_stage(self.profile, presets[p["backbone"]], dataset, clip_table,
+                                   self.out, self.seed, **shared)
+        else:
+            row = grace_stage(p["kind"], self.profile, presets[p["backbone"]], dataset,
+                              identifier_maps[p["kind"]], features, self.out, self.seed, clip_table,
+                              memorize=p["memorize"], atomic_init=p["init"], **shared)
         rows.append(row | {"table": p["table"]})
     self.laps("GRACE runs (training, evaluation, memorization)")
     return rows
 
 # %% ../nbs/13_pipeline.ipynb #2d2c323e
 def _pretraining_summary(preset:Preset) -> dict:
-    "What the preset's pretraining.json says about how it was built (empty for presets not built here)."
+    """What the preset's pretraining.json says about how it was built
+    (empty for presets not built here)."""
     path = Path(preset.root)/"pretraining.json"
     if not path.is_file(): return {}
     report, shapes_pool = load_json(path), pool_dir(preset.root)/"dataset_pool.json"
     provenance = report.get("pool_provenance")
-    if provenance is None and shapes_pool.is_file():  # a preset built before provenance was recorded
+    # a preset built before provenance was recorded
+    if provenance is None and shapes_pool.is_file():
         pool = load_karpathy(shapes_pool, splits=("train", "val"), progress=False)
         provenance = pool_provenance(pool, f"shapes (seed {report['config']['seed']})")
-    return dict(pretraining_seconds=report.get("seconds"), pretraining=report.get("config"), pretraining_final=report["history"][-1],
-                pretraining_pool=provenance)
+    return dict(pretraining_seconds=report.get("seconds"), pretraining=report.get("config"),
+                pretraining_final=report["history"][-1], pretraining_pool=provenance)
 
 @patch
-def main_metrics(self:Job, dataset:KarpathyDataset, clip_row:dict, rows:list[dict], identifier_maps:dict[str, IdentifierMap],
-                 id_rows:list[dict], caption_report:dict|None, preset:Preset) -> dict:
-    "metrics.json's main part: corpus, ceiling, Table 1's rows, identifier statistics, the captioner's report, the backbone."
+def main_metrics(self:Job, dataset:KarpathyDataset, clip_row:dict, rows:list[dict],
+                 identifier_maps:dict[str, IdentifierMap], id_rows:list[dict],
+                 caption_report:dict|None, preset:Preset) -> dict:
+    """metrics.json's main part: corpus, ceiling, Table 1's rows, identifier statistics,
+    the captioner's report, the backbone."""
     test_ids = [r.image_id for r in dataset.split("test")]
     # the best R@K any ranking can reach when captions fit several images (shapes scene graphs only)
-    ceiling = ambiguity_ceiling(dataset) if all(r.scene is not None for r in dataset.split("test")) else None
-    return dict(profile=self.profile.name, seed=self.seed, dataset=dataset.summary(), ceiling=ceiling,
-                runs=[clip_row] + [r for r in rows if r["table"] == 1], identifiers=id_rows,
-                semantic_captions=("gold first caption for train/val images, the captioner's best caption for test images"
-                                   if caption_report else "not built from generated captions (no captioner in this run)"),
+    ceiling = (ambiguity_ceiling(dataset) if all(r.scene is not None for r in dataset.split("test"))
+               else None)
+    return dict(profile=self.profile.name, seed=self.seed, dataset=dataset.summary(),
+                ceiling=ceiling, runs=[clip_row] + [r for r in rows if r["table"] == 1],
+                identifiers=id_rows,
+                semantic_captions=("gold first caption for train/val images, the captioner's "
+                                   "best caption for test images" if caption_report else
+                                   "not built from generated captions (no captioner in this run)"),
                 semantic_collisions=identifier_maps["semantic"].subset(test_ids).collision_summary()
                                     if "semantic" in identifier_maps else None,
-                captioner=caption_report, structured_embeddings=f"CLIP image embeddings ({clip_row['variant']})",
-                backbone=dict(preset=str(preset.root), name=preset.name, **_pretraining_summary(preset)))
+                captioner=caption_report,
+                structured_embeddings=f"CLIP image embeddings ({clip_row['variant']})",
+                backbone=dict(preset=str(preset.root), name=preset.name,
+                              **_pretraining_summary(preset)))
 
 # %% ../nbs/13_pipeline.ipynb #8a4a0e23
 @patch
 def table2(self:Job, models:list[dict], # the main job's pretrained rows, one per identifier type
            rows:list[dict], # every run's row (the ablation runs are table 2's)
            dataset:KarpathyDataset) -> list[dict]:
-    "Table 2's rows: per type its full row, its ablation runs and its free generation (saved as free.json)."
-    free = [free_stage(r, self.profile, dataset, resume=self.resume, progress=self.progress) for r in models]
+    """Table 2's rows: per type its full row, its ablation runs and its free generation
+    (saved as free.json)."""
+    free = [free_stage(r, self.profile, dataset, resume=self.resume, progress=self.progress)
+            for r in models]
     return _table2_rows(models, [r for r in rows if r["table"] == 2], free)
 
 # %% ../nbs/13_pipeline.ipynb #99c18360
 @patch
 def beam_sweep(self:Job, models:list[dict], dataset:KarpathyDataset) -> list[dict]:
-    "Figure 6's rows (each main model at each of the profile's beam sizes), and on rank 0 out/fig6_beams.png."
+    """Figure 6's rows (each main model at each of the profile's beam sizes),
+    and on rank 0 out/fig6_beams.png."""
     import matplotlib.pyplot as plt
-    rows = [row for r in models for row in sweep_stage(r, self.profile, dataset, resume=self.resume, progress=self.progress)]
+    rows = [row for r in models for row in sweep_stage(r, self.profile, dataset, resume=self.resume,
+                                                       progress=self.progress)]
     if is_main_process():
         title = f"Figure 6 at tutorial scale ({self.profile.name}, seed {self.seed})"
         plt.close(plot_beam_sweep(rows, self.out/"fig6_beams.png", title=title))
@@ -859,84 +1089,120 @@ def beam_sweep(self:Job, models:list[dict], dataset:KarpathyDataset) -> list[dic
 @patch
 def validation_sweeps(self:Job, presets:dict[str, Preset], base, dataset:KarpathyDataset,
                       identifier_maps:dict[str, IdentifierMap], clip_table:dict,
-                      features:FeatureCache, # the main job's (train and test images): for the distinctness table
+                      # the main job's (train and test images): for the distinctness table
+                      features:FeatureCache,
                      ) -> dict:
-    "The length-penalty sweep and the training budget on the validation split (those asked for), with their figures."
+    """The length-penalty sweep and the training budget on the validation split
+    (those asked for), with their figures."""
     val_features = self.vision_features(base, dataset, splits=("train", "val"), lap=None)
-    args = (self.profile, presets["pretrained"], dataset, identifier_maps, val_features, self.out, self.seed, clip_table)
-    shared, found, which = dict(train_steps=self.train_steps, resume=self.resume, progress=self.progress), {}, f"({self.profile.name}, seed {self.seed})"
+    args = (self.profile, presets["pretrained"], dataset, identifier_maps, val_features, self.out,
+            self.seed, clip_table)
+    shared, found, which = (dict(train_steps=self.train_steps, resume=self.resume,
+                                 progress=self.progress),
+                            {}, f"({self.profile.name}, seed {self.seed})")
     if self.length_penalties:
         rows = length_penalty_stage(*args, **shared)
-        found["length_penalty"] = dict(rows=rows, best=best_length_penalty(rows), used=self.profile.length_penalty)
-        if is_main_process(): plot_length_penalty(rows, self.out/"fig_length_penalty.png", title=f"Length penalty on the validation split {which}")
+        found["length_penalty"] = dict(rows=rows, best=best_length_penalty(rows),
+                                       used=self.profile.length_penalty)
+        if is_main_process():
+            plot_length_penalty(rows, self.out/"fig_length_penalty.png",
+                                title=f"Length penalty on the validation split {which}")
     if self.budget:
         found["budget"] = budget_stage(*args, **shared)
-        found["vision_distinctness"] = {name: vision_distinctness(load_flamingo(p), features) for name, p in presets.items()}
-        if is_main_process(): plot_budget(found["budget"], self.out/"fig_budget.png", title=f"Training budget on the validation split {which}")
+        found["vision_distinctness"] = {name: vision_distinctness(load_flamingo(p), features)
+                                        for name, p in presets.items()}
+        if is_main_process():
+            plot_budget(found["budget"], self.out/"fig_budget.png",
+                        title=f"Training budget on the validation split {which}")
     return found
 
 # %% ../nbs/13_pipeline.ipynb #6201f877
 @patch
 def paper_findings(self:Job, metrics:dict, dataset:KarpathyDataset, features:FeatureCache) -> dict:
-    "The first main run's training curve, then each paper finding judged on the metrics (with that curve)."
+    """The first main run's training curve,
+    then each paper finding judged on the metrics (with that curve)."""
     kind = self.kinds[0]
-    curve = dict(run=f"grace-{kind}", rows=training_curve(self.out/f"grace-{kind}", self.profile, dataset, features))
+    curve = dict(run=f"grace-{kind}",
+                 rows=training_curve(self.out/f"grace-{kind}", self.profile, dataset, features))
     return dict(training_curve=curve, findings=findings(metrics | {"training_curve": curve}))
 
 # %% ../nbs/13_pipeline.ipynb #52682b60
 @patch
-def experiments(self:Job, metrics:dict, rows:list[dict], presets:dict[str, Preset], base, dataset:KarpathyDataset,
-                identifier_maps:dict[str, IdentifierMap], clip_table:dict, features:FeatureCache) -> dict:
-    "`metrics` with the rows of each experiment asked for: Table 2, Figure 6, the validation sweeps, Figure 4, the findings."
-    models = [r for r in rows if r["table"] == 1 and r["backbone"] == presets["pretrained"].name  # one pretrained model per type
-              and not (r["identifier"] == "atomic" and r["atomic_init"] != self.profile.atomic_init)]
+def experiments(self:Job, metrics:dict, rows:list[dict], presets:dict[str, Preset], base,
+                dataset:KarpathyDataset, identifier_maps:dict[str, IdentifierMap], clip_table:dict,
+                features:FeatureCache) -> dict:
+    """`metrics` with the rows of each experiment asked for: Table 2, Figure 6,
+    the validation sweeps, Figure 4, the findings."""
+    # one pretrained model per type
+    models = [r for r in rows if r["table"] == 1 and r["backbone"] == presets["pretrained"].name
+              and not (r["identifier"] == "atomic"
+                       and r["atomic_init"] != self.profile.atomic_init)]
     if self.ablations: metrics["table2"] = self.table2(models, rows, dataset)
     if self.beams: metrics["beam_sweep"] = self.beam_sweep(models, dataset)
     if self.length_penalties or self.budget:
-        metrics |= self.validation_sweeps(presets, base, dataset, identifier_maps, clip_table, features)
+        metrics |= self.validation_sweeps(presets, base, dataset, identifier_maps, clip_table,
+                                          features)
     if self.efficiency:  # timed on rank 0 alone, its result shared with the others
-        metrics["efficiency"] = main_only(lambda: efficiency_stage(self.profile, self.out, sizes=self.efficiency_sizes,
-                                                                   resume=self.resume, progress=self.progress))
+        metrics["efficiency"] = main_only(lambda: efficiency_stage(
+            self.profile, self.out, sizes=self.efficiency_sizes, resume=self.resume,
+            progress=self.progress))
     if self.run_all: metrics |= self.paper_findings(metrics, dataset, features)
     self.laps("experiments")
     return metrics
 
 # %% ../nbs/13_pipeline.ipynb #e77d0523
 def _title(prof:Profile, seed:int, metrics:dict, n_queries:int, table:str) -> str:
-    counts = ", ".join(f"{split} {c['images']}" for split, c in metrics["dataset"].items() if split != "total")
-    return (f"Profile `{prof.name}`, seed {seed}, corpus {counts} images. Ours: text-to-image Recall@K (%) over "
-            f"{n_queries} test captions. Paper: Flickr30K, {table}.")
+    counts = ", ".join(f"{split} {c['images']}" for split, c in metrics["dataset"].items()
+                       if split != "total")
+    return (f"Profile `{prof.name}`, seed {seed}, corpus {counts} images. "
+            f"Ours: text-to-image Recall@K (%) over {n_queries} test captions. "
+            f"Paper: Flickr30K, {table}.")
 
 @patch
 def write(self:Job, metrics:dict):
-    "Rank 0's last stage: the job's seconds into `metrics`, then metrics.json and the markdown tables in the run folder."
-    metrics["seconds"], metrics["stage_seconds"] = round(time.perf_counter() - self.start, 1), self.laps.seconds
+    """Rank 0's last stage: the job's seconds into `metrics`,
+    then metrics.json and the markdown tables in the run folder."""
+    metrics["seconds"], metrics["stage_seconds"] = (round(time.perf_counter() - self.start, 1),
+                                                    self.laps.seconds)
     save_json(metrics, self.out/"metrics.json")
-    title = lambda table: _title(self.profile, self.seed, metrics, metrics["runs"][0]["n_queries"], table)  # CLIP's row: all captions
-    (self.out/"table1.md").write_text(table1_markdown(metrics["runs"], title("Table 1"), ceiling=metrics["ceiling"]) + "\n")
-    if self.ablations: (self.out/"table2.md").write_text(table2_markdown(metrics["table2"], title("Table 2")) + "\n")
+    # CLIP's row: all captions
+    title = lambda table: _title(self.profile, self.seed, metrics, metrics["runs"][0]["n_queries"],
+                                 table)
+    (self.out/"table1.md").write_text(table1_markdown(metrics["runs"], title("Table 1"),
+                                                      ceiling=metrics["ceiling"]) + "\n")
+    if self.ablations:
+        (self.out/"table2.md").write_text(
+            table2_markdown(metrics["table2"], title("Table 2")) + "\n")
     if self.beams: (self.out/"beams.md").write_text(markdown_table(metrics["beam_sweep"]) + "\n")
     if self.budget: (self.out/"budget.md").write_text(markdown_table(metrics["budget"]) + "\n")
-    if self.length_penalties: (self.out/"length_penalty.md").write_text(markdown_table(metrics["length_penalty"]["rows"]) + "\n")
-    if self.run_all: (self.out/"findings.md").write_text(findings_markdown(metrics["findings"]) + "\n")
+    if self.length_penalties:
+        (self.out/"length_penalty.md").write_text(
+            markdown_table(metrics["length_penalty"]["rows"]) + "\n")
+    if self.run_all:
+        (self.out/"findings.md").write_text(findings_markdown(metrics["findings"]) + "\n")
     if self.progress: self.report(metrics)
 
 # %% ../nbs/13_pipeline.ipynb #fe67a12b
 def _diagnostics(row:dict) -> dict:
     "Memorized train / test (top-1 %) and the collapse flag of a row, for the terminal table."
     mem, collapse = row.get("memorization") or {}, row.get("collapse") or {}
-    return {"memorized": " / ".join(str(mem[s]["top1"]) for s in ("train", "test") if s in mem) or None,
+    return {"memorized": (" / ".join(str(mem[s]["top1"]) for s in ("train", "test") if s in mem)
+                          or None),
             "collapsed": collapse.get("collapsed")}
 
 @patch
 def report(self:Job, metrics:dict):
-    "Print Table 1 (with memorization and collapse), the experiments' tables, the seconds per stage and the files written."
-    keys = ("method", "identifier", "variant", "R@1", "R@5", "R@10", "n_queries", "train_seconds", "eval_seconds")
+    """Print Table 1 (with memorization and collapse), the experiments' tables,
+    the seconds per stage and the files written."""
+    keys = ("method", "identifier", "variant", "R@1", "R@5", "R@10", "n_queries", "train_seconds",
+            "eval_seconds")
     shown = [{k: r.get(k) for k in keys} | _diagnostics(r) for r in metrics["runs"]]
     title = _title(self.profile, self.seed, metrics, metrics["runs"][0]["n_queries"], "Table 1")
     print(f"\n{title} {metrics['seconds']} s in all.\n{text_table(shown)}")
-    if self.ablations: print("\nTable 2\n" + text_table([{k: r.get(k) for k in ("identifier", "variant", "R@1", "R@5", "R@10", "invalid_rate")}
-                                                          for r in metrics["table2"]]))
+    if self.ablations:
+        print("\nTable 2\n" + text_table(
+            [{k: r.get(k) for k in ("identifier", "variant", "R@1", "R@5", "R@10", "invalid_rate")}
+             for r in metrics["table2"]]))
     if self.beams: print("\nFigure 6\n" + text_table(metrics["beam_sweep"]))
     if self.budget: print("\nTraining budget (validation split)\n" + text_table(metrics["budget"]))
     if self.run_all: print("\n" + findings_markdown(metrics["findings"]))
@@ -944,36 +1210,42 @@ def report(self:Job, metrics:dict):
     print("written: " + ", ".join(str(p) for p in self.files()))
 
 # %% ../nbs/13_pipeline.ipynb #44c4b353
-def reproduce(profile:str|Profile="shapes", # a profile, or its name (`load_profile` reads it)
-              out:str|Path="runs/shapes", # run folder
-              seed:int|None=None, # overrides the profile's seed
-              n_train:int|None=None, n_val:int|None=None, n_test:int|None=None, # generated corpus sizes
-              train_steps:int|None=None, # overrides the profile's GRACE train_steps
-              clip_steps:int|None=None, # overrides the profile's clip_steps
-              identifiers:list[str]|None=None, # GRACE runs to train (default: the profile's train_identifiers)
-              resume:bool=False, # reuse the saved CLIP and captions, skip finished runs, continue unfinished ones
-              verbose:bool=True, # progress bars and the final tables
-              table1:bool=False, # Table 1: every identifier type, atomic with both inits
-              ablations:bool=False, # Table 2: w/o memorize, w/o constrained generation, w/o pseudo-queries
-              beams:bool=False, # Figure 6: the beam-size sweep
-              efficiency:bool=False, # Figure 4: latency against corpus size
-              run_all:bool=False, # every experiment, and findings.md
-              efficiency_sizes:list[int]|None=None, # corpus sizes of Figure 4 (default: the profile's efficiency_sizes)
-              caption_steps:int|None=None, # overrides the profile's caption_steps
-              pretrain:dict|None=None, # PretrainConfig fields to override (tiny profiles), e.g. {"steps": 10}
-              budget:bool=False, # R@K and memorization against training steps, on the validation split
-              length_penalties:bool=False, # validation R@K of the multi-token identifier types at each length penalty
-             ) -> dict:
-    "The main job (and the paper's experiments on request): writes metrics.json, table1.md and the experiments' files."
+def reproduce(
+    profile:str|Profile="shapes", # a profile, or its name (`load_profile` reads it)
+    out:str|Path="runs/shapes", # run folder
+    seed:int|None=None, # overrides the profile's seed
+    n_train:int|None=None, n_val:int|None=None, n_test:int|None=None, # generated corpus sizes
+    train_steps:int|None=None, # overrides the profile's GRACE train_steps
+    clip_steps:int|None=None, # overrides the profile's clip_steps
+    identifiers:list[str]|None=None, # GRACE runs to train (default: train_identifiers)
+    # reuse the saved CLIP and captions, skip finished runs, continue unfinished ones
+    resume:bool=False,
+    verbose:bool=True, # progress bars and the final tables
+    table1:bool=False, # Table 1: every identifier type, atomic with both inits
+    ablations:bool=False, # Table 2: w/o memorize, w/o constrained generation, w/o pseudo-queries
+    beams:bool=False, # Figure 6: the beam-size sweep
+    efficiency:bool=False, # Figure 4: latency against corpus size
+    run_all:bool=False, # every experiment, and findings.md
+    efficiency_sizes:list[int]|None=None, # Figure 4's corpus sizes (default: the profile's)
+    caption_steps:int|None=None, # overrides the profile's caption_steps
+    pretrain:dict|None=None, # PretrainConfig fields to override (tiny profiles), e.g. {"steps": 10}
+    budget:bool=False, # R@K and memorization against training steps, on the validation split
+    length_penalties:bool=False, # validation R@K of multi-token identifier types per length penalty
+) -> dict:
+    """The main job (and the paper's experiments on request):
+    writes metrics.json, table1.md and the experiments' files."""
     job = plan_job(**locals())  # every argument is a setting of the job
     dataset = job.corpus()
     clip_row, clip_table = job.clip(dataset)
     presets, base = job.backbone(dataset)
     features = job.vision_features(base, dataset)
     generated, caption_report = job.captioner(presets["pretrained"], dataset, features)
-    identifier_maps, id_rows, pseudo = job.identifiers(dataset, clip_table, base.tokenizer, generated)
+    identifier_maps, id_rows, pseudo = job.identifiers(dataset, clip_table, base.tokenizer,
+                                                       generated)
     rows = job.grace_runs(presets, dataset, identifier_maps, features, clip_table, pseudo)
-    metrics = job.main_metrics(dataset, clip_row, rows, identifier_maps, id_rows, caption_report, presets["pretrained"])
-    metrics = job.experiments(metrics, rows, presets, base, dataset, identifier_maps, clip_table, features)
-    if is_main_process(): job.write(metrics)  # after every collective step: rank 0 alone writes the files
+    metrics = job.main_metrics(dataset, clip_row, rows, identifier_maps, id_rows, caption_report,
+                               presets["pretrained"])
+    metrics = job.experiments(metrics, rows, presets, base, dataset, identifier_maps, clip_table,
+                              features)
+    if is_main_process(): job.write(metrics)  # after every collective step, rank 0 alone writes
     return metrics

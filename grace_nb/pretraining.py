@@ -17,9 +17,11 @@ from safetensors.torch import save_file
 from transformers import get_linear_schedule_with_warmup
 
 from .core import GraceError, Profile, atomic_write, load_json, save_json, progress_bar
-from .data import KarpathyDataset, _scene_key, _shapes_entry, caption_scene, draw_scene, load_karpathy, sample_scene, sample_scenes
+from .data import (KarpathyDataset, _scene_key, _shapes_entry, caption_scene, draw_scene,
+                           load_karpathy, sample_scene, sample_scenes)
 from .identifiers import train_bpe_tokenizer
-from .backbone import Flamingo, Preset, flamingo_forward, load_flamingo, tiny_clip_config, tiny_lm_config, vision_features, write_tiny_preset
+from .backbone import (Flamingo, Preset, flamingo_forward, load_flamingo, tiny_clip_config,
+                               tiny_lm_config, vision_features, write_tiny_preset)
 from .clip import save_clip, train_clip
 
 # %% auto #0
@@ -31,11 +33,13 @@ __all__ = ['TASKS', 'PretrainingError', 'pool_scenes', 'write_pretraining_pool',
 
 # %% ../nbs/05a_pretraining.ipynb #e370f7a7
 class PretrainingError(GraceError, ValueError):
-    "Pretraining settings or inputs that cannot work: an empty pool, a pool that cannot avoid the corpus, bad steps."
+    """Pretraining settings or inputs that cannot work: an empty pool, a pool that cannot avoid the
+    corpus, bad steps."""
 
 def pool_scenes(n:int, # how many pool scenes
                 seed:int, # the pool seed (stream `default_rng([seed, 2])`)
-                exclude:Sequence[dict]=(), # scene graphs the pool must not contain (the retrieval corpus')
+                # scene graphs the pool must not contain (the retrieval corpus')
+                exclude:Sequence[dict]=(),
                ) -> list[dict]:
     "`n` distinct scenes from the pool's own random stream, none of them in `exclude`."
     if n < 1: raise PretrainingError(f"the pretraining pool needs at least one image, got {n}")
@@ -45,27 +49,32 @@ def pool_scenes(n:int, # how many pool scenes
         if (key := _scene_key(scene)) in seen: continue
         seen.add(key); scenes.append(scene)
         if len(scenes) == n: return scenes
-    raise PretrainingError(f"could not draw {n} pool scenes outside the {len(exclude)} excluded ones")
+    raise PretrainingError(f"could not draw {n} pool scenes outside the {len(exclude)} "
+                           "excluded ones")
 
 # %% ../nbs/05a_pretraining.ipynb #0f61c971
 def write_pretraining_pool(out_dir:str|Path, # folder for images/ and dataset_pool.json
                            n_images:int=2000, # pool images trained on (split "train")
-                           n_heldout:int=50, # pool images never trained on (split "val"): the captions we show
+                           # pool images never trained on (split "val"): the captions we show
+                           n_heldout:int=50,
                            seed:int=7, # the pool seed
                            exclude:Sequence[dict]=(), # the corpus' scene graphs
                            image_size:int=64, n_captions:int=5, # as the corpus
                            progress:bool=True,
                           ) -> KarpathyDataset:
-    "Render the pool as a Karpathy-format dataset (train = pretraining images, val = held-out ones) and load it."
+    """Render the pool as a Karpathy-format dataset (train = pretraining images, val = held-out
+    ones) and load it."""
     out_dir, scenes = Path(out_dir), pool_scenes(n_images + n_heldout, seed, exclude)
     (out_dir/"images").mkdir(parents=True, exist_ok=True)
     entries = []
-    for i, scene in enumerate(progress_bar(scenes, desc="pretraining pool", leave=False, progress=progress)):
+    for i, scene in enumerate(progress_bar(scenes, desc="pretraining pool", leave=False,
+                                           progress=progress)):
         draw_scene(scene, image_size).save(out_dir/"images"/f"shapes_{i:06d}.png", format="PNG")
         captions = caption_scene(scene, np.random.default_rng([seed, 3, i]), n_captions)
-        entries.append(_shapes_entry(i, "train" if i < n_images else "val", scene, captions, first_sentid=i * n_captions))
-    path = save_json({"dataset": "shapes-pool", "generator": {"seed": seed, "stream": 2}, "images": entries},
-                     out_dir/"dataset_pool.json")
+        entries.append(_shapes_entry(i, "train" if i < n_images else "val", scene, captions,
+                                     first_sentid=i * n_captions))
+    path = save_json({"dataset": "shapes-pool", "generator": {"seed": seed, "stream": 2},
+                      "images": entries}, out_dir/"dataset_pool.json")
     return load_karpathy(path, splits=("train", "val"), progress=False)
 
 # %% ../nbs/05a_pretraining.ipynb #b6126150
@@ -74,34 +83,41 @@ def image_hashes(dataset:KarpathyDataset, # any loaded dataset
                 ) -> dict[str, int]:
     "SHA-256 of each image's decoded RGB pixels -> image id."
     records = dataset.records if split is None else dataset.split(split)
-    return {hashlib.sha256(np.asarray(dataset.load_image(r)).tobytes()).hexdigest(): r.image_id for r in records}
+    return {hashlib.sha256(np.asarray(dataset.load_image(r)).tobytes()).hexdigest(): r.image_id
+            for r in records}
 
 # %% ../nbs/05a_pretraining.ipynb #aac7e937
 def pool_provenance(pool:KarpathyDataset, # the pool a preset was pretrained on
                     source:str, # where it came from, in words
                    ) -> dict:
-    "What a preset was pretrained on: source, image counts, and a hash of the train images' pixels and captions."
+    """What a preset was pretrained on: source, image counts, and a hash of the train images' pixels
+    and captions."""
     digest = hashlib.sha256()
     for pixels, image_id in sorted(image_hashes(pool, "train").items()):
-        digest.update(pixels.encode()); digest.update("\n".join(pool.by_id(image_id).captions).encode())
+        digest.update(pixels.encode())
+        digest.update("\n".join(pool.by_id(image_id).captions).encode())
     return dict(source=source, images=len(pool.split("train")), heldout=len(pool.split("val")),
                 content_hash=digest.hexdigest()[:16])
 
 # %% ../nbs/05a_pretraining.ipynb #ed7d5862
 @dataclass
 class PretrainExample:
-    "One pretraining sequence: tokens, labels (-100: no loss) and the images its image tokens stand for, in order."
+    """One pretraining sequence: tokens, labels (-100: no loss) and the images its image tokens
+    stand for, in order."""
     input_ids:list[int]
     labels:list[int]
     image_ids:list[int]
 
 def _image_text(tokenizer, pairs:Sequence[tuple[int|None, str]]) -> PretrainExample:
-    "Concatenate (image or None, caption) parts: [<image>] caption <|endofchunk|> each; loss on captions and end tokens."
-    image, eoc = tokenizer.convert_tokens_to_ids("<image>"), tokenizer.convert_tokens_to_ids("<|endofchunk|>")
+    """Concatenate (image or None, caption) parts: [<image>] caption <|endofchunk|> each; loss on
+    captions and end tokens."""
+    image, eoc = (tokenizer.convert_tokens_to_ids("<image>"),
+                  tokenizer.convert_tokens_to_ids("<|endofchunk|>"))
     ids, labels, images = [], [], []
     for image_id, caption in pairs:
         if image_id is not None: ids.append(image); labels.append(-100); images.append(image_id)
-        text = tokenizer((" " if image_id is not None else "") + caption.strip(), add_special_tokens=False).input_ids + [eoc]
+        text = tokenizer((" " if image_id is not None else "") + caption.strip(),
+                         add_special_tokens=False).input_ids + [eoc]
         ids += text; labels += text
     return PretrainExample(ids, labels, images)
 
@@ -119,13 +135,15 @@ def text_example(tokenizer, caption:str) -> PretrainExample:
     return _image_text(tokenizer, [(None, caption)])
 
 # %% ../nbs/05a_pretraining.ipynb #d3cd57e3
-def pretrain_batch(examples:Sequence[PretrainExample], # one task's examples (same number of images each)
+def pretrain_batch(examples:Sequence[PretrainExample], # one task's examples (same image count each)
                    pad_token_id:int,
-                   features:torch.Tensor|None=None, # [N, tokens, d] features of the pool, rows by `feature_rows`
+                   # [N, tokens, d] features of the pool, rows by `feature_rows`
+                   features:torch.Tensor|None=None,
                    feature_rows:dict[int, int]|None=None, # image id -> row of `features`
                   ) -> dict:
     "Right-padded input_ids, attention_mask, labels, and the examples' image features (or None)."
-    if len({len(e.image_ids) for e in examples}) != 1: raise PretrainingError("a batch mixes examples with different image counts")
+    if len({len(e.image_ids) for e in examples}) != 1:
+        raise PretrainingError("a batch mixes examples with different image counts")
     width = max(len(e.input_ids) for e in examples)
     pad = lambda seq, value: seq + [value] * (width - len(seq))
     batch = dict(input_ids=torch.tensor([pad(e.input_ids, pad_token_id) for e in examples]),
@@ -141,15 +159,21 @@ TASKS = ("caption", "interleaved", "text")
 
 def task_examples(task:str, # one of TASKS
                   tokenizer, records:Sequence, # the pool's training records
-                  batch_size:int, step:int, seed:int, # which examples: a fixed function of (seed, task, step)
+                  # which examples: a fixed function of (seed, task, step)
+                  batch_size:int, step:int, seed:int,
                  ) -> list[PretrainExample]:
     "A batch of one task's examples, drawn at random (with a random caption of each image)."
-    if task not in TASKS: raise PretrainingError(f"unknown pretraining task {task!r}; one of {TASKS}")
+    if task not in TASKS:
+        raise PretrainingError(f"unknown pretraining task {task!r}; one of {TASKS}")
     rng = np.random.default_rng([seed, TASKS.index(task), step])
-    pick = lambda: (r := records[int(rng.integers(len(records)))], r.captions[int(rng.integers(len(r.captions)))])
-    if task == "caption": return [caption_example(tokenizer, r.image_id, c) for r, c in (pick() for _ in range(batch_size))]
-    if task == "text": return [text_example(tokenizer, c) for _, c in (pick() for _ in range(batch_size))]
-    return [interleaved_example(tokenizer, [(r.image_id, c) for r, c in (pick(), pick())]) for _ in range(max(1, batch_size // 2))]
+    pick = lambda: (r := records[int(rng.integers(len(records)))],
+                    r.captions[int(rng.integers(len(r.captions)))])
+    if task == "caption": return [caption_example(tokenizer, r.image_id, c)
+                                  for r, c in (pick() for _ in range(batch_size))]
+    if task == "text": return [text_example(tokenizer, c)
+                               for _, c in (pick() for _ in range(batch_size))]
+    return [interleaved_example(tokenizer, [(r.image_id, c) for r, c in (pick(), pick())])
+            for _ in range(max(1, batch_size // 2))]
 
 # %% ../nbs/05a_pretraining.ipynb #b24064ac
 @dataclass
@@ -168,7 +192,8 @@ class PretrainConfig:
     @classmethod
     def from_profile(cls, profile:Profile, **overrides) -> PretrainConfig:
         "The profile's pretrain_* keys, with overrides."
-        values = {k: profile[f"pretrain_{k}"] for k in cls.__dataclass_fields__ if profile.get(f"pretrain_{k}") is not None}
+        values = {k: profile[f"pretrain_{k}"] for k in cls.__dataclass_fields__
+                  if profile.get(f"pretrain_{k}") is not None}
         return cls(**(values | overrides))
 
 PretrainConfig()
@@ -179,8 +204,10 @@ def pool_features(flamingo:Flamingo, dataset:KarpathyDataset, records:Sequence, 
                   progress:bool=True) -> tuple[torch.Tensor, dict[int, int]]:
     "Frozen vision features of `records`, [N, tokens, vis_dim], and image id -> row."
     chunks = []
-    for start in progress_bar(range(0, len(records), batch_size), desc="pool features", leave=False, progress=progress):
-        pixels = torch.stack([flamingo.image_processor(dataset.load_image(r)) for r in records[start:start + batch_size]])
+    for start in progress_bar(range(0, len(records), batch_size), desc="pool features", leave=False,
+                              progress=progress):
+        pixels = torch.stack([flamingo.image_processor(dataset.load_image(r))
+                              for r in records[start:start + batch_size]])
         chunks.append(vision_features(flamingo.model, pixels).float())
     return torch.cat(chunks), {r.image_id: i for i, r in enumerate(records)}
 
@@ -190,33 +217,42 @@ def pretrain_flamingo(flamingo:Flamingo, # trained in place
                       config:PretrainConfig=PretrainConfig(),
                       progress:bool=True,
                      ) -> list[dict]:
-    "Pretrain on the three tasks (summed loss per step); returns the history {step, loss, caption, interleaved, text}."
-    if config.steps < 1: raise PretrainingError(f"pretraining needs at least one step, got {config.steps}")
+    """Pretrain on the three tasks (summed loss per step); returns the history {step, loss, caption,
+    interleaved, text}."""
+    if config.steps < 1:
+        raise PretrainingError(f"pretraining needs at least one step, got {config.steps}")
     model, tok, records = flamingo.model, flamingo.tokenizer, pool.split("train")
     features, rows = pool_features(flamingo, pool, records, progress=progress)
     cross = {id(p) for p in model.lang_encoder.gated_cross_attn_layers.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for p in trainable if id(p) in cross], "weight_decay": 0.1},
-                                   {"params": [p for p in trainable if id(p) not in cross], "weight_decay": 0.0}], lr=config.lr)
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in trainable if id(p) in cross], "weight_decay": 0.1},
+         {"params": [p for p in trainable if id(p) not in cross], "weight_decay": 0.0}],
+        lr=config.lr)
     schedule, history = get_linear_schedule_with_warmup(optimizer, config.warmup, config.steps), []
     model.train()
     for step in (bar := progress_bar(range(config.steps), desc="pretraining", progress=progress)):
         parts = {}
         for task in TASKS:
-            batch = pretrain_batch(task_examples(task, tok, records, config.batch_size, step, config.seed), tok.pad_token_id, features, rows)
-            parts[task] = flamingo_forward(model, batch["input_ids"], batch["attention_mask"], batch["features"], labels=batch["labels"]).loss
+            batch = pretrain_batch(
+                task_examples(task, tok, records, config.batch_size, step, config.seed),
+                tok.pad_token_id, features, rows)
+            parts[task] = flamingo_forward(model, batch["input_ids"], batch["attention_mask"],
+                                           batch["features"], labels=batch["labels"]).loss
         loss = sum(parts.values())
         optimizer.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0); optimizer.step(); schedule.step()
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            history.append(dict(step=step + 1, loss=round(loss.item(), 4), **{k: round(v.item(), 4) for k, v in parts.items()}))
+            history.append(dict(step=step + 1, loss=round(loss.item(), 4),
+                                **{k: round(v.item(), 4) for k, v in parts.items()}))
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return history
 
 # %% ../nbs/05a_pretraining.ipynb #29eedfae
 @torch.no_grad()
-def greedy_captions(flamingo:Flamingo, dataset:KarpathyDataset, image_ids:Sequence[int], # images to describe
+def greedy_captions(flamingo:Flamingo, dataset:KarpathyDataset,
+                    image_ids:Sequence[int], # images to describe
                     max_new_tokens:int=20) -> dict[int, str]:
     "Greedy continuation of `<image>` for each image, up to `<|endofchunk|>`."
     model, tok = flamingo.model.eval(), flamingo.tokenizer
@@ -230,10 +266,16 @@ def greedy_captions(flamingo:Flamingo, dataset:KarpathyDataset, image_ids:Sequen
             ids.append(nxt)
         out[image_id] = tok.decode(ids[1:], skip_special_tokens=True).strip()
     return out
+def _heldout_captions(flamingo:Flamingo, pool:KarpathyDataset) -> dict[str, dict]:
+    "Greedy captions of the pool's first 8 held-out images, each with its first gold caption."
+    heldout = [r.image_id for r in pool.split("val")][:8]
+    shown = greedy_captions(flamingo, pool, heldout) if heldout else {}
+    return {str(i): dict(generated=c, gold=pool.by_id(i).captions[0]) for i, c in shown.items()}
 
 # %% ../nbs/05a_pretraining.ipynb #6a3c1790
 def _trained_state(model:torch.nn.Module) -> dict[str, torch.Tensor]:
-    "Every tensor of the model but the (frozen, separately saved) vision encoder; shared tensors once."
+    """Every tensor of the model but the (frozen, separately saved) vision encoder; shared tensors
+    once."""
     seen, state = set(), {}
     for name, value in model.state_dict(keep_vars=False).items():
         if name.startswith("vision_encoder.") or value.data_ptr() in seen: continue
@@ -244,7 +286,8 @@ def save_pretrained_preset(flamingo:Flamingo, # the pretrained model (loaded fro
                            folder:str|Path, # the preset folder to write
                            report:dict, # settings and history, saved as pretraining.json
                           ) -> Preset:
-    "Copy the model's preset folder, add the trained weights as its flamingo_checkpoint, and save the report."
+    """Copy the model's preset folder, add the trained weights as its flamingo_checkpoint, and save
+    the report."""
     with atomic_write(folder) as tmp:
         shutil.copytree(flamingo.preset.root, tmp)
         save_file(_trained_state(flamingo.model), str(tmp/"flamingo.safetensors"))
@@ -263,9 +306,18 @@ def pool_dir(preset_folder:str|Path) -> Path:
     "The pretraining pool of a built preset (kept beside it)."
     return Path(preset_folder).parent/f"{Path(preset_folder).name}-pool"
 
+def _keep_pool(preset_folder:Path, shapes_pool:Path|None, provenance:dict) -> None:
+    """Write the pool beside the preset, not in it (model folders copy the preset folder): a shapes
+    pool's files, else only its provenance (photos are not copied)."""
+    pool_folder = pool_dir(preset_folder)
+    shutil.rmtree(pool_folder, ignore_errors=True)
+    if shapes_pool is not None: shutil.copytree(shapes_pool, pool_folder)
+    else: save_json(provenance, pool_folder/"provenance.json")
+
 def pretraining_key(settings:dict) -> str:
     "A short hash of the settings that shape a pretrained preset."
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True,
+                                     default=str).encode()).hexdigest()[:12]
 
 pretraining_key(dict(a=1)), cache_dir().name
 
@@ -273,71 +325,79 @@ pretraining_key(dict(a=1)), cache_dir().name
 def build_pretrained_preset(folder:str|Path, # the preset folder to write
                             config:PretrainConfig, # pool size, steps, ...
                             exclude:Sequence[dict]=(), # the retrieval corpus' scene graphs
-                            tokenizer_texts:Sequence[str]=(), # extra tokenizer training text (instructions)
-                            lm:dict|None=None, image_size:int=64, # `tiny_lm_config` sizes; image side
+                            tokenizer_texts:Sequence[str]=(), # extra tokenizer texts (instructions)
+                            lm:dict|None=None, image_size:int=64, # tiny_lm_config sizes; image side
                             clip:dict|None=None, # train_clip's batch_size and lr
                             progress:bool=True,
                             architecture:dict|None=None, # `write_tiny_preset` options
-                            pool:KarpathyDataset|None=None, # a Karpathy pool (`karpathy_pool`); None: shapes
+                            pool:KarpathyDataset|None=None, # a `karpathy_pool`; None: shapes
                             patch_size:int=8, # the tiny ViT's patch side
-                            provenance:dict|None=None, # the pool's `pool_provenance`, when already computed
+                            provenance:dict|None=None, # the pool's `pool_provenance`, if computed
                            ) -> Preset:
-    "Pool -> CLIP on the pool -> tokenizer -> tiny Flamingo pretrained on the pool -> preset folder."
+    """Pool -> CLIP on the pool -> tokenizer -> tiny Flamingo pretrained on the pool -> preset
+    folder."""
     start, folder = time.perf_counter(), Path(folder)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp, shapes = Path(tmp_name), pool is None
-        if shapes: pool = write_pretraining_pool(tmp/"pool", config.images, config.heldout, config.seed, exclude,
-                                                 image_size, progress=progress)
+        if shapes: pool = write_pretraining_pool(tmp/"pool", config.images, config.heldout,
+            config.seed, exclude, image_size, progress=progress)
         source = f"shapes (seed {config.seed})" if shapes else pool.name
         clip_run = train_clip(pool, steps=config.clip_steps, seed=config.seed, progress=progress,
                               config=tiny_clip_config(image_size, patch_size), **(clip or {}))
         save_clip(clip_run, tmp/"clip.safetensors")
-        tok = train_bpe_tokenizer([c for r in pool.split("train") for c in r.captions] + list(tokenizer_texts))
-        scratch = write_tiny_preset(tmp/"scratch", tok, clip_config=clip_run.config, clip_weights=tmp/"clip.safetensors",
-                                    lm_config=tiny_lm_config(len(tok), **(lm or {})), seed=config.seed, **(architecture or {}))
+        tok = train_bpe_tokenizer([c for r in pool.split("train") for c in r.captions]
+                                  + list(tokenizer_texts))
+        scratch = write_tiny_preset(tmp/"scratch", tok, clip_config=clip_run.config,
+                                    clip_weights=tmp/"clip.safetensors",
+                                    lm_config=tiny_lm_config(len(tok), **(lm or {})),
+                                    seed=config.seed, **(architecture or {}))
         flamingo = load_flamingo(scratch, seed=config.seed)
         history = pretrain_flamingo(flamingo, pool, config, progress=progress)
-        heldout = [r.image_id for r in pool.split("val")][:8]
-        shown = greedy_captions(flamingo, pool, heldout) if heldout else {}
-        report = dict(config=asdict(config), lm=lm or {}, architecture=architecture or {}, clip_history=clip_run.history, history=history,
-                      heldout_captions={str(i): dict(generated=c, gold=pool.by_id(i).captions[0]) for i, c in shown.items()},
-                      pool=pool.summary(), pool_provenance=provenance or pool_provenance(pool, source),
+        report = dict(config=asdict(config), lm=lm or {}, architecture=architecture or {},
+                      clip_history=clip_run.history, history=history,
+                      heldout_captions=_heldout_captions(flamingo, pool), pool=pool.summary(),
+                      pool_provenance=provenance or pool_provenance(pool, source),
                       seconds=round(time.perf_counter() - start, 1))
         preset = save_pretrained_preset(flamingo, folder, report)
-        pool_folder = pool_dir(folder)  # beside the preset, not in it: model folders copy the preset folder
-        shutil.rmtree(pool_folder, ignore_errors=True)
-        if shapes: shutil.copytree(tmp/"pool", pool_folder)
-        else: save_json(report["pool_provenance"], pool_folder/"provenance.json")  # photos are not copied
+        _keep_pool(folder, tmp/"pool" if shapes else None, report["pool_provenance"])
     return preset
 
 # %% ../nbs/05a_pretraining.ipynb #bc2260c1
 def pretrained_preset(config:PretrainConfig, # see `build_pretrained_preset` for the arguments
-                      exclude:Sequence[dict]=(), tokenizer_texts:Sequence[str]=(), lm:dict|None=None,
-                      image_size:int=64, clip:dict|None=None, architecture:dict|None=None,
+                      exclude:Sequence[dict]=(), tokenizer_texts:Sequence[str]=(),
+                      lm:dict|None=None, image_size:int=64, clip:dict|None=None,
+                      architecture:dict|None=None,
                       cache:str|Path|None=None, # default `cache_dir()`
                       progress:bool=True,
                       pool:KarpathyDataset|None=None, patch_size:int=8,
                      ) -> Preset:
-    "The pretrained preset of these settings: from the cache when built before, else built now and cached."
-    settings = dict(version=1, config=asdict(config) | {"log_every": None}, exclude=sorted(map(_scene_key, exclude)),
-                    tokenizer_texts=list(tokenizer_texts), lm=lm or {}, image_size=image_size, clip=clip or {})
-    # keys added later join only when they differ from their default, so the presets built before keep their key
+    """The pretrained preset of these settings: from the cache when built before, else built now
+    and cached."""
+    settings = dict(version=1, config=asdict(config) | {"log_every": None},
+                    exclude=sorted(map(_scene_key, exclude)), tokenizer_texts=list(tokenizer_texts),
+                    lm=lm or {}, image_size=image_size, clip=clip or {})
+    # keys added later join only when they differ from their default, so the presets built before
+    # keep their key
     settings |= {"architecture": architecture} if architecture else {}
-    provenance = pool_provenance(pool, pool.name) if pool is not None else None  # hashes every pool image once
+    # hashes every pool image once
+    provenance = pool_provenance(pool, pool.name) if pool is not None else None
     settings |= {"pool": provenance["content_hash"]} if provenance else {}
     settings |= {"patch_size": patch_size} if patch_size != 8 else {}
     folder = Path(cache or cache_dir())/f"tiny-pretrained-{pretraining_key(settings)}"
-    if (folder/"preset.json").is_file() and (folder/"pretraining.json").is_file(): return Preset.load(folder)
-    return build_pretrained_preset(folder, config, exclude, tokenizer_texts, lm, image_size, clip, progress,
-                                   architecture, pool, patch_size, provenance)
+    if (folder/"preset.json").is_file() and (folder/"pretraining.json").is_file():
+        return Preset.load(folder)
+    return build_pretrained_preset(folder, config, exclude, tokenizer_texts, lm, image_size, clip,
+                                   progress, architecture, pool, patch_size, provenance)
 
 # %% ../nbs/05a_pretraining.ipynb #c1634f05
 def scratch_preset(pretrained:Preset, # a preset written by `build_pretrained_preset`
                    folder:str|Path, # where the twin is written
                   ) -> Preset:
-    "The pretrained preset's twin without its trained weights (random LM, Perceiver and cross-attention)."
+    """The pretrained preset's twin without its trained weights (random LM, Perceiver and
+    cross-attention)."""
     with atomic_write(folder) as tmp:
-        shutil.copytree(pretrained.root, tmp, ignore=shutil.ignore_patterns("flamingo.safetensors", "pretraining.json"))
+        shutil.copytree(pretrained.root, tmp,
+                        ignore=shutil.ignore_patterns("flamingo.safetensors", "pretraining.json"))
         twin = Preset.load(tmp)
         twin.name, twin.flamingo_checkpoint = f"{pretrained.name}-scratch", None
         twin.save()
@@ -346,13 +406,17 @@ def scratch_preset(pretrained:Preset, # a preset written by `build_pretrained_pr
 # %% ../nbs/05a_pretraining.ipynb #652ed83e
 def karpathy_pool(json_path:str|Path, # a Karpathy file: the corpus's own, or another
                   image_root:str|Path|None=None, # as `load_karpathy`
-                  corpus:KarpathyDataset|None=None, # the retrieval corpus: none of its test images may be in the pool
+                  # the retrieval corpus: none of its test images may be in the pool
+                  corpus:KarpathyDataset|None=None,
                   progress:bool=False,
                  ) -> KarpathyDataset:
-    "A pretraining pool from a Karpathy file: train images to pretrain on, val images for held-out captions."
+    """A pretraining pool from a Karpathy file: train images to pretrain on, val images for held-out
+    captions."""
     pool = load_karpathy(json_path, image_root, splits=("train", "val"), progress=progress)
     if corpus is not None and corpus.split("test"):
         leaked = set(image_hashes(pool)) & set(image_hashes(corpus, "test"))
-        if leaked: raise PretrainingError(f"{json_path}: {len(leaked)} of its images are test images of the corpus "
-                                          f"{corpus.name}; a pretraining pool must not hold test images")
+        if leaked:
+            raise PretrainingError(f"{json_path}: {len(leaked)} of its images are test images of "
+                                   f"the corpus {corpus.name}; a pretraining pool must not hold "
+                                   f"test images")
     return pool

@@ -24,7 +24,8 @@ from transformers import DynamicCache, PreTrainedTokenizerBase, get_linear_sched
 from .core import GraceError, Profile, gather_objects, rank, world_size, progress_bar
 from .data import KarpathyDataset, ImageRecord
 from .backbone import Flamingo, _cache_kwarg, flamingo_forward, vision_features
-from .checkpoints import _resume_point, load_deepspeed_config, prune_checkpoints, save_checkpoint, start_engine
+from .checkpoints import (_resume_point, load_deepspeed_config, prune_checkpoints,
+                                  save_checkpoint, start_engine)
 
 # %% auto #0
 __all__ = ['MEMORIZE_PROMPT', 'RETRIEVE_PROMPT', 'PROMPT_TEXTS', 'TrainingError', 'Example', 'memorize_examples',
@@ -35,44 +36,55 @@ __all__ = ['MEMORIZE_PROMPT', 'RETRIEVE_PROMPT', 'PROMPT_TEXTS', 'TrainingError'
 
 # %% ../nbs/06_training.ipynb #0d3c7e18
 MEMORIZE_PROMPT = "Predict the identifier for the <image>"
-RETRIEVE_PROMPT = "Predict the image identifier corresponding to the given query: {query} Identifier:"
-PROMPT_TEXTS = (MEMORIZE_PROMPT, RETRIEVE_PROMPT.format(query=""))  # add to the tokenizer's training text
+RETRIEVE_PROMPT = ("Predict the image identifier corresponding to the given query: {query} "
+                   "Identifier:")
+# add to the tokenizer's training text
+PROMPT_TEXTS = (MEMORIZE_PROMPT, RETRIEVE_PROMPT.format(query=""))
 
 # %% ../nbs/06_training.ipynb #29e66295
 class TrainingError(GraceError, ValueError):
-    "Training inputs that do not fit together: an image without features, an empty task, an example too long for the model."
+    """Training inputs that do not fit together: an image without features, an empty task, an
+    example too long for the model."""
 
 # %% ../nbs/06_training.ipynb #b4813a05
 @dataclass
 class Example:
-    "One training sequence: prompt tokens + identifier tokens (the loss covers the identifier part only)."
+    """One training sequence: prompt tokens + identifier tokens (the loss covers the identifier part
+    only)."""
     prompt_ids:list[int] # instruction (+ query) token ids
     target_ids:list[int] # identifier token ids, ending with <|endofchunk|>
     image_id:int # the image the identifier names
     has_image:bool # memorize examples show the image (an <image> token in the prompt)
 
-def memorize_examples(tokenizer:PreTrainedTokenizerBase, # tokenizer with the identifier tokens added
-                      token_ids:dict[int, list[int]], # image id -> identifier token ids (+ end token)
+def memorize_examples(tokenizer:PreTrainedTokenizerBase, # with the identifier tokens added
+                      token_ids:dict[int, list[int]], # image id -> identifier token ids + end token
                       image_ids:Sequence[int], # the images to memorize
                       prompt:str=MEMORIZE_PROMPT, # must contain <image>
                      ) -> list[Example]:
     "One memorize example per image: the instruction with the image, then its identifier."
-    if "<image>" not in prompt: raise TrainingError(f"the memorize prompt must contain <image>: {prompt!r}")
+    if "<image>" not in prompt:
+        raise TrainingError(f"the memorize prompt must contain <image>: {prompt!r}")
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     missing = [i for i in image_ids if i not in token_ids]
-    if missing: raise TrainingError(f"{len(missing)} images have no identifier, e.g. image {missing[0]}")
+    if missing:
+        raise TrainingError(f"{len(missing)} images have no identifier, e.g. image {missing[0]}")
     return [Example(prompt_ids, list(token_ids[i]), i, True) for i in image_ids]
 
-def retrieve_examples(tokenizer:PreTrainedTokenizerBase, # tokenizer with the identifier tokens added
-                      token_ids:dict[int, list[int]], # image id -> identifier token ids (+ end token)
+def retrieve_examples(tokenizer:PreTrainedTokenizerBase, # with the identifier tokens added
+                      token_ids:dict[int, list[int]], # image id -> identifier token ids + end token
                       queries:Sequence[tuple[str, int]], # (query text, image id) pairs
                       prompt:str=RETRIEVE_PROMPT, # with a {query} field
                      ) -> list[Example]:
-    "One retrieve example per (query, image) pair: the instruction with the query, then the image's identifier."
-    if "{query}" not in prompt: raise TrainingError(f"the retrieve prompt needs a {{query}} field: {prompt!r}")
-    bad = next(((q, i) for q, i in queries if i not in token_ids or not isinstance(q, str) or not q.strip()), None)
-    if bad: raise TrainingError(f"query {bad[0]!r} of image {bad[1]}: empty, not text, or the image has no identifier")
-    encoded = tokenizer([prompt.format(query=q) for q, _ in queries], add_special_tokens=False).input_ids if queries else []
+    """One retrieve example per (query, image) pair: the instruction with the query, then the
+    image's identifier."""
+    if "{query}" not in prompt:
+        raise TrainingError(f"the retrieve prompt needs a {{query}} field: {prompt!r}")
+    bad = next(((q, i) for q, i in queries
+                if i not in token_ids or not isinstance(q, str) or not q.strip()), None)
+    if bad: raise TrainingError(f"query {bad[0]!r} of image {bad[1]}: empty, not text, or the "
+                                "image has no identifier")
+    encoded = tokenizer([prompt.format(query=q) for q, _ in queries],
+                        add_special_tokens=False).input_ids if queries else []
     return [Example(ids, list(token_ids[i]), i, False) for ids, (_, i) in zip(encoded, queries)]
 
 # %% ../nbs/06_training.ipynb #dac9b2e5
@@ -102,7 +114,8 @@ class FeatureCache:
     def __call__(self, image_ids:Sequence[int]) -> torch.Tensor:
         "Features of the given images, [B, tokens, vis_dim]."
         missing = [i for i in image_ids if i not in self.index]
-        if missing: raise TrainingError(f"no cached vision features for image {missing[0]} ({len(missing)} missing)")
+        if missing: raise TrainingError(f"no cached vision features for image {missing[0]} "
+                                        f"({len(missing)} missing)")
         return self.features[torch.tensor([self.index[i] for i in image_ids])]
 
 @torch.no_grad()
@@ -118,29 +131,38 @@ def cache_features(flamingo:Flamingo, # supplies the vision encoder and its imag
     for start in progress_bar(starts, desc="vision features", leave=False, progress=progress):
         part = records[start:start + batch_size]
         pixels = torch.stack([flamingo.image_processor(dataset.load_image(r)) for r in part])
-        chunks.append(vision_features(model, pixels.to(next(model.parameters()).device)).float().cpu())
+        chunks.append(vision_features(model, pixels.to(next(model.parameters()).device))
+                      .float().cpu())
     if not chunks: raise TrainingError("cache_features got no images")
     return FeatureCache(torch.cat(chunks), {r.image_id: row for row, r in enumerate(records)})
 
 # %% ../nbs/06_training.ipynb #d3d0ff28
 class BatchFeatures:
-    "Frozen vision features computed per batch from the image files (the call of `FeatureCache`), with an optional LRU cache."
-    def __init__(self, flamingo:Flamingo, # supplies the vision encoder (copied) and its image transform
+    """Frozen vision features computed per batch from the image files (the call of `FeatureCache`),
+    with an optional LRU cache."""
+    def __init__(self, flamingo:Flamingo, # supplies the vision encoder (copied) and image transform
                  dataset:KarpathyDataset, # where the images are read
-                 image_ids:Sequence[int]|None=None, # the images it serves (default: every image of `dataset`)
-                 device:str|torch.device|None=None, # where the encoder runs: None = where it is; "auto" = this rank's GPU, else CPU
+                 # the images it serves (default: every image of `dataset`)
+                 image_ids:Sequence[int]|None=None,
+                 # where the encoder runs: None = where it is; "auto" = this rank's GPU, else CPU
+                 device:str|torch.device|None=None,
                  dtype:torch.dtype|None=None, # encoder precision (default: as loaded)
-                 cache_size:int=0, # images whose features are kept (least recently used dropped); 0 = none
+                 # images whose features are kept (least recently used dropped); 0 = none
+                 cache_size:int=0,
                  workers:int=4, # threads that read and transform images
                 ):
-        image_ids = [r.image_id for r in dataset.records] if image_ids is None else [int(i) for i in image_ids]
+        image_ids = ([r.image_id for r in dataset.records] if image_ids is None
+                     else [int(i) for i in image_ids])
         for i in image_ids: dataset.by_id(i)  # DataError naming an id the dataset does not have
         encoder = copy.deepcopy(flamingo.model.vision_encoder).eval().requires_grad_(False)
         if device == "auto":  # under the DeepSpeed launcher each process trains on GPU LOCAL_RANK
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+            device = (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
+                      else "cpu")
         self.encoder = encoder.to(device=device or next(encoder.parameters()).device, dtype=dtype)
-        self.transform, self.dataset, self.image_ids = flamingo.image_processor, dataset, set(image_ids)
-        self.cache_size, self.workers, self.cache, self.encoded = cache_size, workers, OrderedDict(), 0
+        self.transform, self.dataset, self.image_ids = (flamingo.image_processor, dataset,
+                                                        set(image_ids))
+        self.cache_size, self.workers, self.cache, self.encoded = (cache_size, workers,
+                                                                   OrderedDict(), 0)
 
     def __repr__(self):
         p = next(self.encoder.parameters())
@@ -154,15 +176,18 @@ def __call__(self:BatchFeatures, image_ids:Sequence[int], # the images of one ba
             ) -> torch.Tensor:
     "Features of the given images, [B, tokens, vis_dim], read and encoded now unless cached."
     missing = [i for i in image_ids if i not in self.image_ids]
-    if missing: raise TrainingError(f"no vision features for image {missing[0]}: it is not among the {len(self.image_ids)} images "
-                                    f"this BatchFeatures serves ({len(missing)} missing)")
+    if missing: raise TrainingError(f"no vision features for image {missing[0]}: it is not among "
+                                    f"the {len(self.image_ids)} images this BatchFeatures serves "
+                                    f"({len(missing)} missing)")
     todo = list(dict.fromkeys(i for i in image_ids if i not in self.cache))
     fresh = {}
     if todo:
         load = lambda i: self.transform(self.dataset.load_image(i))
-        with ThreadPoolExecutor(max(1, self.workers)) as pool: pixels = torch.stack(list(pool.map(load, todo)))
+        with ThreadPoolExecutor(max(1, self.workers)) as pool:
+            pixels = torch.stack(list(pool.map(load, todo)))
         p = next(self.encoder.parameters())
-        feats = vision_features(SimpleNamespace(vision_encoder=self.encoder), pixels.to(p.device, p.dtype)).float()
+        feats = vision_features(SimpleNamespace(vision_encoder=self.encoder),
+                                pixels.to(p.device, p.dtype)).float()
         fresh, self.encoded = dict(zip(todo, feats)), self.encoded + len(todo)
     device = next(self.encoder.parameters()).device
     rows = [fresh[i] if i in fresh else self.cache[i].to(device) for i in image_ids]
@@ -175,31 +200,41 @@ def __call__(self:BatchFeatures, image_ids:Sequence[int], # the images of one ba
 # %% ../nbs/06_training.ipynb #5f82caec
 def feature_source(flamingo:Flamingo, # supplies the vision encoder and its image transform
                    dataset:KarpathyDataset, # where the images are read
-                   records:Sequence[ImageRecord], # the images training will ask for (the memorized ones)
-                   kind:str="ram", # "ram": `cache_features` now; "batch": `BatchFeatures`, encoded per batch
+                   # the images training will ask for (the memorized ones)
+                   records:Sequence[ImageRecord],
+                   # "ram": `cache_features` now; "batch": `BatchFeatures`, encoded per batch
+                   kind:str="ram",
                    progress:bool=True, # progress bar while caching ("ram")
-                   **kwargs, # BatchFeatures' device, dtype, cache_size, workers ("batch"; "ram" ignores them)
+                   **kwargs, # BatchFeatures' device, dtype, cache_size, workers ("batch" only)
                   ) -> FeatureCache|BatchFeatures:
-    "The vision features of `records`, all encoded now into RAM or encoded per batch, as `kind` says."
+    """The vision features of `records`, all encoded now into RAM or encoded per batch, as `kind`
+    says."""
     if kind == "ram": return cache_features(flamingo, dataset, records, progress=progress)
-    if kind == "batch": return BatchFeatures(flamingo, dataset, [r.image_id for r in records], **kwargs)
-    raise TrainingError(f"feature_cache must be 'ram' (all features in memory) or 'batch' (encoded per batch), got {kind!r}")
+    if kind == "batch":
+        return BatchFeatures(flamingo, dataset, [r.image_id for r in records], **kwargs)
+    raise TrainingError(f"feature_cache must be 'ram' (all features in memory) or 'batch' "
+                        f"(encoded per batch), got {kind!r}")
 
 # %% ../nbs/06_training.ipynb #5c1e987c
 def training_step(model:nn.Module, # open_flamingo.Flamingo (or a DeepSpeed engine's module)
                   memorize_batch:dict|None, # `collate` output + "features" [B, tokens, d], or None
                   retrieve_batch:dict|None, # `collate` output, or None
-                  scale:dict[str, float]|None=None, # per-task loss weight (a rank's share of the step's batch, `rank_batch`)
+                  # per-task loss weight (a rank's share of the step's batch, `rank_batch`)
+                  scale:dict[str, float]|None=None,
                  ) -> tuple[torch.Tensor, dict[str, float]]:
-    "Loss of one memorize batch + one retrieve batch (each times its `scale`), and the two terms as floats."
-    if memorize_batch is None and retrieve_batch is None: raise TrainingError("a step needs a memorize or a retrieve batch")
+    """Loss of one memorize batch + one retrieve batch (each times its `scale`), and the two terms
+    as floats."""
+    if memorize_batch is None and retrieve_batch is None:
+        raise TrainingError("a step needs a memorize or a retrieve batch")
     device, dtype = next(model.parameters()).device, model.perceiver.latents.dtype
     parts, total = {}, 0.0
     for name, batch in (("memorize", memorize_batch), ("retrieve", retrieve_batch)):
         if batch is None: continue
         feats = batch.get("features")
-        out = flamingo_forward(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                               None if feats is None else feats.to(device, dtype), labels=batch["labels"].to(device))
+        out = flamingo_forward(model, batch["input_ids"].to(device),
+                               batch["attention_mask"].to(device),
+                               None if feats is None else feats.to(device, dtype),
+                               labels=batch["labels"].to(device))
         loss = out.loss * (scale or {}).get(name, 1.0)
         total = total + loss
         parts[name] = float(loss.detach())
@@ -218,7 +253,8 @@ def logits_only_at(model:nn.Module, # open_flamingo.Flamingo
 
 def label_positions(labels:torch.Tensor, # [B, T], -100 where no loss is taken
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Where a label is predicted ([B, T] bool: the position before it), and the labels shifted there."
+    """Where a label is predicted ([B, T] bool: the position before it), and the labels shifted
+    there."""
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # targets[:, t] is predicted at position t
     return targets != -100, targets
 
@@ -369,12 +405,17 @@ def batch_indices(num_examples:int, # examples in the task
 def rank_batch(examples:Sequence[Example], # one task's examples
                batch_size:int, # examples per step and rank (the profile's batch size)
                step:int, seed:int, task:int=0, # as for `batch_indices`
-               rank_index:int|None=None, ranks:int|None=None, # default: this process's rank and the world size
+               # default: this process's rank and the world size
+               rank_index:int|None=None, ranks:int|None=None,
               ) -> tuple[list[Example], float]:
-    "This rank's part of the step's batch (ranks x batch_size examples) and its loss weight (ranks x its share of the target tokens)."
-    r, w = (rank() if rank_index is None else rank_index), (world_size() if ranks is None else ranks)
+    """This rank's part of the step's batch (ranks x batch_size examples) and its loss weight
+    (ranks x its share of the target tokens)."""
+    r, w = ((rank() if rank_index is None else rank_index),
+            (world_size() if ranks is None else ranks))
     whole = [examples[i] for i in batch_indices(len(examples), batch_size * w, step, seed, task)]
-    if len(whole) < w: raise TrainingError(f"a step's batch of {len(whole)} examples cannot be shared by {w} ranks")
+    if len(whole) < w:
+        raise TrainingError(f"a step's batch of {len(whole)} examples cannot be shared by "
+                            f"{w} ranks")
     mine = [whole[i] for i in np.array_split(np.arange(len(whole)), w)[r]]
     tokens = lambda part: sum(len(e.target_ids) for e in part)
     return mine, w * tokens(mine) / tokens(whole)
@@ -384,7 +425,8 @@ def make_optimizer(model:nn.Module, # open_flamingo.Flamingo
                    lr:float, # peak learning rate
                    weight_decay:float, # applied to the gated cross-attention parameters only
                   ) -> torch.optim.AdamW:
-    "AdamW with two groups: cross-attention (decayed) and every other trainable parameter (not decayed)."
+    """AdamW with two groups: cross-attention (decayed) and every other trainable parameter (not
+    decayed)."""
     cross = {id(p) for p in model.lang_encoder.gated_cross_attn_layers.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable: raise TrainingError("the model has no trainable parameters")
@@ -397,25 +439,29 @@ def make_optimizer(model:nn.Module, # open_flamingo.Flamingo
 class TrainConfig:
     "Settings of one GRACE training run."
     train_steps:int=600 # optimizer steps
-    memorize_batch_size:int=32 # memorize examples per step and rank (a step trains on world size x this)
+    # memorize examples per step and rank (a step trains on world size x this)
+    memorize_batch_size:int=32
     retrieve_batch_size:int=64 # retrieve examples per step and rank
     lr:float=1e-3 # peak learning rate
     warmup_steps:int=50 # linear warm-up
     weight_decay:float=0.1 # on cross-attention blocks only
     grad_clip:float=1.0 # max gradient norm
     seed:int=42 # data order
-    checkpoint_every:int=0 # save a checkpoint every N steps (0: only at the end, if a folder is given)
+    # save a checkpoint every N steps (0: only at the end, if a folder is given)
+    checkpoint_every:int=0
     keep_checkpoints:int=0 # keep only the newest N checkpoints (0: keep all)
     deepspeed_config:str|None=None # a DeepSpeed JSON config: train with a DeepSpeed engine
     log_every:int=10 # history entries every N steps
-    fast_step:bool=True # `fast_training_step` where the model supports it (same gradients); False: `training_step`
+    # `fast_training_step` where the model supports it (same gradients); False: `training_step`
+    fast_step:bool=True
 
     @classmethod
     def from_profile(cls, profile:Profile, **overrides) -> TrainConfig:
         "The profile's training settings, with overrides."
         names = cls.__dataclass_fields__
         values = {k: profile[k] for k in names if profile.get(k) is not None}
-        if values.get("deepspeed_config") is not None: values["deepspeed_config"] = str(profile.path("deepspeed_config"))
+        if values.get("deepspeed_config") is not None:
+            values["deepspeed_config"] = str(profile.path("deepspeed_config"))
         return cls(**(values | overrides))
 
 # %% ../nbs/06_training.ipynb #610a910b
@@ -429,45 +475,59 @@ class TrainResult:
 
 # %% ../nbs/06_training.ipynb #c397cf58
 def _check_lengths(flamingo:Flamingo, examples:Sequence[Example]) -> None:
-    "TrainingError naming the image and the text of the longest example when it exceeds the language model's limit."
+    """TrainingError naming the image and the text of the longest example when it exceeds the
+    language model's limit."""
     config_lm = flamingo.model.lang_encoder.config
-    limit = getattr(config_lm, "max_seq_len", None) or getattr(config_lm, "max_position_embeddings", None)
+    limit = (getattr(config_lm, "max_seq_len", None)
+             or getattr(config_lm, "max_position_embeddings", None))
     if not limit or not examples: return
     longest = max(examples, key=lambda e: len(e.prompt_ids) + len(e.target_ids))
     if (n := len(longest.prompt_ids) + len(longest.target_ids)) > limit:
         what = "memorize example" if longest.has_image else "retrieve query"
         text = flamingo.tokenizer.decode(longest.prompt_ids)
-        raise TrainingError(f"the {what} of image {longest.image_id} is {n} tokens long, more than the language model's "
-                            f"{limit} ({len(text)} characters: {text[:120]!r}...); shorten or drop that caption")
+        raise TrainingError(f"the {what} of image {longest.image_id} is {n} tokens long, more than "
+                            f"the language model's {limit} ({len(text)} characters: "
+                            f"{text[:120]!r}...); shorten or drop that caption")
 
-def _check_inputs(flamingo:Flamingo, memorize:Sequence[Example], retrieve:Sequence[Example], features, config:TrainConfig,
-                  out:str|Path|None, resume:bool) -> dict|None:
-    "TrainingError (or DeepSpeedConfigError) for a run that cannot work, before any work; returns its DeepSpeed config, if any."
-    if not memorize and not retrieve: raise TrainingError("nothing to train on: no memorize and no retrieve examples")
-    if memorize and features is None: raise TrainingError("memorize examples need a FeatureCache (or BatchFeatures) of their images")
+def _check_inputs(flamingo:Flamingo, memorize:Sequence[Example], retrieve:Sequence[Example],
+                  features, config:TrainConfig, out:str|Path|None, resume:bool) -> dict|None:
+    """TrainingError (or DeepSpeedConfigError) for a run that cannot work, before any work; returns
+    its DeepSpeed config, if any."""
+    if not memorize and not retrieve:
+        raise TrainingError("nothing to train on: no memorize and no retrieve examples")
+    if memorize and features is None:
+        raise TrainingError("memorize examples need a FeatureCache (or BatchFeatures) of their "
+                            "images")
     if resume and out is None: raise TrainingError("resume=True needs the run folder `out`")
     _check_lengths(flamingo, [*memorize, *retrieve])
     return load_deepspeed_config(config.deepspeed_config) if config.deepspeed_config else None
 
 # %% ../nbs/06_training.ipynb #0c996274
-def _step_batches(memorize:Sequence[Example], retrieve:Sequence[Example], features, config:TrainConfig, step:int, pad:int):
-    "This rank's memorize batch (with features) and retrieve batch of `step`, and their loss weights."
+def _step_batches(memorize:Sequence[Example], retrieve:Sequence[Example], features,
+                  config:TrainConfig, step:int, pad:int):
+    """This rank's memorize batch (with features) and retrieve batch of `step`, and their loss
+    weights."""
     mem = ret = None
     scale = {}
     if memorize:
-        picked, scale["memorize"] = rank_batch(memorize, config.memorize_batch_size, step, config.seed, 0)
+        picked, scale["memorize"] = rank_batch(memorize, config.memorize_batch_size, step,
+                                               config.seed, 0)
         mem = collate(picked, pad) | {"features": features([e.image_id for e in picked])}
     if retrieve:
-        picked, scale["retrieve"] = rank_batch(retrieve, config.retrieve_batch_size, step, config.seed, 1)
+        picked, scale["retrieve"] = rank_batch(retrieve, config.retrieve_batch_size, step,
+                                               config.seed, 1)
         ret = collate(picked, pad)
     return mem, ret, scale
 
 # %% ../nbs/06_training.ipynb #b8ae1dea
 def _start_run(model:nn.Module, # the Flamingo model to train
-               config:TrainConfig, ds_config:dict|None, # the run's settings and DeepSpeed config (or None)
-               checkpoints:Path|None, resume:bool, # the run's checkpoints folder; continue from its latest checkpoint
+               # the run's settings and DeepSpeed config (or None)
+               config:TrainConfig, ds_config:dict|None,
+               # the run's checkpoints folder; continue from its latest checkpoint
+               checkpoints:Path|None, resume:bool,
               ) -> tuple:
-    "The run's engine and schedule, resumed from the latest checkpoint when asked, and that checkpoint's state (or None)."
+    """The run's engine and schedule, resumed from the latest checkpoint when asked, and that
+    checkpoint's state (or None)."""
     model.train()
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.train_steps)
@@ -475,8 +535,10 @@ def _start_run(model:nn.Module, # the Flamingo model to train
     engine, state = start_engine(model, optimizer, scheduler, config.grad_clip, ds_config, latest)
     return engine, scheduler, state
 
-def _train_step(engine, scheduler, batches:tuple, step_fn=training_step) -> tuple[float, dict[str, float], float]:
-    "One optimizer step through `engine` on `_step_batches`' output: the loss, its two terms and the learning rate used."
+def _train_step(engine, scheduler, batches:tuple,
+                step_fn=training_step) -> tuple[float, dict[str, float], float]:
+    """One optimizer step through `engine` on `_step_batches`' output: the loss, its two terms and
+    the learning rate used."""
     loss, parts = step_fn(engine.module, *batches)
     engine.backward(loss)
     loss, lr = float(loss.detach()), scheduler.get_last_lr()[0]
@@ -485,14 +547,20 @@ def _train_step(engine, scheduler, batches:tuple, step_fn=training_step) -> tupl
 
 # %% ../nbs/06_training.ipynb #b13840f9
 def _log_step(history:list[dict], step:int, loss:float, parts:dict[str, float], lr:float) -> float:
-    "Append `step`'s loss and terms, averaged over the ranks (every rank calls this), to `history`; returns the loss."
-    loss, *terms = np.mean(gather_objects([loss, *parts.values()]), axis=0).tolist()  # the ranks' mean: the step's loss
-    history.append(dict(step=step, loss=round(loss, 5), lr=lr, **{k: round(v, 5) for k, v in zip(parts, terms)}))
+    """Append `step`'s loss and terms, averaged over the ranks (every rank calls this), to
+    `history`; returns the loss."""
+    # the ranks' mean: the step's loss
+    loss, *terms = np.mean(gather_objects([loss, *parts.values()]), axis=0).tolist()
+    history.append(dict(step=step, loss=round(loss, 5), lr=lr,
+                        **{k: round(v, 5) for k, v in zip(parts, terms)}))
     return loss
 
-def _save_step(checkpoints:Path|None, engine, done:int, history:list[dict], config:TrainConfig) -> None:
-    "A checkpoint after `done` steps when one is due (every `checkpoint_every` steps, and at the end); prunes old ones."
-    if checkpoints is None or not ((config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.train_steps): return
+def _save_step(checkpoints:Path|None, engine, done:int, history:list[dict],
+               config:TrainConfig) -> None:
+    """A checkpoint after `done` steps when one is due (every `checkpoint_every` steps, and at the
+    end); prunes old ones."""
+    if checkpoints is None or not ((config.checkpoint_every and done % config.checkpoint_every == 0)
+                                   or done == config.train_steps): return
     save_checkpoint(checkpoints/f"step_{done:06d}", engine.module, engine.optimizer, done, history,
                     extra=asdict(config) | {"world_size": world_size()})
     prune_checkpoints(checkpoints, config.keep_checkpoints)
@@ -501,25 +569,31 @@ def _save_step(checkpoints:Path|None, engine, done:int, history:list[dict], conf
 def train_grace(flamingo:Flamingo, # model to train in place (vocabulary already grown)
                 memorize:Sequence[Example], # learning-to-memorize examples
                 retrieve:Sequence[Example], # learning-to-retrieve examples
-                features:FeatureCache|BatchFeatures|None, # vision features of the memorized images (`feature_source`)
+                # vision features of the memorized images (`feature_source`)
+                features:FeatureCache|BatchFeatures|None,
                 config:TrainConfig=TrainConfig(), # settings
                 out:str|Path|None=None, # run folder for checkpoints (out/checkpoints/step_N)
                 resume:bool=False, # continue from the latest checkpoint in `out`
                 progress:bool=True, # tqdm bar with the loss
                ) -> TrainResult:
-    "Train GRACE: per step one memorize batch and one retrieve batch, AdamW, linear warm-up, clipping."
+    """Train GRACE: per step one memorize batch and one retrieve batch, AdamW, linear warm-up,
+    clipping."""
     start, pad = time.perf_counter(), flamingo.tokenizer.pad_token_id
-    ds_config = _check_inputs(flamingo, memorize, retrieve, features, config, out, resume)  # fail before any work
+    # fail before any work
+    ds_config = _check_inputs(flamingo, memorize, retrieve, features, config, out, resume)
     checkpoints = Path(out)/"checkpoints" if out is not None else None
     engine, scheduler, state = _start_run(flamingo.model, config, ds_config, checkpoints, resume)
     step, history = (state["step"], state["history"]) if state else (0, [])
-    bar = progress_bar(range(step, config.train_steps), desc="training", progress=progress, initial=step, total=config.train_steps)
+    bar = progress_bar(range(step, config.train_steps), desc="training", progress=progress,
+                       initial=step, total=config.train_steps)
     fast = config.fast_step and fast_step_supported(flamingo.model)
     for step in bar:
         batches = _step_batches(memorize, retrieve, features, config, step, pad)
-        loss, parts, lr = _train_step(engine, scheduler, batches, fast_training_step if fast else training_step)
+        loss, parts, lr = _train_step(engine, scheduler, batches,
+                                      fast_training_step if fast else training_step)
         if (step + 1) % config.log_every == 0 or step + 1 == config.train_steps:
             bar.set_postfix(loss=f"{_log_step(history, step + 1, loss, parts, lr):.3f}")
         _save_step(checkpoints, engine, step + 1, history, config)
     flamingo.model.eval()
-    return TrainResult(history, config.train_steps, round(time.perf_counter() - start, 2), state["step"] if state else None)
+    return TrainResult(history, config.train_steps, round(time.perf_counter() - start, 2),
+                       state["step"] if state else None)

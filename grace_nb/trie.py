@@ -19,7 +19,8 @@ __all__ = ['TrieError', 'PrefixTrie', 'TensorTrie']
 
 # %% ../nbs/03_trie.ipynb #1a0b01e8
 class TrieError(GraceError, ValueError):
-    "Identifiers that cannot form a trie (none, empty, duplicate, prefix of another, negative id), or a bad trie file."
+    """Identifiers that cannot form a trie (none, empty, duplicate, prefix of another, negative id),
+    or a bad trie file."""
 
 # %% ../nbs/03_trie.ipynb #48d05714
 def _check_identifier(seq:Sequence[int], # one identifier: token ids
@@ -27,15 +28,19 @@ def _check_identifier(seq:Sequence[int], # one identifier: token ids
                      ) -> list[int]:
     "`seq` as a list of non-negative ints, or a `TrieError` that names it."
     try: tokens = [int(t) for t in seq]
-    except (TypeError, ValueError) as e: raise TrieError(f"{where} is not a sequence of int token ids: {seq!r}") from e
+    except (TypeError, ValueError) as e:
+        raise TrieError(f"{where} is not a sequence of int token ids: {seq!r}") from e
     if not tokens: raise TrieError(f"{where} is empty: an identifier needs at least one token")
     if min(tokens) < 0: raise TrieError(f"{where} has a negative token id: {tokens}")
     return tokens
 
 # %% ../nbs/03_trie.ipynb #de3443e9
 class PrefixTrie:
-    "A plain-Python prefix trie (dict of dicts) over token-id sequences: the teaching version and the test oracle."
-    def __init__(self, sequences:Iterable[Sequence[int]]=(), # identifiers, each a sequence of token ids
+    """A plain-Python prefix trie (dict of dicts) over token-id sequences: the teaching version
+    and the test oracle."""
+    def __init__(self,
+                 # identifiers, each a sequence of token ids
+                 sequences:Iterable[Sequence[int]]=(),
                 ):
         self.root, self._count = {}, 0
         for seq in sequences: self.add(seq)
@@ -50,7 +55,8 @@ def add(self:PrefixTrie, seq:Sequence[int], # one identifier
     "Insert one identifier; a duplicate, or one that is a prefix of another, raises `TrieError`."
     tokens, node = _check_identifier(seq, f"identifier {list(seq)!r}"), self.root
     for i, token in enumerate(tokens):
-        if i > 0 and not node: raise TrieError(f"identifier {tokens[:i]} is a prefix of identifier {tokens}")
+        if i > 0 and not node:
+            raise TrieError(f"identifier {tokens[:i]} is a prefix of identifier {tokens}")
         if token not in node: break
         node = node[token]
     else: raise TrieError(f"duplicate identifier {tokens}" if not node else
@@ -86,11 +92,16 @@ def allowed(self:PrefixTrie, prefix:Sequence[int], # token ids generated so far
 
 # %% ../nbs/03_trie.ipynb #aea546cb
 class TensorTrie:
-    "A prefix trie as flat torch arrays: batched transitions and allowed tokens for many beams at once."
-    def __init__(self, child_offsets:torch.Tensor, # int64 [num_nodes+1]: children of node s are child_offsets[s]..[s+1]-1
-                 edge_keys:torch.Tensor, # int64 [num_nodes-1]: parent * key_base + token of nodes 1.., increasing
+    """A prefix trie as flat torch arrays: batched transitions and allowed tokens for many beams
+    at once."""
+    def __init__(self,
+                 # int64 [num_nodes+1]: children of node s are child_offsets[s]..[s+1]-1
+                 child_offsets:torch.Tensor,
+                 # int64 [num_nodes-1]: parent * key_base + token of nodes 1.., increasing
+                 edge_keys:torch.Tensor,
                  key_base:int, # one more than the largest token id
-                 end_token:int|None=None, # the end-of-identifier token the identifiers were checked against
+                 # the end-of-identifier token the identifiers were checked against
+                 end_token:int|None=None,
                 ):
         self.child_offsets, self.edge_keys = child_offsets, edge_keys
         self.key_base, self.end_token = int(key_base), end_token
@@ -102,23 +113,28 @@ class TensorTrie:
     @property
     def num_nodes(self) -> int: return len(self.child_offsets) - 1
     @property
-    def nbytes(self) -> int: return sum(t.nelement() * t.element_size() for t in (self.child_offsets, self.edge_keys))
+    def nbytes(self) -> int:
+        return sum(t.nelement() * t.element_size() for t in (self.child_offsets, self.edge_keys))
     def __len__(self): return self.num_identifiers
     def __repr__(self):
-        return (f"TensorTrie({self.num_identifiers} identifiers, {self.num_nodes} nodes, key_base={self.key_base}, "
-                f"{self.nbytes:,} bytes on {self.device})")
+        return (f"TensorTrie({self.num_identifiers} identifiers, {self.num_nodes} nodes, "
+                f"key_base={self.key_base}, {self.nbytes:,} bytes on {self.device})")
 
 # %% ../nbs/03_trie.ipynb #329570f4
 def _as_padded(sequences, # list of token-id lists, or an int tensor [N, L]
                lengths=None, # with a tensor: the length of each row (default: all L)
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Identifiers as an int64 tensor [N, L] (entries after a row's end are ignored; -1 from lists) and lengths [N]."
+    """Identifiers as an int64 tensor [N, L] (entries after a row's end are ignored; -1 from lists)
+    and lengths [N]."""
     if isinstance(sequences, torch.Tensor):
         if sequences.dim() != 2 or sequences.is_floating_point() or sequences.is_complex():
-            raise TrieError(f"identifiers must be an integer tensor [N, L], got {sequences.dtype} {tuple(sequences.shape)}")
+            raise TrieError(f"identifiers must be an integer tensor [N, L], "
+                            f"got {sequences.dtype} {tuple(sequences.shape)}")
         padded, (n, width) = sequences.long(), sequences.shape
-        lengths = (torch.full((n,), width) if lengths is None else torch.as_tensor(lengths)).long().to(padded.device)
-        if lengths.shape != (n,): raise TrieError(f"lengths must have shape ({n},), got {tuple(lengths.shape)}")
+        lengths = (torch.full((n,), width) if lengths is None
+                   else torch.as_tensor(lengths)).long().to(padded.device)
+        if lengths.shape != (n,):
+            raise TrieError(f"lengths must have shape ({n},), got {tuple(lengths.shape)}")
         if n and (int(lengths.min()) < 0 or int(lengths.max()) > width):
             row = int(((lengths < 0) | (lengths > width)).nonzero()[0])
             raise TrieError(f"identifier {row} has length {int(lengths[row])} outside 0..{width}")
@@ -128,52 +144,67 @@ def _as_padded(sequences, # list of token-id lists, or an int tensor [N, L]
     try: flat = torch.tensor(list(chain.from_iterable(sequences)), dtype=torch.long)
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise TrieError(f"identifiers must be sequences of int token ids ({e})") from e
-    padded = torch.full((len(sequences), int(lengths.max()) if sequences else 0), -1, dtype=torch.long)
+    padded = torch.full((len(sequences), int(lengths.max()) if sequences else 0), -1,
+                        dtype=torch.long)
     padded[torch.arange(padded.shape[1]) < lengths[:, None]] = flat
     return padded, lengths
 
 # %% ../nbs/03_trie.ipynb #e2b811d1
-def _column(padded:torch.Tensor, lengths:torch.Tensor, depth:int, rows:torch.Tensor|None=None) -> torch.Tensor:
+def _column(padded:torch.Tensor, lengths:torch.Tensor, depth:int,
+            rows:torch.Tensor|None=None) -> torch.Tensor:
     "Tokens at `depth` of the given rows (all rows by default), -1 where a row has already ended."
     if rows is None: return padded[:, depth].masked_fill(lengths <= depth, -1)
     return padded[rows, depth].masked_fill_((lengths <= depth)[rows], -1)
 
 # %% ../nbs/03_trie.ipynb #5f9ad8d1
 def _check_rows(padded:torch.Tensor, lengths:torch.Tensor, end_token:int|None) -> int:
-    "The largest token id + 1; `TrieError` naming the first identifier that is empty, negative or wrongly ended."
+    """The largest token id + 1; `TrieError` naming the first identifier that is empty, negative
+    or wrongly ended."""
     if padded.shape[0] == 0: raise TrieError("no identifiers: a trie needs at least one")
     def show(row): return padded[row, :int(lengths[row])].tolist()
-    if bool((empty := lengths == 0).any()): raise TrieError(f"identifier {int(empty.nonzero()[0])} is empty")
+    if bool((empty := lengths == 0).any()):
+        raise TrieError(f"identifier {int(empty.nonzero()[0])} is empty")
     key_base = 0
     for depth in range(padded.shape[1]):
         col = padded[:, depth]
         if bool((negative := (col < 0) & (lengths > depth)).any()):
-            row = int(negative.nonzero()[0]); raise TrieError(f"identifier {row} has a negative token id: {show(row)}")
+            row = int(negative.nonzero()[0])
+            raise TrieError(f"identifier {row} has a negative token id: {show(row)}")
         key_base = max(key_base, int(_column(padded, lengths, depth).max()) + 1)
-    if end_token is not None and bool((wrong := padded.gather(1, lengths[:, None] - 1)[:, 0] != end_token).any()):
+    if end_token is not None and bool(
+            (wrong := padded.gather(1, lengths[:, None] - 1)[:, 0] != end_token).any()):
         row = int(wrong.nonzero()[0])
-        raise TrieError(f"identifier {row} does not end with the end token {end_token}: {show(row)}")
+        raise TrieError(f"identifier {row} does not end with the end token {end_token}: "
+                        f"{show(row)}")
     return key_base
 
 # %% ../nbs/03_trie.ipynb #6896f525
 def _lex_order(padded:torch.Tensor, # [N, L] token ids
                lengths:torch.Tensor, # [N] row lengths
-               key_base:int=2**31, # largest token id + 1 (below 2**31: sort int32 keys, half the memory)
+               # largest token id + 1 (below 2**31: sort int32 keys, half the memory)
+               key_base:int=2**31,
               ) -> torch.Tensor:
-    "Row permutation that sorts identifiers lexicographically (a shorter row before its extensions)."
-    order, key_dtype = torch.arange(padded.shape[0], device=padded.device), torch.int32 if key_base < 2**31 else torch.long
-    for depth in reversed(range(padded.shape[1])):  # least significant column first, stable sorts (LSD radix-style)
+    """Row permutation that sorts identifiers lexicographically
+    (a shorter row before its extensions)."""
+    order, key_dtype = (torch.arange(padded.shape[0], device=padded.device),
+                        torch.int32 if key_base < 2**31 else torch.long)
+    # least significant column first, stable sorts (LSD radix-style)
+    for depth in reversed(range(padded.shape[1])):
         col = _column(padded, lengths, depth, order).to(key_dtype)
-        if bool((col == col[0]).all()): continue  # a column all rows share (e.g. the end token) changes nothing
+        # a column all rows share (e.g. the end token) changes nothing
+        if bool((col == col[0]).all()): continue
         order = order[torch.sort(col, stable=True).indices]
     return order
 
 # %% ../nbs/03_trie.ipynb #6c5d9464
-def _bfs_edge_keys(padded:torch.Tensor, lengths:torch.Tensor, order:torch.Tensor, key_base:int) -> torch.Tensor:
-    "`parent * key_base + token` of every non-root node in breadth-first order, from lexicographically ordered rows."
+def _bfs_edge_keys(padded:torch.Tensor, lengths:torch.Tensor, order:torch.Tensor,
+                   key_base:int) -> torch.Tensor:
+    """`parent * key_base + token` of every non-root node in breadth-first order,
+    from lexicographically ordered rows."""
     n, width = len(order), padded.shape[1]
     node_of_row = torch.zeros(n, dtype=torch.long, device=padded.device)
-    same_as_above = torch.ones(max(n - 1, 0), dtype=torch.bool, device=padded.device)  # rows i, i+1 agree so far
+    # rows i, i+1 agree so far
+    same_as_above = torch.ones(max(n - 1, 0), dtype=torch.bool, device=padded.device)
     chunks, next_id = [], 1
     for depth in range(width):
         col = _column(padded, lengths, depth, order)
@@ -181,7 +212,8 @@ def _bfs_edge_keys(padded:torch.Tensor, lengths:torch.Tensor, order:torch.Tensor
         same_as_above &= alive[1:] & (col[1:] == col[:-1])
         if bool((clash := same_as_above & (lengths == depth + 1)[order[:-1]]).any()):
             i = int(clash.nonzero()[0]); a, b = int(order[i]), int(order[i + 1])
-            kind = "duplicate identifiers" if int(lengths[b]) == depth + 1 else "identifier is a prefix of another"
+            kind = ("duplicate identifiers" if int(lengths[b]) == depth + 1
+                    else "identifier is a prefix of another")
             raise TrieError(f"{kind}: identifier {a} {padded[a, :int(lengths[a])].tolist()} "
                             f"and identifier {b} {padded[b, :int(lengths[b])].tolist()}")
         new = alive; new[1:] &= ~same_as_above
@@ -189,12 +221,14 @@ def _bfs_edge_keys(padded:torch.Tensor, lengths:torch.Tensor, order:torch.Tensor
         del col
         if depth + 1 < width: node_of_row = torch.cumsum(new, 0).add_(next_id - 1)
         next_id += len(chunks[-1])
-    del order, node_of_row, same_as_above, alive, new  # free before the concatenation (the memory peak)
+    # free before the concatenation (the memory peak)
+    del order, node_of_row, same_as_above, alive, new
     return torch.cat(chunks)
 
 # %% ../nbs/03_trie.ipynb #b252a10f
 def _child_offsets(edge_keys:torch.Tensor, key_base:int) -> torch.Tensor:
-    "CSR offsets [num_nodes+1] from sorted edge keys: the children of node s are child_offsets[s]..[s+1]-1."
+    """CSR offsets [num_nodes+1] from sorted edge keys: the children of node s are
+    child_offsets[s]..[s+1]-1."""
     children = torch.bincount(edge_keys // key_base, minlength=len(edge_keys) + 1)
     offsets = torch.empty(len(children) + 1, dtype=torch.long, device=edge_keys.device)
     offsets[0] = 0
@@ -203,7 +237,9 @@ def _child_offsets(edge_keys:torch.Tensor, key_base:int) -> torch.Tensor:
 
 # %% ../nbs/03_trie.ipynb #c5cfcae1
 @patch(cls_method=True)
-def build(cls:TensorTrie, sequences, # identifiers: a list of token-id lists, or an int tensor [N, L]
+def build(cls:TensorTrie,
+          # identifiers: a list of token-id lists, or an int tensor [N, L]
+          sequences,
           lengths=None, # with a tensor: each row's length (default: all L)
           end_token:int|None=None, # if given, every identifier must end with this token
           device=None, # where the trie lives (default: the input's device)
@@ -212,7 +248,8 @@ def build(cls:TensorTrie, sequences, # identifiers: a list of token-id lists, or
     padded, lengths = _as_padded(sequences, lengths)
     if device is not None: padded, lengths = padded.to(device), lengths.to(device)
     key_base = _check_rows(padded, lengths, end_token)
-    if int(lengths.sum()) * key_base >= 2**62: raise TrieError(f"key_base {key_base} is too large for int64 edge keys")
+    if int(lengths.sum()) * key_base >= 2**62:
+        raise TrieError(f"key_base {key_base} is too large for int64 edge keys")
     edge_keys = _bfs_edge_keys(padded, lengths, _lex_order(padded, lengths, key_base), key_base)
     return cls(_child_offsets(edge_keys, key_base), edge_keys, key_base, end_token)
 
@@ -222,7 +259,8 @@ def step(self:TensorTrie, states:torch.Tensor, # int [B]: node ids, -1 = off the
          tokens:torch.Tensor, # int [B]: the token each beam appends
         ) -> torch.Tensor:
     "Next state of each beam: the child reached by its token, or -1."
-    states, tokens = torch.as_tensor(states, device=self.device).long(), torch.as_tensor(tokens, device=self.device).long()
+    states, tokens = (torch.as_tensor(states, device=self.device).long(),
+                      torch.as_tensor(tokens, device=self.device).long())
     ok = (states >= 0) & (tokens >= 0) & (tokens < self.key_base)
     keys = torch.where(ok, states * self.key_base + tokens, -1)
     pos = torch.searchsorted(self.edge_keys, keys).clamp_(max=len(self.edge_keys) - 1)
@@ -259,49 +297,60 @@ def is_finished(self:TensorTrie, states:torch.Tensor) -> torch.Tensor:
 @patch
 def allowed_tokens(self:TensorTrie, states:torch.Tensor, # int [B] states
                    return_states:bool=False, # also return the child state of each allowed token
-                   max_entries:int=2**26, # refuse a [B, K] result larger than this (use `allowed_pairs` there)
+                   # refuse a [B, K] result larger than this (use `allowed_pairs` there)
+                   max_entries:int=2**26,
                   ):
-    "Allowed next tokens as a padded [B, K] tensor (pad 0) and a `valid` mask [B, K] (+ child states, -1 pads)."
+    """Allowed next tokens as a padded [B, K] tensor (pad 0) and a `valid` mask [B, K]
+    (+ child states, -1 pads)."""
     states = torch.as_tensor(states, device=self.device).long()
     safe = states.clamp(min=0)
     first = self.child_offsets[safe]
     counts = (self.child_offsets[safe + 1] - first).masked_fill_(states < 0, 0)
     width = int(counts.max()) if len(counts) else 0
     if len(states) * width > max_entries:
-        raise TrieError(f"allowed_tokens for {len(states)} rows x {width:,} children (state {int(states[counts.argmax()])}) "
-                        f"exceeds max_entries={max_entries:,}; use allowed_pairs (no padding) for such wide nodes")
+        raise TrieError(f"allowed_tokens for {len(states)} rows x {width:,} children "
+                        f"(state {int(states[counts.argmax()])}) "
+                        f"exceeds max_entries={max_entries:,}; use allowed_pairs (no padding) "
+                        "for such wide nodes")
     ks = torch.arange(width, device=self.device)
     valid = ks < counts[:, None]
     children = (first[:, None] + ks).masked_fill_(~valid, 1)
-    tokens = (self.edge_keys[children - 1] - safe[:, None] * self.key_base).masked_fill_(~valid, 0)  # key - parent*base
+    # key - parent*base
+    tokens = (self.edge_keys[children - 1] - safe[:, None] * self.key_base).masked_fill_(~valid, 0)
     return (tokens, valid, children.masked_fill_(~valid, -1)) if return_states else (tokens, valid)
 
 # %% ../nbs/03_trie.ipynb #6f5c976d
 @patch
 def allowed_pairs(self:TensorTrie, states:torch.Tensor, # int [B] states
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "Every allowed transition as flat (row, token, child state) tensors, rows in order, tokens sorted per row."
+    """Every allowed transition as flat (row, token, child state) tensors, rows in order,
+    tokens sorted per row."""
     states = torch.as_tensor(states, device=self.device).long()
     counts = self.num_children(states)
     rows = torch.repeat_interleave(torch.arange(len(states), device=self.device), counts)
     row_start = self.child_offsets[states.clamp(min=0)] - (torch.cumsum(counts, 0) - counts)
-    children = torch.repeat_interleave(row_start, counts) + torch.arange(len(rows), device=self.device)
+    children = (torch.repeat_interleave(row_start, counts)
+                + torch.arange(len(rows), device=self.device))
     return rows, self.edge_keys[children - 1] % self.key_base, children
 
 # %% ../nbs/03_trie.ipynb #a25415db
 @patch
 def allowed_mask(self:TensorTrie, states:torch.Tensor, # int [B] states
                  vocab_size:int, # columns of the mask: the model's vocabulary size
-                 out:torch.Tensor|None=None, # optional bool [B, vocab_size] buffer to fill (reused across steps)
+                 # optional bool [B, vocab_size] buffer to fill (reused across steps)
+                 out:torch.Tensor|None=None,
                 ) -> torch.Tensor:
-    "Boolean [B, vocab_size] mask of allowed next tokens (all False off the trie and at a finished identifier)."
+    """Boolean [B, vocab_size] mask of allowed next tokens (all False off the trie and
+    at a finished identifier)."""
     if vocab_size < self.key_base:
-        raise TrieError(f"vocab_size {vocab_size} is smaller than the trie's largest token id + 1 ({self.key_base})")
+        raise TrieError(f"vocab_size {vocab_size} is smaller than the trie's largest token id + 1 "
+                        f"({self.key_base})")
     rows, tokens, _ = self.allowed_pairs(states)
     num_rows = len(torch.as_tensor(states))
     if out is None: out = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=self.device)
     elif out.shape != (num_rows, vocab_size) or out.dtype != torch.bool:
-        raise TrieError(f"out must be a bool tensor of shape ({num_rows}, {vocab_size}), got {out.dtype} {tuple(out.shape)}")
+        raise TrieError(f"out must be a bool tensor of shape ({num_rows}, {vocab_size}), "
+                        f"got {out.dtype} {tuple(out.shape)}")
     else: out.zero_()
     out[rows, tokens] = True
     return out
@@ -311,7 +360,8 @@ def allowed_mask(self:TensorTrie, states:torch.Tensor, # int [B] states
 def state_dict(self:TensorTrie) -> dict[str, torch.Tensor]:
     "The trie as plain tensors (for safetensors)."
     return {"child_offsets": self.child_offsets, "edge_keys": self.edge_keys,
-            "key_base": torch.tensor(self.key_base), "end_token": torch.tensor(-1 if self.end_token is None else self.end_token)}
+            "key_base": torch.tensor(self.key_base),
+            "end_token": torch.tensor(-1 if self.end_token is None else self.end_token)}
 
 # %% ../nbs/03_trie.ipynb #46691b2b
 @patch(cls_method=True)
@@ -319,14 +369,18 @@ def from_state_dict(cls:TensorTrie, state:dict[str, torch.Tensor], # what `state
                    ) -> TensorTrie:
     "Rebuild a trie from `state_dict()` tensors, checking that they fit together."
     if missing := sorted({"child_offsets", "edge_keys", "key_base", "end_token"} - set(state)):
-        raise TrieError(f"trie state is missing {', '.join(missing)} (has: {', '.join(sorted(state))})")
+        raise TrieError(f"trie state is missing {', '.join(missing)} "
+                        f"(has: {', '.join(sorted(state))})")
     offsets, keys = state["child_offsets"].long(), state["edge_keys"].long()
-    if offsets.dim() != 1 or keys.dim() != 1 or len(offsets) != len(keys) + 2 or (len(keys) and int(offsets[-1]) != len(keys) + 1):
-        raise TrieError(f"trie state is inconsistent: child_offsets {tuple(offsets.shape)} vs edge_keys {tuple(keys.shape)}")
+    if (offsets.dim() != 1 or keys.dim() != 1 or len(offsets) != len(keys) + 2
+            or (len(keys) and int(offsets[-1]) != len(keys) + 1)):
+        raise TrieError(f"trie state is inconsistent: child_offsets {tuple(offsets.shape)} "
+                        f"vs edge_keys {tuple(keys.shape)}")
     end_token = int(state["end_token"])
     return cls(offsets, keys, int(state["key_base"]), None if end_token < 0 else end_token)
 
 @patch
 def to(self:TensorTrie, device) -> TensorTrie:
     "The same trie with its arrays on `device`."
-    return TensorTrie(self.child_offsets.to(device), self.edge_keys.to(device), self.key_base, self.end_token)
+    return TensorTrie(self.child_offsets.to(device), self.edge_keys.to(device), self.key_base,
+                      self.end_token)

@@ -17,8 +17,8 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
 from .core import progress_bar
-from .identifiers import (IdentifierError, IdentifierMap, _check_embeddings, _check_image_ids, _l2_normalize, _needs,
-                                  register_identifier_kind)
+from .identifiers import (IdentifierError, IdentifierMap, _check_embeddings,
+                                  _check_image_ids, _l2_normalize, _needs, register_identifier_kind)
 
 # %% auto #0
 __all__ = ['ResidualCodes', 'residual_quantize', 'code_collisions', 'break_collisions', 'vq_identifiers']
@@ -26,10 +26,11 @@ __all__ = ['ResidualCodes', 'residual_quantize', 'code_collisions', 'break_colli
 # %% ../nbs/11_vq_identifiers.ipynb #c4c37f26
 @dataclass
 class ResidualCodes:
-    "Residual quantization of N embeddings: the codes, the codebooks, and what each level leaves unexplained."
+    """Residual quantization of N embeddings: the codes, the codebooks, and what each level leaves
+    unexplained."""
     codes:np.ndarray # [N, L] each row's code at each level (0-based)
     codebooks:list # L arrays [k, d]: the codes (centroids) of each level
-    relative_errors:list # after each level: mean squared residual / mean squared norm of the input rows
+    relative_errors:list # after each level: mean squared residual / mean squared norm of the inputs
     residuals:np.ndarray # [N, d] the input of the last level (what the last code quantizes)
 
 # %% ../nbs/11_vq_identifiers.ipynb #75cd77f0
@@ -41,21 +42,28 @@ def residual_quantize(embeddings:np.ndarray, # N x d
                       normalize:bool=True, # L2-normalise rows first (cosine geometry, as CLIP)
                       progress:bool=False, # a progress bar over levels
                      ) -> ResidualCodes:
-    "Quantize each row into `levels` codes, level l's codebook being k-means on the residuals of levels < l."
+    """Quantize each row into `levels` codes, level l's codebook being k-means on the residuals of
+    levels < l."""
     emb = np.asarray(embeddings, dtype=np.float64)
-    if emb.ndim != 2 or not len(emb): raise IdentifierError(f"embeddings must be a non-empty N x d array, got shape {emb.shape}")
+    if emb.ndim != 2 or not len(emb):
+        raise IdentifierError(f"embeddings must be a non-empty N x d array, got shape {emb.shape}")
     bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
-    if len(bad): raise IdentifierError(f"embedding row {int(bad[0])} contains NaN or inf ({len(bad)} rows affected)")
-    if not (isinstance(levels, int) and levels >= 1): raise IdentifierError(f"levels must be an int >= 1, got {levels!r}")
-    if not (isinstance(codebook_size, int) and codebook_size >= 2): raise IdentifierError(f"codebook_size must be an int >= 2, got {codebook_size!r}")
+    if len(bad): raise IdentifierError(f"embedding row {int(bad[0])} contains NaN or inf "
+                                       f"({len(bad)} rows affected)")
+    if not (isinstance(levels, int) and levels >= 1):
+        raise IdentifierError(f"levels must be an int >= 1, got {levels!r}")
+    if not (isinstance(codebook_size, int) and codebook_size >= 2):
+        raise IdentifierError(f"codebook_size must be an int >= 2, got {codebook_size!r}")
     if normalize: emb = _l2_normalize(emb)
     total = max(float((emb ** 2).sum(1).mean()), 1e-12)
     residual, codes, codebooks, errors = emb, [], [], []
     for _ in progress_bar(range(levels), desc="residual quantization", progress=progress):
         last_input = residual
-        with warnings.catch_warnings():  # fewer distinct residuals than codes (tiny inputs) is fine: codes repeat
+        # fewer distinct residuals than codes (tiny inputs) is fine: codes repeat
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            kmeans = KMeans(n_clusters=min(codebook_size, len(emb)), n_init=n_init, random_state=seed).fit(residual)
+            kmeans = KMeans(n_clusters=min(codebook_size, len(emb)), n_init=n_init,
+                            random_state=seed).fit(residual)
         codes.append(kmeans.labels_.astype(np.int64)); codebooks.append(kmeans.cluster_centers_)
         residual = residual - kmeans.cluster_centers_[kmeans.labels_]
         errors.append(float((residual ** 2).sum(1).mean()) / total)
@@ -64,19 +72,22 @@ def residual_quantize(embeddings:np.ndarray, # N x d
 # %% ../nbs/11_vq_identifiers.ipynb #6b623b14
 def code_collisions(codes:np.ndarray, # [N, L] codes, one row per image
                    ) -> dict:
-    "Counts: rows, distinct code rows, code rows shared by several rows, rows that share one, and their share."
+    """Counts: rows, distinct code rows, code rows shared by several rows, rows that share one, and
+    their share."""
     groups = defaultdict(int)
     for row in map(tuple, np.asarray(codes).tolist()): groups[row] += 1
     shared = sum(n for n in groups.values() if n > 1)
-    return dict(images=len(codes), distinct_identifiers=len(groups), colliding_identifiers=sum(n > 1 for n in groups.values()),
+    return dict(images=len(codes), distinct_identifiers=len(groups),
+                colliding_identifiers=sum(n > 1 for n in groups.values()),
                 images_in_collisions=shared, collision_rate=round(shared / max(len(codes), 1), 4))
 
 # %% ../nbs/11_vq_identifiers.ipynb #c235c3bd
 def break_collisions(codes:np.ndarray, # [N, L] codes from `residual_quantize`
-                     residuals:np.ndarray, # [N, d] the last level's input (`ResidualCodes.residuals`)
+                     residuals:np.ndarray, # [N, d] last level's input (`ResidualCodes.residuals`)
                      codebook:np.ndarray, # [k, d] the last level's codebook
                     ) -> np.ndarray:
-    "Codes with the last code re-assigned inside colliding groups so that every row's codes are unique."
+    """Codes with the last code re-assigned inside colliding groups so that every row's codes are
+    unique."""
     codes = np.array(codes, dtype=np.int64)
     groups = defaultdict(list)
     for row, prefix in enumerate(map(tuple, codes[:, :-1].tolist())): groups[prefix].append(row)
@@ -84,9 +95,11 @@ def break_collisions(codes:np.ndarray, # [N, L] codes from `residual_quantize`
         rows = np.array(rows)
         if len(np.unique(codes[rows, -1])) == len(rows): continue
         if len(rows) > len(codebook):
-            raise IdentifierError(f"{len(rows)} images share the first codes {list(prefix)}, more than the {len(codebook)} "
-                                  "codes of the last level can tell apart: use a larger codebook_size")
-        cost = ((residuals[rows][:, None, :] - codebook[None]) ** 2).sum(-1)  # [group, k] squared error of each choice
+            raise IdentifierError(f"{len(rows)} images share the first codes {list(prefix)}, "
+                                  f"more than the {len(codebook)} codes of the last level can "
+                                  "tell apart: use a larger codebook_size")
+        # [group, k] squared error of each choice
+        cost = ((residuals[rows][:, None, :] - codebook[None]) ** 2).sum(-1)
         picked, code = linear_sum_assignment(cost)
         codes[rows[picked], -1] = code
     return codes
@@ -103,26 +116,32 @@ def vq_identifiers(image_ids:Iterable[int], # images in a stable order, one per 
                    normalize:bool=True, # L2-normalise rows first
                    progress:bool|None=None, # progress bar; None: only for 10,000+ images
                   ) -> IdentifierMap:
-    "Image-tokenization identifiers: residual-quantization codes of each image, tokens `V_{level}_{code}`, made unique."
+    """Image-tokenization identifiers: residual-quantization codes of each image, tokens
+    `V_{level}_{code}`, made unique."""
     ids = _check_image_ids(image_ids)
     emb = _check_embeddings(embeddings, ids)
-    if not (isinstance(levels, int) and levels >= 2): raise IdentifierError(f"levels must be an int >= 2 (the last breaks ties), got {levels!r}")
+    if not (isinstance(levels, int) and levels >= 2):
+        raise IdentifierError(f"levels must be an int >= 2 (the last breaks ties), got {levels!r}")
     progress = len(ids) >= 10_000 if progress is None else progress
     rq = residual_quantize(emb, levels, codebook_size, seed, n_init, normalize, progress)
     before = code_collisions(rq.codes)
     codes = break_collisions(rq.codes, rq.residuals, rq.codebooks[-1])
-    identifiers = {i: " ".join(_vq_token(l, c) for l, c in enumerate(row)) for i, row in zip(ids, codes.tolist())}
+    identifiers = {i: " ".join(_vq_token(l, c) for l, c in enumerate(row))
+                   for i, row in zip(ids, codes.tolist())}
     used = sorted({(l, c) for row in codes.tolist() for l, c in enumerate(row)})
-    params = dict(levels=levels, codebook_size=codebook_size, seed=seed, n_init=n_init, normalize=normalize,
-                  images_in_collisions_before=before["images_in_collisions"], collision_rate_before=before["collision_rate"],
+    params = dict(levels=levels, codebook_size=codebook_size, seed=seed, n_init=n_init,
+                  normalize=normalize, images_in_collisions_before=before["images_in_collisions"],
+                  collision_rate_before=before["collision_rate"],
                   last_codes_changed=int((codes[:, -1] != rq.codes[:, -1]).sum()),
                   relative_errors=[round(e, 5) for e in rq.relative_errors])
     return IdentifierMap("vq", identifiers, [_vq_token(l, c) for l, c in used], params=params)
 
 # %% ../nbs/11_vq_identifiers.ipynb #d2ed155a
-def _build_vq(ids:list[int], embeddings=None, codebook_size:int=256, seed:int=42, **_) -> IdentifierMap:
+def _build_vq(ids:list[int], embeddings=None, codebook_size:int=256, seed:int=42,
+              **_) -> IdentifierMap:
     "`build_identifiers`' builder of the vq kind."
-    return vq_identifiers(ids, _needs("vq", "embeddings", embeddings, "N x d, one row per image id"),
+    return vq_identifiers(ids, _needs("vq", "embeddings", embeddings,
+                                      "N x d, one row per image id"),
                           codebook_size=codebook_size, seed=seed)
 
 register_identifier_kind("vq", unique=True, new_tokens=True, builder=_build_vq)

@@ -1,4 +1,4 @@
-"The reference code's atomic classifier head (07a_classifier_head) and how its row enters Table 1's findings."
+"The reference code's atomic classifier head (08b_classifier_head) and how its row enters Table 1's findings."
 import tempfile
 from pathlib import Path
 

@@ -245,6 +245,71 @@ def test_external_links_reach_their_hosts(site):
     assert not unreachable, "links to hosts that cannot be reached:\n" + "\n".join(unreachable[:20])
 
 
+def _line_of(module: str, start: str) -> int:
+    "The 1-based line of grace_nb/`module`.py that starts with `start` (where a show_doc source link points)"
+    lines = (ROOT/"grace_nb"/f"{module}.py").read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if line.startswith(start))
+
+
+def _show_doc(module: str, line: int, name: str, params: str, ret: str = "") -> str:
+    "show_doc's Markdown as fastcore writes it (every callable as `def`)"
+    return (f"[source](https://github.com/grace-nb/grace_nb/blob/main/grace_nb/{module}.py#L{line})"
+            f'{{target="_blank" style="float:right; font-size:smaller"}}\n\n### {name}\n\n'
+            f"```python\ndef {name}(\n    {params}\n){ret}:\n```\n\n*A docstring.*")
+
+
+def test_class_signatures_are_rewritten():
+    """docs/build.py shows a class as a class: bases for an exception (whose signature is only *args, **kwargs), the
+    constructor's parameters for another; a function, and a link to a line that is not a class, stay as they are"""
+    error = _show_doc("trie", _line_of("trie", "class TrieError"), "TrieError", "*args, **kwargs")
+    assert "```python\nclass TrieError(GraceError, ValueError)\n```" in docs_build.class_signatures(error)
+    params = "identifier_map:IdentifierMap, # the map\n    tokenizer:PreTrainedTokenizerBase"
+    trie = _show_doc("trie", _line_of("trie", "class TensorTrie"), "TensorTrie", params)
+    assert f"```python\nclass TensorTrie(\n    {params}\n)\n```" in docs_build.class_signatures(trie)
+    function = _show_doc("trie", _line_of("trie", "def "), "some_function", "x:int", "->int")
+    assert docs_build.class_signatures(function) == function
+    assert docs_build.class_signatures(error.replace("#L", "#L1")) == error.replace("#L", "#L1")  # not a class there
+
+
+_CLIPPED_TABLES = """
+const article = document.querySelector('article').getBoundingClientRect();
+return [...document.querySelectorAll('article table')].flatMap((table, i) => {
+  const box = table.parentElement, edge = box.getBoundingClientRect();
+  const scrolls = ['auto', 'scroll'].includes(getComputedStyle(box).overflowX);
+  if (edge.right > article.right + 2) return [`table ${i}: its box runs past the article`];
+  if (box.scrollWidth > box.clientWidth + 1 && !scrolls) return [`table ${i}: columns cut off, no scrollbar`];
+  return [];
+});"""
+
+
+def test_signatures_and_tables_read_on_every_page(browser, base_url):
+    """No page shows a class's signature as `def SomeClass(*args, **kwargs)`, and every table fits the page or scrolls
+    inside its own box (none runs past the article, none is cut without a scrollbar)"""
+    from selenium.webdriver.common.by import By
+    _open(browser, base_url)
+    problems = {}
+    for url in [base_url] + _sidebar(browser):
+        _open(browser, url)
+        page = _page(url) or "index.html"
+        code = [e.get_attribute("textContent") for e in browser.find_elements(By.CSS_SELECTOR, "article .highlight pre")]
+        found = [text.splitlines()[0] for text in code if re.match(r"def [A-Z]\w*\(", text)]
+        found += browser.execute_script(_CLIPPED_TABLES)
+        if found: problems[page] = found
+    assert not problems, problems
+    _open(browser, urljoin(base_url, "trie.html"))
+    entry = browser.find_element(By.ID, "trieerror").find_element(By.CSS_SELECTOR, ".highlight pre")
+    assert entry.get_attribute("textContent").strip() == "class TrieError(GraceError, ValueError)"
+
+
+def test_home_page_has_no_stale_caveat(browser, base_url):
+    """The home page no longer says that the ablations, beam sweep and latency sweep are missing from the results file
+    (they are in it, and the table below the old paragraph reports them)"""
+    from selenium.webdriver.common.by import By
+    _open(browser, base_url)
+    text = " ".join(browser.find_element(By.TAG_NAME, "article").text.split())
+    for stale in ("are not in this file", "last run from random weights"): assert stale not in text
+
+
 @pytest.mark.parametrize("page,shot", [("", "home.png"), ("inference.html", "inference.png"), ("pipeline.html", "pipeline.png")])
 def test_screenshots(browser, base_url, page, shot):
     "Screenshots of the home page and two notebooks are kept as test artefacts (tests/artifacts/*.png)"

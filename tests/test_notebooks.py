@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT/"nbs").glob("*.ipynb"))
 MAX_LINES = 40
+MAX_WIDTH = 100   # the website clips longer code lines
 # a cell ending in a call of one of these shows nothing worth saving (a check, a print, a plot command, show_doc)
 QUIET_CALLS = ("test_", "expect_fail", "print", "show_doc", "nbdev_export", "plt.", "display")
 SKIP_FLAGS = ("slow", "gpu")
@@ -71,6 +72,14 @@ def test_cells_are_short(path):
     f"No code cell is longer than {MAX_LINES} lines (directives included)"
     long = {i: len(src.strip().splitlines()) for i, _, src in _code_cells(path) if len(src.strip().splitlines()) > MAX_LINES}
     assert not long, f"{path.name}: cells over {MAX_LINES} lines (cell: lines): {long}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_code_lines_fit_the_page(path):
+    f"No line of a code cell is longer than {MAX_WIDTH} characters (the site clips longer ones)"
+    wide = {i: max(len(line) for line in src.splitlines()) for i, _, src in _code_cells(path)
+            if any(len(line) > MAX_WIDTH for line in src.splitlines())}
+    assert not wide, f"{path.name}: cells with lines over {MAX_WIDTH} characters (cell: longest): {wide}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

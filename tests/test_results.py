@@ -101,3 +101,15 @@ def test_pool_study_supports_what_settings_and_readme_say():
     own = next(r for r in study["rows"] if r["profile"] == "landscapes")
     assert own["pool"]["source"] == "landscapes (train split)" and own["pool"]["images"] == study["corpus"]["train"]["images"]
     assert next(r for r in study["rows"] if r["profile"] == "landscapes-shapes-pool")["pool"]["source"].startswith("shapes")
+
+
+def test_lr_choice_supports_the_profile():
+    """lr_choice.json: the `[shapes]` learning rate is the one at which structured identifiers memorize the most (the
+    lesser of train and test), and settings.ini's comment quotes the file's numbers"""
+    from grace_nb.core import load_profile
+    rows = json.loads((RESULTS/"lr_choice.json").read_text())["rows"]
+    structured = [r for r in rows if r["identifier"] == "structured"]
+    best = max(structured, key=lambda r: min(r["memorized_train"], r["memorized_test"]))
+    assert best["lr"] == float(load_profile("shapes").lr)
+    settings = " ".join(line.lstrip("# ") for line in (ROOT/"settings.ini").read_text().splitlines())
+    for r in structured: assert f"{r['memorized_train']:.1f} / {r['memorized_test']:.1f}" in settings, r

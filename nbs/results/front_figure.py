@@ -37,20 +37,21 @@ grid = fig.add_gridspec(4, 12, wspace=0.08, hspace=0.08)
 sample = dataset.split("train")[:16]
 for i, record in enumerate(sample):
     ax = fig.add_subplot(grid[i // 4, i % 4]); ax.imshow(dataset.load_image(record)); ax.axis("off")
-    if i == 1: ax.set_title("the corpus: generated shapes scenes", fontsize=10, loc="left", x=-1.0)
+    if i == 1: ax.set_title("the corpus: generated shapes scenes", fontsize=14, loc="left", x=-1.0)
 for j, image_id in enumerate(top):
     ax = fig.add_subplot(grid[1:3, 5 + j])
     ax.imshow(dataset.load_image(image_id)); ax.set_xticks([]); ax.set_yticks([])
     hit = image_id == gold
     for side in ax.spines.values(): side.set_color("green" if hit else "grey"); side.set_linewidth(3 if hit else 1)
-    ax.set_xlabel(f"#{j + 1}", fontsize=8)
+    ax.set_xlabel(f"#{j + 1}", fontsize=13)
 rank = ranked.image_ids.index(gold) + 1 if gold in ranked.image_ids else None
 ax = fig.add_subplot(grid[1:3, 11]); ax.imshow(dataset.load_image(gold)); ax.set_xticks([]); ax.set_yticks([])
 for side in ax.spines.values(): side.set_color("green"); side.set_linewidth(3)
-ax.set_xlabel(f"the caption's image:\nrank {rank}" if rank else "the caption's image:\nnot in the top 10", fontsize=8)
-fig.text(0.43, 0.86, f"query: \u201c{query}\u201d", fontsize=10, ha="left", wrap=True)
-fig.text(0.43, 0.2, f"top 5 of GRACE ({best['identifier']} identifiers, {best['variant']}; test R@1 {best['R@1']:.1f}%, "
-                    f"R@5 {best['R@5']:.1f}%): generated under the trie, no image index searched", fontsize=8.5, ha="left")
+ax.set_xlabel(f"the caption's image:\nrank {rank}" if rank else "the caption's image:\nnot in the top 10", fontsize=12)
+fig.text(0.43, 0.88, f"query: \u201c{query}\u201d", fontsize=14, ha="left", wrap=True)
+# the caption in two lines, in a type that stays legible when the page shrinks the figure to its width
+fig.text(0.43, 0.1, f"top 5 of GRACE, {best['identifier']} identifiers ({best['variant']}): test R@1 {best['R@1']:.1f}%, "
+                    f"R@5 {best['R@5']:.1f}%\ngenerated under the trie, no image index searched", fontsize=13, ha="left")
 fig.savefig(NBS/"fig_front.png", dpi=110, bbox_inches="tight")
 save_json(dict(run=str(run.relative_to(NBS.parent)) if run.is_relative_to(NBS.parent) else str(run), model=best["identifier"],
                variant=best["variant"], query=query, gold=gold, top5=top, gold_rank=rank,
