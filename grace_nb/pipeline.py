@@ -37,8 +37,8 @@ from .training import (PROMPT_TEXTS, FeatureCache, TrainConfig, cache_features,
 from .evaluation import (ambiguity_ceiling, collapse_report, evaluate_grace,
                                  findings, grace_recall, load_grace_model, save_grace_model,
                                  split_memorization)
-from .tables import (OUTCOMES, PAPER_TABLE1, findings_markdown, markdown_table, table1_markdown,
-                             table2_markdown, text_table)
+from .tables import (OUTCOMES, PAPER_TABLE1, findings_markdown, markdown_table,
+                             table1_markdown, table2_markdown, text_table)
 from .experiments import (CAPTION_PROMPT, beam_sweep, caption_quality,
                                   generate_captions, generation_outcomes, plot_beam_sweep,
                                   pseudo_queries, semantic_captions, train_captioner)
