@@ -113,3 +113,14 @@ def test_lr_choice_supports_the_profile():
     assert best["lr"] == float(load_profile("shapes").lr)
     settings = " ".join(line.lstrip("# ") for line in (ROOT/"settings.ini").read_text().splitlines())
     for r in structured: assert f"{r['memorized_train']:.1f} / {r['memorized_test']:.1f}" in settings, r
+
+
+def test_length_penalty_comment_follows_the_sweep():
+    "settings.ini's length_penalty comment: the sweep's best mean R@1 is at -2, string prefers -2, semantic 1"
+    from grace_nb.core import load_profile
+    sweep = json.loads((RESULTS/"shapes_seed42.json").read_text())["length_penalty"]
+    lp = {(r["identifier"], r["length_penalty"]): r["R@1"] for r in sweep["rows"]}
+    best = lambda kind: max((-2.0, 0.0, 1.0), key=lambda p: lp[(kind, p)])
+    assert (sweep["best"], best("string"), best("semantic")) == (-2.0, -2.0, 1.0)
+    assert float(load_profile("shapes").length_penalty) == 1.0
+    assert "Its best mean R@1 is at -2" in (ROOT/"settings.ini").read_text()

@@ -74,7 +74,7 @@ out = dict(
     vision_distinctness={"pretrained": vision_distinctness(base, feats), "scratch": vision_distinctness(scratch, feats)},
     pretraining=dict(config=report["config"], seconds=report["seconds"], final=report["history"][-1],
                      clip_final_loss=report["clip_history"][-1]["loss"], heldout_captions=report["heldout_captions"]),
-    # wall times of the two runs (they ran side by side, one thread each, beside the memorization study's runs)
+    # wall times of the two runs (one after the other, two threads each; tests and notebook runs shared the CPU at times)
     seconds=dict(table1_run=table1["seconds"], ablations_beams_run=t2.get("seconds")),
     stage_seconds=dict(table1_run=table1.get("stage_seconds"), ablations_beams_run=t2.get("stage_seconds")))
 save_json(out, ROOT/"nbs/results/shapes_seed42.json")

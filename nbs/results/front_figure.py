@@ -37,7 +37,7 @@ grid = fig.add_gridspec(4, 12, wspace=0.08, hspace=0.08)
 sample = dataset.split("train")[:16]
 for i, record in enumerate(sample):
     ax = fig.add_subplot(grid[i // 4, i % 4]); ax.imshow(dataset.load_image(record)); ax.axis("off")
-    if i == 1: ax.set_title("the corpus: generated shapes scenes", fontsize=14, loc="left", x=-1.0)
+    if i == 1: ax.set_title("the corpus: generated scenes", fontsize=14, loc="left", x=-1.0)
 for j, image_id in enumerate(top):
     ax = fig.add_subplot(grid[1:3, 5 + j])
     ax.imshow(dataset.load_image(image_id)); ax.set_xticks([]); ax.set_yticks([])
