@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TOKENIZERS_
 import transformers
 from grace_nb.efficiency import GRACE_KINDS
 from grace_nb.figure4 import crossovers, efficiency_findings, latency_ratios, plot_efficiency, run_efficiency, save_efficiency
-from grace_nb.tables import efficiency_table
+from grace_nb.figure4 import efficiency_table
 
 TARGET = 1.3  # GRACE latency at the largest corpus / at the smallest, structured identifiers
 

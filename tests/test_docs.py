@@ -282,9 +282,15 @@ return [...document.querySelectorAll('article table')].flatMap((table, i) => {
 });"""
 
 
+_CLIPPED_CODE = """
+return [...document.querySelectorAll('.cell_input pre')].filter(p => p.scrollWidth > p.clientWidth + 1)
+  .map(p => p.textContent.split('\\n').reduce((a, b) => a.length >= b.length ? a : b));"""
+
+
 def test_signatures_and_tables_read_on_every_page(browser, base_url):
-    """No page shows a class's signature as `def SomeClass(*args, **kwargs)`, and every table fits the page or scrolls
-    inside its own box (none runs past the article, none is cut without a scrollbar)"""
+    """No page shows a class's signature as `def SomeClass(*args, **kwargs)`, every table fits the page or scrolls
+    inside its own box (none runs past the article, none is cut without a scrollbar), and no code cell's line is cut
+    (its lines are at most 100 characters: tests/test_notebooks.py)"""
     from selenium.webdriver.common.by import By
     _open(browser, base_url)
     problems = {}
@@ -294,6 +300,7 @@ def test_signatures_and_tables_read_on_every_page(browser, base_url):
         code = [e.get_attribute("textContent") for e in browser.find_elements(By.CSS_SELECTOR, "article .highlight pre")]
         found = [text.splitlines()[0] for text in code if re.match(r"def [A-Z]\w*\(", text)]
         found += browser.execute_script(_CLIPPED_TABLES)
+        found += [f"code cell clipped: {line[:60]!r}" for line in browser.execute_script(_CLIPPED_CODE)]
         if found: problems[page] = found
     assert not problems, problems
     _open(browser, urljoin(base_url, "trie.html"))
