@@ -16,7 +16,7 @@ nbdev-processed notebooks with Sphinx + myst-nb instead, in four steps:
 4. render   sphinx-build (which never executes a notebook) -> _docs_build/html -> _docs/, with nbdev's absolute
             doc links made relative so that the site works offline and on any host.
 """
-import argparse, hashlib, json, math, os, re, shutil, subprocess, sys, time, traceback
+import argparse, functools, hashlib, json, math, os, re, shutil, subprocess, sys, time, traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -215,6 +215,12 @@ _NB_LINK = re.compile(r"\]\((?:nbs/)?([\w.-]+)\.ipynb(#[\w.-]+)?\)")
 _SHOWDOC_DEF = re.compile(r"\[source\]\(\S*?/(grace_nb/\w+\.py)#L(\d+)\)(?s:.*?)```python\ndef (\w+)\((?s:(.*?))\n?\)(?:->[^:\n]*)?:\n```")
 
 
+@functools.lru_cache(maxsize=None)
+def _module_lines(path: Path) -> list[str]:
+    "A library module's lines, read once per build (show_doc links point into them)"
+    return path.read_text().splitlines()
+
+
 def class_signatures(text: str, lib: Path = ROOT) -> str:
     """show_doc's Markdown with a class shown as one: fastcore writes every callable as `def Name(...)`. A class whose
     signature is only `(*args, **kwargs)` (an exception, a protocol) shows its bases, `class TrieError(GraceError,
@@ -223,7 +229,7 @@ def class_signatures(text: str, lib: Path = ROOT) -> str:
         module, line, name, params = match.group(1), int(match.group(2)), match.group(3), match.group(4)
         path = lib/module
         if not path.is_file(): return match.group(0)
-        head = next((l.strip() for l in path.read_text().splitlines()[line - 1:line + 5] if l.lstrip().startswith(("class ", "def "))), "")
+        head = next((l.strip() for l in _module_lines(path)[line - 1:line + 5] if l.lstrip().startswith(("class ", "def "))), "")
         if not head.startswith(f"class {name}"): return match.group(0)
         code_start = match.start(3) - match.start(0) - len("def ")
         if params.strip() in ("*args, **kwargs", ""): sig = head.rstrip(":")

@@ -51,28 +51,30 @@ def test_some_notebooks_show_results():
     assert {"index.ipynb", "13_pipeline.ipynb"} <= {p.name for p in NOTEBOOKS}, [p.name for p in NOTEBOOKS]
 
 
-@pytest.fixture(scope="module")
-def rerun():
-    "{notebook: {cell: what it shows now}}: each notebook's exported and hidden import cells, then its result cells, run again"
+def run_result_cells(path: Path, notebook: dict) -> dict[int, list]:
+    """{cell: its outputs now}: `notebook`'s exported and hidden import cells, then its result cells, run again
+    (nbs/results/refresh_result_cells.py saves them)"""
     from execnb.shell import CaptureShell
     from fastcore.xtras import working_directory
-    shown = {}
-    for path in NOTEBOOKS:
-        notebook = json.loads(path.read_text())
-        shell, now = CaptureShell(path), {}
-        with working_directory(NBS):
-            for i, cell in enumerate(notebook["cells"]):
-                src = _source(cell)
-                # the library's definitions and imports (exported cells), and the hidden import cells
-                if cell["cell_type"] == "code" and (src.startswith("#| export") or
-                                                    src.startswith("#| hide") and re.search(r"^(from|import) ", src, re.M)):
-                    shell.run(src)
-            for i in result_cells(notebook):
-                outputs = shell.run(_source(notebook["cells"][i]))
-                if shell.exc: raise AssertionError(f"{path.name} cell {i} failed on the committed results: {shell.exc!r}")
-                now[i] = _shown(outputs)
-        shown[path.name] = now
-    return shown
+    shell, outputs = CaptureShell(path), {}
+    with working_directory(path.parent):
+        for cell in notebook["cells"]:
+            src = _source(cell)
+            # the library's definitions and imports (exported cells), and the hidden import cells
+            if cell["cell_type"] == "code" and (src.startswith("#| export") or
+                                                src.startswith("#| hide") and re.search(r"^(from|import) ", src, re.M)):
+                shell.run(src)
+        for i in result_cells(notebook):
+            outputs[i] = shell.run(_source(notebook["cells"][i]))
+            if shell.exc: raise AssertionError(f"{path.name} cell {i} failed on the committed results: {shell.exc!r}")
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def rerun():
+    "{notebook: {cell: what it shows now}}: each notebook's result cells, run again"
+    return {path.name: {i: _shown(out) for i, out in run_result_cells(path, json.loads(path.read_text())).items()}
+            for path in NOTEBOOKS}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -6,31 +6,21 @@ rule). Only those cells run again, after the notebook's exported and hidden impo
 
     .venv/bin/python nbs/results/refresh_result_cells.py nbs/08_evaluation.ipynb [...]   # or: all
 """
-import json, re, subprocess, sys
+import json, subprocess, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT/"tests"))
-from test_results import NOTEBOOKS, _shown, _source, result_cells  # the rule the tests check the saved outputs with
+from test_results import NOTEBOOKS, _shown, run_result_cells  # the rule the tests check the saved outputs with
 
 
 def refresh(path: Path) -> list[int]:
     "Run `path`'s result cells again and write their outputs into the notebook; returns the cells that now show other values"
-    from execnb.shell import CaptureShell
-    from fastcore.xtras import working_directory
     notebook = json.loads(path.read_text())
-    shell, changed = CaptureShell(path), []
-    with working_directory(path.parent):
-        for cell in notebook["cells"]:
-            src = _source(cell)
-            if cell["cell_type"] == "code" and (src.startswith("#| export") or
-                                                src.startswith("#| hide") and re.search(r"^(from|import) ", src, re.M)):
-                shell.run(src)
-        for i in result_cells(notebook):
-            outputs = shell.run(_source(notebook["cells"][i]))
-            if shell.exc: raise RuntimeError(f"{path.name} cell {i} failed: {shell.exc!r}")
-            if _shown(outputs) != _shown(notebook["cells"][i].get("outputs", [])): changed.append(i)
-            notebook["cells"][i]["outputs"] = outputs
+    changed = []
+    for i, outputs in run_result_cells(path, notebook).items():
+        if _shown(outputs) != _shown(notebook["cells"][i].get("outputs", [])): changed.append(i)
+        notebook["cells"][i]["outputs"] = outputs
     path.write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
     subprocess.run([str(Path(sys.executable).parent/"nbdev-clean"), "--fname", str(path)], check=True)
     return changed
